@@ -1,0 +1,416 @@
+//! PartitionSupervisor: one per assigned partition. It owns the partition's queue of fetched
+//! messages, the per-key scheduler, the in-flight bound (flow control) and the offset tracker,
+//! and supervises an elastic pool of workers.
+//!
+//! Life of a message: the queue's non-empty callback sends `Fetch`; the supervisor takes
+//! messages off the queue while the flow budget has room, records each offset, and hands each
+//! message to the scheduler, which either starts it on an idle (or new) worker or parks it
+//! behind the running message of its key. `Done` completes the offset, frees the budget, and
+//! starts the next message of that key on the same worker. Every `commit_interval` the commit
+//! point (all offsets below it complete) is committed.
+
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::TopicPartitionList;
+use tracing::{debug, error, info, warn};
+
+use super::flow::{FlowControl, Signal};
+use super::scheduler::KeyScheduler;
+use super::worker::{Worker, WorkerArgs, WorkerMsg};
+use crate::config::PipelineSpec;
+use crate::kafka::{offsets, Consumer, KeyflowContext, OffsetTracker};
+use crate::message::Message;
+use crate::pipeline::{Outcome, Pipeline};
+use crate::processors::ProcessError;
+use crate::stats::PartitionStats;
+
+type PartitionQueue = rdkafka::consumer::base_consumer::PartitionQueue<KeyflowContext>;
+
+/// Messages taken off the queue per `Fetch` before yielding to the mailbox, so completions
+/// interleave with fetching.
+const FETCH_BATCH: usize = 512;
+
+pub struct PartitionSupervisor;
+
+pub struct PartitionArgs {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub queue: PartitionQueue,
+    pub consumer: Arc<Consumer>,
+    pub pipeline: Arc<Pipeline>,
+    pub spec: Arc<PipelineSpec>,
+    pub stats: Arc<PartitionStats>,
+}
+
+pub enum PartitionMsg {
+    /// The queue became non-empty (or there is room again): take messages.
+    Fetch,
+    /// A message of this partition that arrived on the consumer's main queue.
+    Deliver(Message),
+    /// A worker finished its message.
+    Done { worker: usize, outcome: Outcome },
+    /// Commit interval.
+    Tick,
+    /// Revoke or shutdown: stop taking messages, finish running ones until `deadline`, report the
+    /// commit point, stop.
+    Drain { deadline: Duration, reply: RpcReplyPort<DrainReport> },
+    DrainDeadline,
+}
+
+/// What a drained partition hands back.
+#[derive(Debug, Clone)]
+pub struct DrainReport {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    /// The offset to commit: never past an incomplete message. `None` if nothing was received.
+    pub next_offset: Option<i64>,
+    /// Messages still running at the deadline (abandoned: the next owner receives them again).
+    pub abandoned: Vec<Abandoned>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Abandoned {
+    pub offset: i64,
+    pub key: Option<String>,
+    pub running_for: Duration,
+}
+
+struct Slot {
+    actor: ActorRef<WorkerMsg>,
+    running: Option<Arc<Message>>,
+    /// Times the running message has crashed a worker.
+    crashes: u32,
+}
+
+pub struct PartitionState {
+    topic: Arc<str>,
+    partition: i32,
+    queue: Option<PartitionQueue>,
+    consumer: Arc<Consumer>,
+    pipeline: Arc<Pipeline>,
+    spec: Arc<PipelineSpec>,
+    fetch_scheduled: Arc<AtomicBool>,
+    tracker: OffsetTracker,
+    scheduler: KeyScheduler<Arc<Message>>,
+    flow: FlowControl,
+    workers: Vec<Slot>,
+    idle: Vec<usize>,
+    running: usize,
+    restarts: VecDeque<Instant>,
+    committed: Option<i64>,
+    draining: Option<RpcReplyPort<DrainReport>>,
+    ticker: Option<JoinHandle<()>>,
+    stats: Arc<PartitionStats>,
+}
+
+impl Actor for PartitionSupervisor {
+    type Msg = PartitionMsg;
+    type State = PartitionState;
+    type Arguments = PartitionArgs;
+
+    async fn pre_start(&self, me: ActorRef<PartitionMsg>, a: PartitionArgs) -> Result<PartitionState, ActorProcessingErr> {
+        let mut queue = a.queue;
+        let flag = Arc::new(AtomicBool::new(false));
+        let (f, m) = (flag.clone(), me.clone());
+        // Called by librdkafka when the queue goes from empty to non-empty; coalesced so that
+        // the mailbox holds at most one pending Fetch.
+        queue.set_nonempty_callback(move || {
+            if !f.swap(true, AcqRel) {
+                let _ = m.cast(PartitionMsg::Fetch);
+            }
+        });
+        let spec = a.spec;
+        Ok(PartitionState {
+            topic: a.topic,
+            partition: a.partition,
+            queue: Some(queue),
+            consumer: a.consumer,
+            pipeline: a.pipeline,
+            fetch_scheduled: flag,
+            tracker: OffsetTracker::new(),
+            scheduler: KeyScheduler::new(spec.ordering),
+            flow: FlowControl::new(spec.max_in_flight, spec.max_buffered_bytes, spec.resume_at),
+            workers: Vec::new(),
+            idle: Vec::new(),
+            running: 0,
+            restarts: VecDeque::new(),
+            committed: None,
+            draining: None,
+            ticker: None,
+            stats: a.stats,
+            spec,
+        })
+    }
+
+    async fn post_start(&self, me: ActorRef<PartitionMsg>, s: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+        s.ticker = Some(me.send_interval(s.spec.commit_interval, || PartitionMsg::Tick));
+        info!(topic = %s.topic, partition = s.partition, "partition supervisor started");
+        // The queue may already hold messages (its callback fires only on a transition).
+        let _ = me.cast(PartitionMsg::Fetch);
+        Ok(())
+    }
+
+    async fn post_stop(&self, me: ActorRef<PartitionMsg>, s: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = s.ticker.take() {
+            t.abort();
+        }
+        me.stop_children(None);
+        s.queue = None;
+        debug!(topic = %s.topic, partition = s.partition, "partition supervisor stopped");
+        Ok(())
+    }
+
+    async fn handle(&self, me: ActorRef<PartitionMsg>, msg: PartitionMsg, s: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PartitionMsg::Fetch => {
+                s.fetch_scheduled.store(false, Release);
+                fetch(&me, s).await?;
+            }
+            PartitionMsg::Deliver(m) => {
+                if s.draining.is_none() {
+                    admit(&me, s, m).await?;
+                    apply_flow(s);
+                }
+            }
+            PartitionMsg::Done { worker, outcome } => {
+                on_done(&me, s, worker, outcome).await?;
+            }
+            PartitionMsg::Tick => {
+                commit_progress(s);
+                s.stats.in_flight.store(s.flow.count(), Relaxed);
+                s.stats.buffered_bytes.store(s.flow.bytes() as usize, Relaxed);
+            }
+            PartitionMsg::Drain { deadline, reply } => {
+                // Messages not yet started are abandoned now: the commit point cannot pass them,
+                // so the next owner receives them.
+                for m in s.scheduler.take_waiting() {
+                    s.flow.release(m.size());
+                }
+                s.draining = Some(reply);
+                if s.running == 0 {
+                    finish_drain(&me, s);
+                } else {
+                    info!(topic = %s.topic, partition = s.partition, running = s.running, ?deadline, "draining");
+                    me.send_after(deadline, || PartitionMsg::DrainDeadline);
+                }
+            }
+            PartitionMsg::DrainDeadline => {
+                if s.draining.is_some() {
+                    finish_drain(&me, s);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, me: ActorRef<PartitionMsg>, evt: SupervisionEvent, s: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+        // Override ractor's default (which stops the supervisor when a child exits): a crashed
+        // worker is replaced and its message runs again, within a restart budget.
+        let SupervisionEvent::ActorFailed(cell, reason) = evt else { return Ok(()) };
+        let Some(id) = s.workers.iter().position(|w| w.actor.get_id() == cell.get_id()) else {
+            return Ok(());
+        };
+        s.stats_restart();
+        let now = Instant::now();
+        let budget = s.spec.worker_restarts;
+        s.restarts.push_back(now);
+        while s.restarts.front().is_some_and(|t| now.duration_since(*t) > budget.within.get()) {
+            s.restarts.pop_front();
+        }
+        let offset = s.workers[id].running.as_ref().map(|m| m.offset);
+        error!(topic = %s.topic, partition = s.partition, worker = id, ?offset, %reason, restarts = s.restarts.len(), "worker crashed; restarting it");
+        if s.restarts.len() as u32 > budget.max {
+            return Err(format!(
+                "partition {}/{}: {} worker crashes within {} (budget {}); failing the partition",
+                s.topic, s.partition, s.restarts.len(), budget.within, budget.max
+            )
+            .into());
+        }
+        let actor = spawn_worker(&me, s, id).await?;
+        s.workers[id].actor = actor;
+        if let Some(m) = s.workers[id].running.clone() {
+            s.workers[id].crashes += 1;
+            let crashes = s.workers[id].crashes;
+            let msg = if crashes >= s.spec.retry.max_attempts {
+                WorkerMsg::DeadLetter(m, ProcessError::permanent("panic", format!("crashed its worker {crashes} times: {reason}")))
+            } else {
+                WorkerMsg::Run(m)
+            };
+            s.workers[id].actor.cast(msg)?;
+        }
+        Ok(())
+    }
+}
+
+impl PartitionState {
+    fn stats_restart(&self) {
+        self.pipeline.stats.worker_restarts.fetch_add(1, Relaxed);
+    }
+}
+
+async fn spawn_worker(me: &ActorRef<PartitionMsg>, s: &PartitionState, id: usize) -> Result<ActorRef<WorkerMsg>, ActorProcessingErr> {
+    let args = WorkerArgs { id, pipeline: s.pipeline.clone(), parent: me.clone() };
+    let (actor, _) = Actor::spawn_linked(None, Worker, args, me.get_cell()).await?;
+    Ok(actor)
+}
+
+/// Takes messages off the partition queue while the budget has room.
+async fn fetch(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+    if s.draining.is_some() {
+        return Ok(());
+    }
+    // Taken out for the loop: a polled message borrows the queue while `s` is mutated.
+    let Some(queue) = s.queue.take() else { return Ok(()) };
+    let mut taken = 0;
+    let mut result = Ok(());
+    while s.flow.has_room() {
+        if taken == FETCH_BATCH {
+            let _ = me.cast(PartitionMsg::Fetch);
+            break;
+        }
+        let m = match queue.poll(Duration::ZERO) {
+            None => break,
+            Some(Err(e)) => {
+                warn!(topic = %s.topic, partition = s.partition, error = %e, "fetch error");
+                continue;
+            }
+            Some(Ok(b)) => Message::from_borrowed(&b, &s.topic),
+        };
+        taken += 1;
+        if let Err(e) = admit(me, s, m).await {
+            result = Err(e);
+            break;
+        }
+    }
+    s.queue = Some(queue);
+    apply_flow(s);
+    result
+}
+
+async fn admit(me: &ActorRef<PartitionMsg>, s: &mut PartitionState, m: Message) -> Result<(), ActorProcessingErr> {
+    if !s.tracker.received(m.offset) {
+        debug!(topic = %s.topic, partition = s.partition, offset = m.offset, "already received; skipped");
+        return Ok(());
+    }
+    s.flow.admit(m.size());
+    if let Some(m) = s.scheduler.admit(Arc::new(m)) {
+        let id = match s.idle.pop() {
+            Some(id) => id,
+            None => {
+                let id = s.workers.len();
+                let actor = spawn_worker(me, s, id).await?;
+                s.workers.push(Slot { actor, running: None, crashes: 0 });
+                id
+            }
+        };
+        start(s, id, m)?;
+    }
+    Ok(())
+}
+
+fn start(s: &mut PartitionState, id: usize, m: Arc<Message>) -> Result<(), ActorProcessingErr> {
+    let slot = &mut s.workers[id];
+    slot.running = Some(m.clone());
+    slot.crashes = 0;
+    s.running += 1;
+    slot.actor.cast(WorkerMsg::Run(m))?;
+    Ok(())
+}
+
+async fn on_done(me: &ActorRef<PartitionMsg>, s: &mut PartitionState, worker: usize, outcome: Outcome) -> Result<(), ActorProcessingErr> {
+    let Some(m) = s.workers.get_mut(worker).and_then(|w| w.running.take()) else {
+        return Ok(());
+    };
+    s.running -= 1;
+    s.tracker.completed(m.offset);
+    s.flow.release(m.size());
+    s.stats.processed.fetch_add(1, Relaxed);
+    // Dead letters are counted by the writer, once acknowledged.
+    match outcome {
+        Outcome::Processed => s.pipeline.stats.processed.fetch_add(1, Relaxed),
+        Outcome::Filtered => s.pipeline.stats.filtered.fetch_add(1, Relaxed),
+        Outcome::DeadLettered => 0,
+    };
+    if s.draining.is_some() {
+        if s.running == 0 {
+            finish_drain(me, s);
+        }
+        return Ok(());
+    }
+    // The next message of the same key starts on the worker that just finished.
+    match s.scheduler.complete(m.key.as_ref()) {
+        Some(next) => start(s, worker, next)?,
+        None => s.idle.push(worker),
+    }
+    apply_flow(s);
+    if s.flow.has_room() {
+        fetch(me, s).await?;
+    }
+    Ok(())
+}
+
+/// Pauses or resumes the partition on the consumer when the budget says so.
+fn apply_flow(s: &mut PartitionState) {
+    let Some(signal) = s.flow.signal() else { return };
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    tpl.add_partition(&s.topic, s.partition);
+    let r = match signal {
+        Signal::Pause => {
+            s.stats.pauses.fetch_add(1, Relaxed);
+            s.consumer.pause(&tpl)
+        }
+        Signal::Resume => s.consumer.resume(&tpl),
+    };
+    s.stats.paused.store(signal == Signal::Pause, Relaxed);
+    s.stats.in_flight.store(s.flow.count(), Relaxed);
+    debug!(topic = %s.topic, partition = s.partition, ?signal, in_flight = s.flow.count(), bytes = s.flow.bytes(), "flow control");
+    if let Err(e) = r {
+        warn!(topic = %s.topic, partition = s.partition, ?signal, error = %e, "pause/resume failed");
+    }
+}
+
+/// Commits the commit point if it moved (asynchronously; revoke and shutdown commit
+/// synchronously through the coordinator).
+fn commit_progress(s: &mut PartitionState) {
+    let Some(next) = s.tracker.committable() else { return };
+    if s.committed == Some(next) {
+        return;
+    }
+    match offsets::commit(&s.consumer, &[(&s.topic, s.partition, next)], CommitMode::Async) {
+        Ok(()) => {
+            s.committed = Some(next);
+            s.stats.committed.store(next, Relaxed);
+        }
+        Err(e) => warn!(topic = %s.topic, partition = s.partition, next, error = %e, "commit failed"),
+    }
+}
+
+fn finish_drain(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
+    let Some(reply) = s.draining.take() else { return };
+    let abandoned: Vec<Abandoned> = s
+        .workers
+        .iter()
+        .filter_map(|w| w.running.as_ref())
+        .map(|m| Abandoned {
+            offset: m.offset,
+            key: m.key.as_deref().map(|k| String::from_utf8_lossy(&k[..k.len().min(64)]).into_owned()),
+            running_for: m.received.elapsed(),
+        })
+        .collect();
+    for a in &abandoned {
+        warn!(topic = %s.topic, partition = s.partition, offset = a.offset, key = ?a.key, running_for = ?a.running_for, "still running at the drain deadline; abandoned (will be redelivered)");
+    }
+    let next_offset = s.tracker.committable();
+    if let Some(n) = next_offset {
+        s.stats.committed.store(n, Relaxed);
+    }
+    let _ = reply.send(DrainReport { topic: s.topic.clone(), partition: s.partition, next_offset, abandoned });
+    me.stop(None);
+}

@@ -1,0 +1,62 @@
+//! Worker: runs the pipeline on one message at a time and reports back to its partition
+//! supervisor. Workers hold no per-message state the supervisor does not also hold, so a worker
+//! that panics is replaced and its message runs again.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::Instrument;
+
+use super::partition::PartitionMsg;
+use crate::message::Message;
+use crate::pipeline::{Outcome, Pipeline};
+use crate::processors::ProcessError;
+
+pub struct Worker;
+
+pub struct WorkerArgs {
+    /// The worker's slot in its supervisor's pool.
+    pub id: usize,
+    pub pipeline: Arc<Pipeline>,
+    pub parent: ActorRef<PartitionMsg>,
+}
+
+pub struct WorkerState {
+    id: usize,
+    pipeline: Arc<Pipeline>,
+    parent: ActorRef<PartitionMsg>,
+}
+
+pub enum WorkerMsg {
+    /// Run the pipeline on this message.
+    Run(Arc<Message>),
+    /// The message crashed its worker too often: dead-letter it without running it again.
+    DeadLetter(Arc<Message>, ProcessError),
+}
+
+impl Actor for Worker {
+    type Msg = WorkerMsg;
+    type State = WorkerState;
+    type Arguments = WorkerArgs;
+
+    async fn pre_start(&self, _me: ActorRef<WorkerMsg>, a: WorkerArgs) -> Result<WorkerState, ActorProcessingErr> {
+        Ok(WorkerState { id: a.id, pipeline: a.pipeline, parent: a.parent })
+    }
+
+    async fn handle(&self, _me: ActorRef<WorkerMsg>, msg: WorkerMsg, s: &mut WorkerState) -> Result<(), ActorProcessingErr> {
+        let outcome = match msg {
+            WorkerMsg::Run(m) => {
+                let span = tracing::debug_span!("message", topic = %m.topic, partition = m.partition, offset = m.offset);
+                s.pipeline.execute(&m).instrument(span).await
+            }
+            WorkerMsg::DeadLetter(m, e) => {
+                s.pipeline.dead_letter_now(&m, &e).await;
+                Outcome::DeadLettered
+            }
+        };
+        // If the supervisor is gone (revoked, abandoned at the drain deadline) the completion is
+        // dropped with it: a revoked partition's late completion is never committed here.
+        let _ = s.parent.cast(PartitionMsg::Done { worker: s.id, outcome });
+        Ok(())
+    }
+}

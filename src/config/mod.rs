@@ -1,0 +1,603 @@
+//! Configuration: file structs (serde, `deny_unknown_fields`) → validated specs.
+//!
+//! Two kinds of file:
+//! - a global file (`keyflow.toml`, optional): brokers, HTTP address, librdkafka options for every
+//!   client;
+//! - one pipeline file per input topic (`pipelines/*.toml`): what to consume, how to process it,
+//!   where results and failures go.
+//!
+//! Every setting can be overridden from the environment (`KEYFLOW_BROKERS`,
+//! `KEYFLOW_PIPELINE_<NAME>__<FIELD>`), and `${VAR}` inside any string is replaced from the
+//! environment, so secrets never sit in files. Errors name the file (or variable), the field, the
+//! value and what was expected; [`load`] collects every error it can instead of stopping at one.
+
+pub mod duration;
+pub mod env;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+pub use duration::HumanDuration;
+pub use env::Env;
+
+use crate::processors::ProcessorConfig;
+
+/// One configuration error: where, which field, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, or `env KEYFLOW_…` when the value came from the environment.
+    pub source: String,
+    /// Dotted field path, empty for file-level errors.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.source, self.message)
+        } else {
+            write!(f, "{}: field `{}`: {}", self.source, self.field, self.message)
+        }
+    }
+}
+
+/// Every error found while loading; `Display` prints one per line.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How messages of one partition may overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ordering {
+    /// A message starts only after the previous message with the same key on the same partition
+    /// has completed; different keys run concurrently. Null keys carry no ordering.
+    #[default]
+    Key,
+    /// One message at a time per partition (the classic consumer loop).
+    Partition,
+    /// No ordering: every message may start at once.
+    Unordered,
+}
+
+/// Where a group with no committed offset starts. Explicit on purpose: the librdkafka default
+/// (`latest`) silently skips a backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+}
+
+impl OffsetReset {
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        }
+    }
+}
+
+/// The global file, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalFile {
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Directory of pipeline files used when `keyflow run` is given no path.
+    #[serde(default = "default_pipelines_dir")]
+    pub pipelines: PathBuf,
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Passed verbatim to librdkafka for every client (security.protocol, sasl.*, ssl.*…).
+    #[serde(default)]
+    pub kafka: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `/metrics` and `/health/*`; `"off"` disables the server.
+    #[serde(default = "default_http_address")]
+    pub address: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { address: default_http_address() }
+    }
+}
+
+// Where the defaults come from: a local broker for development, the conventional layout.
+fn default_brokers() -> String {
+    "localhost:9092".into()
+}
+fn default_pipelines_dir() -> PathBuf {
+    PathBuf::from("pipelines")
+}
+fn default_http_address() -> String {
+    "0.0.0.0:9464".into()
+}
+
+/// The validated global settings.
+#[derive(Debug, Clone)]
+pub struct Global {
+    pub brokers: String,
+    pub pipelines: PathBuf,
+    pub http_address: Option<String>,
+    pub kafka: Vec<(String, String)>,
+}
+
+impl Default for Global {
+    fn default() -> Self {
+        Global {
+            brokers: default_brokers(),
+            pipelines: default_pipelines_dir(),
+            http_address: Some(default_http_address()),
+            kafka: Vec::new(),
+        }
+    }
+}
+
+/// A pipeline file, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    /// Defaults to the file name without `.toml`.
+    pub name: Option<String>,
+    /// The input topic.
+    pub topic: String,
+    /// Defaults to `keyflow-<name>`.
+    pub group_id: Option<String>,
+    pub auto_offset_reset: OffsetReset,
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// Messages buffered or running per partition; at the bound the partition is paused.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Payload+key bytes buffered or running per partition; at the bound the partition is paused.
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: ByteSize,
+    /// Resume a paused partition when both counts fall to this fraction of their bound.
+    #[serde(default = "default_resume_at")]
+    pub resume_at: f64,
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval: HumanDuration,
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: HumanDuration,
+    #[serde(default = "default_session_timeout")]
+    pub session_timeout: HumanDuration,
+    #[serde(default)]
+    pub worker_restarts: RestartBudget,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Defaults to `<topic>.dlq`.
+    pub dead_letter_topic: Option<String>,
+    pub processors: Vec<ProcessorConfig>,
+    /// Passed verbatim to librdkafka for this pipeline's clients, after the global `[kafka]`.
+    #[serde(default)]
+    pub kafka: BTreeMap<String, toml::Value>,
+}
+
+// 1,000 in flight keeps a 2 ms downstream busy at 500k msg/s per partition while bounding memory.
+fn default_max_in_flight() -> usize {
+    1000
+}
+// 64 MiB: librdkafka's own default prefetch budget (queued.max.messages.kbytes).
+fn default_max_buffered_bytes() -> ByteSize {
+    ByteSize::mib(64)
+}
+// Half: a pause drops librdkafka's prefetch, so resume only once there is room for a full fetch.
+fn default_resume_at() -> f64 {
+    0.5
+}
+fn default_commit_interval() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
+fn default_drain_timeout() -> HumanDuration {
+    HumanDuration::from_secs(10)
+}
+// librdkafka's default is 45 s; 30 s moves a dead member's partitions sooner.
+fn default_session_timeout() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+
+/// How often workers may crash before the partition is failed (loudly).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartBudget {
+    #[serde(default = "default_restart_max")]
+    pub max: u32,
+    #[serde(default = "default_restart_within")]
+    pub within: HumanDuration,
+}
+fn default_restart_max() -> u32 {
+    10
+}
+fn default_restart_within() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+impl Default for RestartBudget {
+    fn default() -> Self {
+        RestartBudget { max: default_restart_max(), within: default_restart_within() }
+    }
+}
+
+/// Retries of a failed message before it is dead-lettered.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_backoff")]
+    pub backoff: HumanDuration,
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: HumanDuration,
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_backoff() -> HumanDuration {
+    HumanDuration::from_millis(100)
+}
+fn default_max_backoff() -> HumanDuration {
+    HumanDuration::from_secs(10)
+}
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: default_max_attempts(),
+            backoff: default_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+/// A validated pipeline: every default resolved.
+#[derive(Debug, Clone)]
+pub struct PipelineSpec {
+    pub file: PathBuf,
+    pub name: String,
+    pub topic: String,
+    pub group_id: String,
+    pub auto_offset_reset: OffsetReset,
+    pub ordering: Ordering,
+    pub max_in_flight: usize,
+    pub max_buffered_bytes: u64,
+    pub resume_at: f64,
+    pub commit_interval: std::time::Duration,
+    pub drain_timeout: std::time::Duration,
+    pub session_timeout: std::time::Duration,
+    pub worker_restarts: RestartBudget,
+    pub retry: RetryPolicy,
+    pub dead_letter_topic: String,
+    pub processors: Vec<ProcessorConfig>,
+    /// Global `[kafka]` then the pipeline's, as librdkafka strings.
+    pub kafka: Vec<(String, String)>,
+}
+
+/// librdkafka properties keyflow sets itself; setting them in `[kafka]` would break its
+/// guarantees, so they are refused with the field to use instead.
+const MANAGED_KAFKA_KEYS: &[(&str, &str)] = &[
+    ("group.id", "group_id"),
+    ("enable.auto.commit", "commit_interval (keyflow commits on completion)"),
+    ("enable.auto.offset.store", "nothing: keyflow stores offsets on completion"),
+    ("auto.offset.reset", "auto_offset_reset"),
+    ("session.timeout.ms", "session_timeout"),
+    ("bootstrap.servers", "brokers (or KEYFLOW_BROKERS)"),
+];
+
+/// Everything `keyflow run` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub global: Global,
+    pub pipelines: Vec<PipelineSpec>,
+}
+
+fn err(source: &str, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { source: source.to_string(), field: field.into(), message: message.into() }
+}
+
+fn read_table(path: &Path, errs: &mut Vec<ConfigError>) -> Option<toml::Table> {
+    let src = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            errs.push(err(&src, "", format!("cannot read: {e}")));
+            return None;
+        }
+    };
+    match toml::from_str::<toml::Table>(&text) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            errs.push(err(&src, "", format!("not valid TOML: {}", e.to_string().trim_end())));
+            None
+        }
+    }
+}
+
+/// Interpolates, then deserializes with the failing field's path in the error.
+fn decode<T: serde::de::DeserializeOwned>(
+    src: &str,
+    mut table: toml::Table,
+    overrides: &[(String, String)],
+    env: &Env,
+    errs: &mut Vec<ConfigError>,
+) -> Option<T> {
+    let mut ierrs = Vec::new();
+    for (k, v) in table.iter_mut() {
+        env::interpolate_tree(v, k, env, &mut ierrs);
+    }
+    if !ierrs.is_empty() {
+        errs.extend(ierrs.into_iter().map(|(f, m)| err(src, f, m)));
+        return None;
+    }
+    match serde_path_to_error::deserialize::<_, T>(toml::Value::Table(table)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            let source = overrides
+                .iter()
+                .find(|(p, _)| !path.is_empty() && path.starts_with(p.as_str()))
+                .map(|(_, var)| format!("env {var}"))
+                .unwrap_or_else(|| src.to_string());
+            errs.push(err(&source, path, e.into_inner().to_string()));
+            None
+        }
+    }
+}
+
+fn kafka_strings(
+    src: &str,
+    table: &BTreeMap<String, toml::Value>,
+    errs: &mut Vec<ConfigError>,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (k, v) in table {
+        let field = format!("kafka.\"{k}\"");
+        if let Some((_, instead)) = MANAGED_KAFKA_KEYS.iter().find(|(m, _)| m == k) {
+            errs.push(err(src, field, format!("is managed by keyflow: set {instead}")));
+            continue;
+        }
+        let s = match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => {
+                errs.push(err(
+                    src,
+                    field,
+                    format!("expected a string, number or boolean, found {}", other.type_str()),
+                ));
+                continue;
+            }
+        };
+        out.push((k.clone(), s));
+    }
+    out
+}
+
+/// Loads the global file (if any) with `KEYFLOW_*` overrides.
+pub fn load_global(path: Option<&Path>, env: &Env) -> Result<Global, ConfigErrors> {
+    let mut errs = Vec::new();
+    let src = path.map(|p| p.display().to_string()).unwrap_or_else(|| "environment".into());
+    let mut table = match path {
+        Some(p) => read_table(p, &mut errs).unwrap_or_default(),
+        None => toml::Table::new(),
+    };
+    if !errs.is_empty() {
+        return Err(ConfigErrors(errs));
+    }
+    let overrides = env::overlay(
+        &mut table,
+        "KEYFLOW_",
+        |f| matches!(f, "brokers" | "pipelines" | "http" | "kafka"),
+        env,
+    );
+    let Some(file) = decode::<GlobalFile>(&src, table, &overrides, env, &mut errs) else {
+        return Err(ConfigErrors(errs));
+    };
+    let kafka = kafka_strings(&src, &file.kafka, &mut errs);
+    if file.brokers.trim().is_empty() {
+        errs.push(err(&src, "brokers", "expected a comma-separated list of host:port, found \"\""));
+    }
+    if !errs.is_empty() {
+        return Err(ConfigErrors(errs));
+    }
+    let http_address = (file.http.address != "off").then_some(file.http.address);
+    Ok(Global { brokers: file.brokers, pipelines: file.pipelines, http_address, kafka })
+}
+
+/// Loads and validates one pipeline file.
+pub fn load_pipeline(path: &Path, global: &Global, env: &Env) -> Result<PipelineSpec, ConfigErrors> {
+    let mut errs = Vec::new();
+    let src = path.display().to_string();
+    let Some(mut table) = read_table(path, &mut errs) else {
+        return Err(ConfigErrors(errs));
+    };
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("pipeline").to_string();
+    let name = table.get("name").and_then(|v| v.as_str()).map(str::to_string).unwrap_or(stem);
+    let prefix = format!("KEYFLOW_PIPELINE_{}__", env::env_name(&name));
+    let overrides = env::overlay(&mut table, &prefix, |_| true, env);
+    let Some(file) = decode::<PipelineFile>(&src, table, &overrides, env, &mut errs) else {
+        return Err(ConfigErrors(errs));
+    };
+    let spec = validate_pipeline(path, name, file, global, &mut errs);
+    if errs.is_empty() {
+        Ok(spec)
+    } else {
+        Err(ConfigErrors(errs))
+    }
+}
+
+fn validate_pipeline(
+    path: &Path,
+    name: String,
+    f: PipelineFile,
+    global: &Global,
+    errs: &mut Vec<ConfigError>,
+) -> PipelineSpec {
+    let src = path.display().to_string();
+    let e = |errs: &mut Vec<ConfigError>, field: &str, msg: String| errs.push(err(&src, field, msg));
+    if name.trim().is_empty() {
+        e(errs, "name", "expected a non-empty name, found \"\"".into());
+    }
+    if f.topic.trim().is_empty() {
+        e(errs, "topic", "expected a topic name, found \"\"".into());
+    }
+    if f.max_in_flight == 0 {
+        e(errs, "max_in_flight", "expected at least 1, found 0".into());
+    }
+    if f.max_buffered_bytes.as_u64() < 1024 {
+        e(errs, "max_buffered_bytes", format!("expected at least 1 KiB, found {}", f.max_buffered_bytes));
+    }
+    if !(f.resume_at > 0.0 && f.resume_at < 1.0) {
+        e(errs, "resume_at", format!("expected a fraction between 0 and 1 (exclusive), found {}", f.resume_at));
+    }
+    if f.commit_interval.get().is_zero() {
+        e(errs, "commit_interval", "expected a positive duration, found \"0s\"".into());
+    }
+    if f.session_timeout.get() < std::time::Duration::from_secs(1) {
+        e(errs, "session_timeout", format!("expected at least \"1s\", found \"{}\"", f.session_timeout));
+    }
+    if f.drain_timeout >= f.session_timeout {
+        e(
+            errs,
+            "drain_timeout",
+            format!(
+                "\"{}\" must be below session_timeout (\"{}\"): a member that drains longer than its session is expelled while it drains",
+                f.drain_timeout, f.session_timeout
+            ),
+        );
+    }
+    if f.retry.max_attempts == 0 {
+        e(errs, "retry.max_attempts", "expected at least 1, found 0".into());
+    }
+    if f.retry.backoff > f.retry.max_backoff {
+        e(
+            errs,
+            "retry.backoff",
+            format!("\"{}\" must not exceed retry.max_backoff (\"{}\")", f.retry.backoff, f.retry.max_backoff),
+        );
+    }
+    if f.processors.is_empty() {
+        e(errs, "processors", "expected at least one [[processors]] entry, found none".into());
+    }
+    for (i, p) in f.processors.iter().enumerate() {
+        for (field, msg) in p.validate(&f.topic) {
+            e(errs, &format!("processors[{i}].{field}"), msg);
+        }
+    }
+    let dead_letter_topic = f.dead_letter_topic.unwrap_or_else(|| format!("{}.dlq", f.topic));
+    if dead_letter_topic == f.topic {
+        e(errs, "dead_letter_topic", format!("{dead_letter_topic:?} is the input topic: dead letters would be consumed again"));
+    }
+    let mut kafka = global.kafka.clone();
+    kafka.extend(kafka_strings(&src, &f.kafka, errs));
+    let group_id = f.group_id.unwrap_or_else(|| format!("keyflow-{name}"));
+    PipelineSpec {
+        file: path.to_path_buf(),
+        name,
+        topic: f.topic,
+        group_id,
+        auto_offset_reset: f.auto_offset_reset,
+        ordering: f.ordering,
+        max_in_flight: f.max_in_flight,
+        max_buffered_bytes: f.max_buffered_bytes.as_u64(),
+        resume_at: f.resume_at,
+        commit_interval: f.commit_interval.get(),
+        drain_timeout: f.drain_timeout.get(),
+        session_timeout: f.session_timeout.get(),
+        worker_restarts: f.worker_restarts,
+        retry: f.retry,
+        dead_letter_topic,
+        processors: f.processors,
+        kafka,
+    }
+}
+
+/// Expands files and directories (every `*.toml` inside, sorted) into pipeline files.
+pub fn pipeline_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ConfigErrors> {
+    let mut out = Vec::new();
+    let mut errs = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            match std::fs::read_dir(p) {
+                Ok(rd) => {
+                    let mut files: Vec<PathBuf> = rd
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|f| f.extension().is_some_and(|x| x == "toml"))
+                        .collect();
+                    files.sort();
+                    if files.is_empty() {
+                        errs.push(err(&p.display().to_string(), "", "directory holds no *.toml pipeline file"));
+                    }
+                    out.extend(files);
+                }
+                Err(e) => errs.push(err(&p.display().to_string(), "", format!("cannot read directory: {e}"))),
+            }
+        } else if p.exists() {
+            out.push(p.clone());
+        } else {
+            errs.push(err(&p.display().to_string(), "", "no such file or directory"));
+        }
+    }
+    if errs.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigErrors(errs))
+    }
+}
+
+/// Loads every pipeline, collecting all errors, and checks them against each other.
+pub fn load(global: Global, paths: &[PathBuf], env: &Env) -> Result<Config, ConfigErrors> {
+    let files = pipeline_files(paths)?;
+    let mut errs = Vec::new();
+    let mut pipelines: Vec<PipelineSpec> = Vec::new();
+    for f in &files {
+        match load_pipeline(f, &global, env) {
+            Ok(p) => pipelines.push(p),
+            Err(ConfigErrors(e)) => errs.extend(e),
+        }
+    }
+    let mut names: HashMap<&str, &Path> = HashMap::new();
+    let mut topics: HashMap<&str, &Path> = HashMap::new();
+    for p in &pipelines {
+        if let Some(other) = names.insert(&p.name, &p.file) {
+            errs.push(err(&p.file.display().to_string(), "name", format!("{:?} is also the name of {}", p.name, other.display())));
+        }
+        if let Some(other) = topics.insert(&p.topic, &p.file) {
+            errs.push(err(
+                &p.file.display().to_string(),
+                "topic",
+                format!("{:?} is also consumed by {}: one pipeline file per input topic", p.topic, other.display()),
+            ));
+        }
+    }
+    if errs.is_empty() {
+        Ok(Config { global, pipelines })
+    } else {
+        Err(ConfigErrors(errs))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,91 @@
+//! Client construction: keyflow's settings first, then the user's `[kafka]` tables verbatim.
+
+use std::sync::Arc;
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::KafkaResult;
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+
+use super::context::KeyflowContext;
+use crate::config::PipelineSpec;
+
+/// The consumer: a `BaseConsumer`, polled on a dedicated thread (see `actors::coordinator`) so
+/// that the rebalance callback may block while partitions drain without stalling the runtime.
+pub type Consumer = BaseConsumer<KeyflowContext>;
+/// Shared by `forward` processors and the dead-letter writer of a pipeline. Cloning is cheap.
+pub type Producer = FutureProducer;
+
+fn apply_user(cfg: &mut ClientConfig, kafka: &[(String, String)]) {
+    for (k, v) in kafka {
+        cfg.set(k, v);
+    }
+}
+
+pub fn consumer_config(brokers: &str, spec: &PipelineSpec) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    let session_ms = spec.session_timeout.as_millis().max(1);
+    cfg.set("bootstrap.servers", brokers)
+        .set("group.id", &spec.group_id)
+        .set("client.id", format!("keyflow-{}", spec.name))
+        .set("auto.offset.reset", spec.auto_offset_reset.as_librdkafka())
+        .set("session.timeout.ms", session_ms.to_string())
+        // Heartbeat well within the session even when tests set it low.
+        .set("heartbeat.interval.ms", (session_ms / 3).clamp(100, 3000).to_string())
+        // keyflow commits explicitly: only offsets whose messages (and all before) completed.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        // Cooperative: a rebalance moves only the partitions that change owner.
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    apply_user(&mut cfg, &spec.kafka);
+    cfg
+}
+
+pub fn producer_config(brokers: &str, spec: &PipelineSpec) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers)
+        .set("client.id", format!("keyflow-{}-producer", spec.name))
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000");
+    // Consumer-only keys in the shared [kafka] table would make librdkafka warn on a producer.
+    let shared: Vec<(String, String)> = spec
+        .kafka
+        .iter()
+        .filter(|(k, _)| !is_consumer_only(k))
+        .cloned()
+        .collect();
+    apply_user(&mut cfg, &shared);
+    cfg
+}
+
+fn is_consumer_only(key: &str) -> bool {
+    matches!(
+        key,
+        "partition.assignment.strategy"
+            | "heartbeat.interval.ms"
+            | "max.poll.interval.ms"
+            | "fetch.min.bytes"
+            | "fetch.max.bytes"
+            | "fetch.wait.max.ms"
+            | "max.partition.fetch.bytes"
+            | "queued.min.messages"
+            | "queued.max.messages.kbytes"
+            | "isolation.level"
+            | "group.instance.id"
+            | "check.crcs"
+    )
+}
+
+pub fn create_consumer(brokers: &str, spec: &PipelineSpec, ctx: KeyflowContext) -> KafkaResult<Arc<Consumer>> {
+    let consumer: Consumer = consumer_config(brokers, spec).create_with_context(ctx)?;
+    let consumer = Arc::new(consumer);
+    consumer.context().set_consumer(Arc::downgrade(&consumer));
+    Ok(consumer)
+}
+
+pub fn create_producer(brokers: &str, spec: &PipelineSpec) -> KafkaResult<Producer> {
+    producer_config(brokers, spec).create()
+}

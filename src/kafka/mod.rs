@@ -1,0 +1,10 @@
+//! Everything that talks to librdkafka: client construction, the consumer context (the
+//! rebalance rendezvous with the actors), and offsets (the tracker and the one commit call).
+
+pub mod client;
+pub mod context;
+pub mod offsets;
+
+pub use client::{Consumer, Producer};
+pub use context::KeyflowContext;
+pub use offsets::OffsetTracker;

@@ -1,0 +1,29 @@
+//! keyflow: consume Kafka topics and process every message with per-key ordering, bounded
+//! memory and commit on completion.
+//!
+//! # Layout
+//! - [`config`]: pipeline and global files → validated [`config::PipelineSpec`]s.
+//! - [`kafka`]: client construction, the consumer context (rebalance rendezvous) and the
+//!   [`kafka::OffsetTracker`] with the one commit call.
+//! - [`actors`]: the actor tree — [`actors::coordinator`] (one per pipeline) →
+//!   [`actors::partition`] supervisors (one per assigned partition; with
+//!   [`actors::scheduler`] and [`actors::flow`]) → [`actors::worker`]s.
+//! - [`processors`]: the [`processors::Processor`] trait and the built-ins.
+//! - [`pipeline`]: the chain with retries and the dead-letter writer, run by workers.
+//! - [`runtime`]: starts pipelines and stops them in order; [`shutdown`]: signals.
+//! - [`stats`]: live counters; [`demo`]: the embedded demo.
+
+pub mod actors;
+pub mod config;
+pub mod demo;
+pub mod kafka;
+pub mod message;
+pub mod pipeline;
+pub mod processors;
+pub mod runtime;
+pub mod shutdown;
+pub mod stats;
+
+pub use message::Message;
+pub use processors::{Flow, ProcessError, Processor};
+pub use runtime::Runtime;

@@ -1,0 +1,143 @@
+//! The `keyflow` binary: CLI → config → run. Exit codes: 0 clean, 1 runtime failure (drain
+//! deadline passed, a partition failed), 2 configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use keyflow::config::{self, Env, HumanDuration};
+use keyflow::runtime::Runtime;
+
+#[derive(Parser)]
+#[command(name = "keyflow", version, about = "Kafka processing with per-key ordering, bounded memory and commit on completion")]
+struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "KEYFLOW_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume and process: the main job.
+    Run {
+        /// Global settings file (brokers, HTTP address, [kafka]); defaults to ./keyflow.toml if
+        /// present.
+        #[arg(long, env = "KEYFLOW_CONFIG")]
+        config: Option<PathBuf>,
+        /// Pipeline files or directories (default: the global file's `pipelines`, "pipelines").
+        paths: Vec<PathBuf>,
+    },
+    /// Check configuration files; exit 2 listing every error.
+    Validate {
+        #[arg(long, env = "KEYFLOW_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Run the main job on an embedded broker (librdkafka's mock cluster) fed by a synthetic
+    /// keyed producer, with live progress.
+    Demo {
+        /// Stop after this long (Ctrl-C stops earlier).
+        #[arg(long, default_value = "30s")]
+        duration: HumanDuration,
+        /// The pipeline file to run (its topic is created on the embedded broker).
+        #[arg(long, default_value = "pipelines/demo.toml")]
+        pipeline: PathBuf,
+        /// Messages per second the synthetic producer writes.
+        #[arg(long, default_value_t = 5000)]
+        rate: u32,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,rdkafka=warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().flatten_event(true).init(),
+    }
+}
+
+fn load(config_path: Option<PathBuf>, paths: Vec<PathBuf>) -> Result<config::Config, config::ConfigErrors> {
+    let env = Env::from_process();
+    let config_path = config_path.or_else(|| Some(PathBuf::from("keyflow.toml")).filter(|p| p.exists()));
+    let global = config::load_global(config_path.as_deref(), &env)?;
+    let paths = if paths.is_empty() { vec![global.pipelines.clone()] } else { paths };
+    config::load(global, &paths, &env)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { config, paths } => match load(config, paths) {
+            Ok(c) => {
+                for p in &c.pipelines {
+                    println!("ok: {} (pipeline {:?}, topic {:?})", p.file.display(), p.name, p.topic);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{} configuration error(s):\n{e}", e.0.len());
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config, paths } => {
+            init_logging(cli.log_format);
+            let config = match load(config, paths) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{} configuration error(s):\n{e}", e.0.len());
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            rt.block_on(run(config))
+        }
+        Command::Demo { duration, pipeline, rate } => {
+            init_logging(cli.log_format);
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            rt.block_on(keyflow::demo::run(keyflow::demo::DemoOptions { duration: duration.get(), pipeline, rate }))
+        }
+    }
+}
+
+async fn run(config: config::Config) -> ExitCode {
+    let mut running = match Runtime::new(config).start().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "could not start");
+            return ExitCode::from(1);
+        }
+    };
+    let failure = tokio::select! {
+        _ = keyflow::shutdown::signal() => None,
+        f = running.failed() => Some(f),
+    };
+    let reports = running.shutdown().await;
+    let clean = reports.iter().all(|r| r.clean());
+    for r in reports.iter().filter(|r| !r.clean()) {
+        for (p, a) in &r.abandoned {
+            tracing::error!(pipeline = %r.pipeline, partition = p, offset = a.offset, key = ?a.key, running_for = ?a.running_for, "still running at the shutdown deadline");
+        }
+        if let Some(e) = &r.commit_error {
+            tracing::error!(pipeline = %r.pipeline, error = %e, "final commit failed");
+        }
+    }
+    match failure {
+        Some(f) => {
+            tracing::error!(reason = %f, "exiting after a partition failure");
+            ExitCode::from(1)
+        }
+        None if clean => ExitCode::SUCCESS,
+        None => ExitCode::from(1),
+    }
+}

@@ -1,0 +1,64 @@
+//! The message a worker processes: an owned copy of what the consumer fetched.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use rdkafka::message::{BorrowedMessage, Headers, Message as _, OwnedHeaders};
+
+/// One consumed record. Key and payload are `Bytes`, so passing a message between actors, or
+/// retrying it, never copies the payload: the one copy is out of librdkafka's buffer on receipt.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    /// Producer or log-append time, milliseconds since the epoch.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Bytes>,
+    pub payload: Option<Bytes>,
+    pub headers: Option<OwnedHeaders>,
+    /// When keyflow took it off the consumer queue (queue-wait and drain reporting).
+    pub received: Instant,
+}
+
+impl Message {
+    /// Copies a fetched message out of librdkafka's memory. `topic` is shared per partition so
+    /// that no per-message string is allocated.
+    pub fn from_borrowed(m: &BorrowedMessage<'_>, topic: &Arc<str>) -> Self {
+        Message {
+            topic: topic.clone(),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(Bytes::copy_from_slice),
+            payload: m.payload().map(Bytes::copy_from_slice),
+            headers: m.headers().filter(|h| h.count() > 0).map(|h| h.detach()),
+            received: Instant::now(),
+        }
+    }
+
+    /// Bytes counted against a partition's `max_buffered_bytes`.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Bytes::len) + self.payload.as_ref().map_or(0, Bytes::len)
+    }
+
+    /// The payload as UTF-8, for processors that read text.
+    pub fn payload_str(&self) -> Option<&str> {
+        self.payload.as_deref().and_then(|p| std::str::from_utf8(p).ok())
+    }
+
+    /// A message built in memory (tests, benchmarks, custom sources).
+    pub fn new(topic: &str, partition: i32, offset: i64, key: Option<&[u8]>, payload: &[u8]) -> Self {
+        Message {
+            topic: Arc::from(topic),
+            partition,
+            offset,
+            timestamp_ms: None,
+            key: key.map(Bytes::copy_from_slice),
+            payload: Some(Bytes::copy_from_slice(payload)),
+            headers: None,
+            received: Instant::now(),
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! `forward`: produce the message (key, value, headers) to another topic.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::producer::FutureRecord;
+use serde::Deserialize;
+
+use super::{Flow, ProcessError, Processor};
+use crate::kafka::client::Producer;
+use crate::message::Message;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    /// The output topic.
+    pub topic: String,
+}
+
+impl ForwardConfig {
+    pub fn validate(&self, input_topic: &str) -> Vec<(String, String)> {
+        let mut v = Vec::new();
+        if self.topic.trim().is_empty() {
+            v.push(("topic".into(), "expected a topic name, found \"\"".into()));
+        } else if self.topic == input_topic {
+            v.push(("topic".into(), format!("{:?} is the input topic: messages would loop forever", self.topic)));
+        }
+        v
+    }
+}
+
+/// Writes through the pipeline's idempotent producer (`acks=all`); the input message completes
+/// only when the broker has acknowledged the write, so a crash can duplicate but never lose it.
+/// The key is kept, so the output partition (and per-key order) follows the key.
+pub struct Forward {
+    topic: String,
+    producer: Producer,
+}
+
+impl Forward {
+    pub fn new(cfg: &ForwardConfig, producer: Producer) -> Self {
+        Forward { topic: cfg.topic.clone(), producer }
+    }
+}
+
+#[async_trait]
+impl Processor for Forward {
+    async fn process(&self, msg: &mut Message) -> Result<Flow, ProcessError> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic);
+        if let Some(k) = msg.key.as_deref() {
+            record = record.key(k);
+        }
+        if let Some(p) = msg.payload.as_deref() {
+            record = record.payload(p);
+        }
+        if let Some(h) = msg.headers.take() {
+            record = record.headers(h);
+        }
+        if let Some(ts) = msg.timestamp_ms {
+            record = record.timestamp(ts);
+        }
+        // Queue timeout: wait for room in librdkafka's local queue rather than failing.
+        match self.producer.send(record, Duration::from_secs(30)).await {
+            Ok(_) => Ok(Flow::Continue),
+            Err((e, _)) => Err(ProcessError::retryable("forward", format!("write to {:?} failed: {e}", self.topic))),
+        }
+    }
+}

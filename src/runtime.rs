@@ -1,0 +1,119 @@
+//! The runtime: builds each pipeline (producer, processor chain) and its coordinator, and stops
+//! them in order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorRef};
+use tokio::sync::mpsc;
+use tracing::{error, info};
+
+use crate::actors::coordinator::{Coordinator, CoordinatorArgs, CoordinatorMsg, ShutdownReport};
+use crate::config::Config;
+use crate::kafka::client;
+use crate::pipeline::Pipeline;
+use crate::processors::{build_chain, BuildContext, Processor};
+use crate::stats::PipelineStats;
+
+/// Configured, not yet started.
+pub struct Runtime {
+    config: Config,
+    custom: HashMap<String, Arc<dyn Processor>>,
+}
+
+/// Started: pipelines are consuming.
+pub struct Running {
+    coordinators: Vec<(String, ActorRef<CoordinatorMsg>, ractor::concurrency::JoinHandle<()>)>,
+    /// One per pipeline, in configuration order.
+    pub stats: Vec<Arc<PipelineStats>>,
+    fatal: mpsc::UnboundedReceiver<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("pipeline {pipeline}: kafka client: {source}")]
+    Kafka { pipeline: String, source: rdkafka::error::KafkaError },
+    #[error("pipeline {pipeline}: {message}")]
+    Build { pipeline: String, message: String },
+    #[error("pipeline {pipeline}: coordinator did not start: {message}")]
+    Spawn { pipeline: String, message: String },
+}
+
+impl Runtime {
+    pub fn new(config: Config) -> Self {
+        Runtime { config, custom: HashMap::new() }
+    }
+
+    /// Registers a processor written in Rust, used by `[[processors]] type = "custom", name = …`.
+    pub fn with_processor(mut self, name: &str, p: Arc<dyn Processor>) -> Self {
+        self.custom.insert(name.to_string(), p);
+        self
+    }
+
+    pub async fn start(self) -> Result<Running, StartError> {
+        let (fatal_tx, fatal) = mpsc::unbounded_channel();
+        let mut coordinators = Vec::new();
+        let mut stats = Vec::new();
+        let brokers = self.config.global.brokers.clone();
+        for spec in self.config.pipelines {
+            let name = spec.name.clone();
+            let producer = client::create_producer(&brokers, &spec)
+                .map_err(|source| StartError::Kafka { pipeline: name.clone(), source })?;
+            let custom = |n: &str| self.custom.get(n).cloned();
+            let chain = build_chain(&spec.processors, &BuildContext { producer: &producer, custom: &custom })
+                .map_err(|message| StartError::Build { pipeline: name.clone(), message })?;
+            let pstats = PipelineStats::new(&name);
+            let pipeline = Arc::new(Pipeline::new(&spec, chain, producer, pstats.clone()));
+            let args = CoordinatorArgs {
+                spec: Arc::new(spec),
+                brokers: brokers.clone(),
+                pipeline,
+                stats: pstats.clone(),
+                fatal: fatal_tx.clone(),
+            };
+            let (actor, handle) = Actor::spawn(None, Coordinator, args)
+                .await
+                .map_err(|e| StartError::Spawn { pipeline: name.clone(), message: e.to_string() })?;
+            coordinators.push((name, actor, handle));
+            stats.push(pstats);
+        }
+        Ok(Running { coordinators, stats, fatal })
+    }
+}
+
+impl Running {
+    /// Resolves when a partition has failed (its worker restart budget is spent); the caller
+    /// should then shut down and exit non-zero.
+    pub async fn failed(&mut self) -> String {
+        match self.fatal.recv().await {
+            Some(m) => m,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops every pipeline: stop fetching, drain (up to each drain deadline), commit
+    /// synchronously, leave the group.
+    pub async fn shutdown(self) -> Vec<ShutdownReport> {
+        let calls = self.coordinators.iter().map(|(name, c, _)| async move {
+            match ractor::call!(c, crate::actors::coordinator::CoordinatorMsg::Shutdown) {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(pipeline = %name, error = %e, "shutdown failed");
+                    ShutdownReport {
+                        pipeline: name.clone(),
+                        commit_error: Some(format!("coordinator did not answer: {e}")),
+                        ..Default::default()
+                    }
+                }
+            }
+        });
+        let reports = futures::future::join_all(calls).await;
+        for (_, _, h) in self.coordinators {
+            let _ = h.await;
+        }
+        for r in &reports {
+            info!(pipeline = %r.pipeline, clean = r.clean(), committed = ?r.committed, "pipeline stopped");
+        }
+        reports
+    }
+}

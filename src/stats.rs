@@ -1,0 +1,117 @@
+//! Live counters shared between the actors and whoever watches them (the demo's progress line,
+//! tests, later `/metrics`). Plain relaxed atomics: one uncontended add per event.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    pub name: String,
+    pub processed: AtomicU64,
+    pub filtered: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub retries: AtomicU64,
+    pub worker_restarts: AtomicU64,
+    pub assigns: AtomicU64,
+    pub revokes: AtomicU64,
+    pub lost: AtomicU64,
+    pub commits_ok: AtomicU64,
+    pub commits_failed: AtomicU64,
+    /// Per assigned partition; entries come and go with the assignment.
+    partitions: Mutex<BTreeMap<i32, Arc<PartitionStats>>>,
+}
+
+#[derive(Debug, Default)]
+pub struct PartitionStats {
+    pub in_flight: AtomicUsize,
+    pub buffered_bytes: AtomicUsize,
+    pub paused: AtomicBool,
+    pub pauses: AtomicU64,
+    /// Next offset to consume, as last committed (-1 before the first commit).
+    pub committed: AtomicI64,
+    pub processed: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub processed: u64,
+    pub filtered: u64,
+    pub dead_lettered: u64,
+    pub retries: u64,
+    pub worker_restarts: u64,
+    pub rebalances: u64,
+    pub commits_ok: u64,
+    pub commits_failed: u64,
+    pub partitions: Vec<PartitionSnapshot>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PartitionSnapshot {
+    pub partition: i32,
+    pub in_flight: usize,
+    pub buffered_bytes: usize,
+    pub paused: bool,
+    pub pauses: u64,
+    pub committed: i64,
+    pub processed: u64,
+}
+
+impl PipelineStats {
+    pub fn new(name: &str) -> Arc<Self> {
+        Arc::new(PipelineStats { name: name.to_string(), ..Default::default() })
+    }
+
+    pub fn rebalance(&self, kind: &str) {
+        match kind {
+            "assign" => &self.assigns,
+            "lost" => &self.lost,
+            _ => &self.revokes,
+        }
+        .fetch_add(1, Relaxed);
+    }
+
+    pub fn commit(&self, ok: bool) {
+        if ok { &self.commits_ok } else { &self.commits_failed }.fetch_add(1, Relaxed);
+    }
+
+    pub fn partition(&self, partition: i32) -> Arc<PartitionStats> {
+        let p = Arc::new(PartitionStats { committed: AtomicI64::new(-1), ..Default::default() });
+        self.partitions.lock().unwrap().insert(partition, p.clone());
+        p
+    }
+
+    pub fn remove_partition(&self, partition: i32) {
+        self.partitions.lock().unwrap().remove(&partition);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let partitions = self
+            .partitions
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(&partition, p)| PartitionSnapshot {
+                partition,
+                in_flight: p.in_flight.load(Relaxed),
+                buffered_bytes: p.buffered_bytes.load(Relaxed),
+                paused: p.paused.load(Relaxed),
+                pauses: p.pauses.load(Relaxed),
+                committed: p.committed.load(Relaxed),
+                processed: p.processed.load(Relaxed),
+            })
+            .collect();
+        Snapshot {
+            processed: self.processed.load(Relaxed),
+            filtered: self.filtered.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            worker_restarts: self.worker_restarts.load(Relaxed),
+            rebalances: self.assigns.load(Relaxed) + self.revokes.load(Relaxed) + self.lost.load(Relaxed),
+            commits_ok: self.commits_ok.load(Relaxed),
+            commits_failed: self.commits_failed.load(Relaxed),
+            partitions,
+        }
+    }
+}
