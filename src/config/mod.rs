@@ -358,7 +358,10 @@ fn decode<T: serde::de::DeserializeOwned>(
                 .find(|(p, _)| !path.is_empty() && path.starts_with(p.as_str()))
                 .map(|(_, var)| format!("env {var}"))
                 .unwrap_or_else(|| src.to_string());
-            errs.push(err(&source, path, e.into_inner().to_string()));
+            // toml appends "in `field`" on later lines; the path already says where.
+            let msg = e.into_inner().to_string();
+            let msg = msg.lines().next().unwrap_or_default().to_string();
+            errs.push(err(&source, path, msg));
             None
         }
     }
