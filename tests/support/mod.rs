@@ -12,6 +12,13 @@
 //! * [`wait_until`], [`rss_kib`], [`peak_rss_kib`], [`unique`].
 //!
 //! Every helper panics with a descriptive message on failure: tests never skip.
+//! On a failing test, `Broker`/`Keyflow` keep their temp dirs and print the
+//! log tail while unwinding.
+//!
+//! Environment knobs: `KEYFLOW_TEST_CACHE` (cache dir), `KEYFLOW_TANSU_BIN`
+//! (use this tansu binary), `KEYFLOW_TANSU_LOG` (RUST_LOG for tansu; unset =
+//! quiet), `KEYFLOW_TEST_RUST_LOG` (RUST_LOG for keyflow children, default
+//! `info,keyflow=debug`; the `env` argument of the `Keyflow` starters wins).
 //!
 //! Every child process (tansu, keyflow) is spawned with
 //! `PR_SET_PDEATHSIG=SIGKILL` from one long-lived thread, so nothing outlives
@@ -20,7 +27,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -414,13 +421,131 @@ pub struct Produced {
     pub next_offsets: BTreeMap<i32, i64>,
 }
 
-/// Group state as reported by DescribeGroups.
-#[derive(Debug, Clone)]
+/// Group state as reported by DescribeGroups (see [`Broker::describe_group`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupDesc {
-    /// e.g. "Stable", "Empty", "PreparingRebalance", "CompletingRebalance", "Dead".
+    /// Kafka error code for this group (0 = none).
+    pub error_code: i16,
+    /// As the broker spells it, e.g. "Stable", "Empty", "PreparingRebalance",
+    /// "CompletingRebalance", "Dead" (compare case-insensitively).
     pub state: String,
-    pub members: usize,
+    pub protocol_type: String,
+    /// Assignor name, e.g. "range" or "cooperative-sticky".
     pub protocol: String,
+    pub members: usize,
+    pub member_ids: Vec<String>,
+    pub client_ids: Vec<String>,
+}
+
+impl GroupDesc {
+    pub fn is_stable(&self) -> bool {
+        self.error_code == 0 && self.state.eq_ignore_ascii_case("stable")
+    }
+}
+
+/// Minimal Kafka wire-protocol reader for the DescribeGroups v0 response.
+struct WireReader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> WireReader<'a> {
+    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "short DescribeGroups response",
+            ));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn i16(&mut self) -> io::Result<i16> {
+        Ok(i16::from_be_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn i32(&mut self) -> io::Result<i32> {
+        Ok(i32::from_be_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn string(&mut self) -> io::Result<String> {
+        let n = self.i16()?;
+        if n < 0 {
+            return Ok(String::new());
+        }
+        Ok(String::from_utf8_lossy(self.take(n as usize)?).into_owned())
+    }
+    fn bytes(&mut self) -> io::Result<()> {
+        let n = self.i32()?;
+        if n > 0 {
+            self.take(n as usize)?;
+        }
+        Ok(())
+    }
+}
+
+fn put_string(buf: &mut Vec<u8>, s: &str) {
+    buf.extend_from_slice(&(s.len() as i16).to_be_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
+/// DescribeGroups v0 over a raw connection (tansu, being a single broker, is
+/// every group's coordinator). librdkafka's `list_groups` cannot be used: tansu
+/// answers ListGroups with an empty list.
+fn describe_group_v0(addr: &SocketAddr, group: &str) -> io::Result<GroupDesc> {
+    let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = Vec::new();
+    req.extend_from_slice(&15i16.to_be_bytes()); // api key: DescribeGroups
+    req.extend_from_slice(&0i16.to_be_bytes()); // api version
+    req.extend_from_slice(&1i32.to_be_bytes()); // correlation id
+    put_string(&mut req, "keyflow-test-support");
+    req.extend_from_slice(&1i32.to_be_bytes()); // one group
+    put_string(&mut req, group);
+    let mut frame = (req.len() as i32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&req);
+    stream.write_all(&frame)?;
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let len = i32::from_be_bytes(len);
+    if !(4..=64 << 20).contains(&len) {
+        return Err(io::Error::other(format!("bad response length {len}")));
+    }
+    let mut body = vec![0u8; len as usize];
+    stream.read_exact(&mut body)?;
+    let mut r = WireReader { buf: &body };
+    let _correlation = r.i32()?;
+    let groups = r.i32()?;
+    for _ in 0..groups.max(0) {
+        let error_code = r.i16()?;
+        let id = r.string()?;
+        let state = r.string()?;
+        let protocol_type = r.string()?;
+        let protocol = r.string()?;
+        let n = r.i32()?.max(0) as usize;
+        let mut member_ids = Vec::with_capacity(n);
+        let mut client_ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            member_ids.push(r.string()?);
+            client_ids.push(r.string()?);
+            let _host = r.string()?;
+            r.bytes()?; // metadata
+            r.bytes()?; // assignment
+        }
+        if id == group {
+            return Ok(GroupDesc {
+                error_code,
+                state,
+                protocol_type,
+                protocol,
+                members: n,
+                member_ids,
+                client_ids,
+            });
+        }
+    }
+    Err(io::Error::other(format!(
+        "group {group} missing from DescribeGroups response"
+    )))
 }
 
 #[derive(Default)]
@@ -1005,39 +1130,50 @@ impl Broker {
             .unwrap_or_else(|e| panic!("commit_offsets({group}, {topic}) failed: {e}"));
     }
 
-    /// DescribeGroups for `group`; `None` if the broker does not list it.
-    pub fn describe_group(&self, group: &str) -> Option<GroupDesc> {
-        let list = self
-            .admin()
-            .inner()
-            .fetch_group_list(Some(group), Duration::from_secs(5))
-            .unwrap_or_else(|e| panic!("describe_group({group}) failed: {e}"));
-        list.groups()
-            .iter()
-            .find(|g| g.name() == group)
-            .map(|g| GroupDesc {
-                state: g.state().to_string(),
-                members: g.members().len(),
-                protocol: g.protocol().to_string(),
-            })
+    /// DescribeGroups (v0, sent directly to the broker) for `group`. An unknown
+    /// group typically reports state "Dead" or "Empty" with no members.
+    pub fn describe_group(&self, group: &str) -> GroupDesc {
+        let addr: SocketAddr = self.bootstrap.parse().unwrap();
+        let mut last = None;
+        for _ in 0..5 {
+            match describe_group_v0(&addr, group) {
+                Ok(desc) => return desc,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("describe_group({group}) failed: {}", last.unwrap());
     }
 
-    /// Waits until `group` is Stable with exactly `members` members (e.g.
+    /// Waits until `group` is Stable with exactly `members` members, e.g.
     /// before SIGTERMing a member: a graceful leave during a rebalance wedges
-    /// tansu's group).
-    pub fn wait_group_stable(&self, group: &str, members: usize, timeout: Duration) {
+    /// tansu's group. (tansu reports "Unknown" while a rebalance is under way.)
+    pub fn wait_group_stable(&self, group: &str, members: usize, timeout: Duration) -> GroupDesc {
+        self.wait_group(
+            group,
+            timeout,
+            &format!("Stable with {members} members"),
+            |g| g.is_stable() && g.members == members,
+        )
+    }
+
+    /// Polls [`Broker::describe_group`] every 100 ms until `pred` holds;
+    /// panics naming `what` and the last description on timeout.
+    pub fn wait_group(
+        &self,
+        group: &str,
+        timeout: Duration,
+        what: &str,
+        mut pred: impl FnMut(&GroupDesc) -> bool,
+    ) -> GroupDesc {
         let start = Instant::now();
         loop {
             let last = self.describe_group(group);
-            if matches!(&last, Some(g) if g.state.eq_ignore_ascii_case("stable") && g.members == members)
-            {
-                return;
+            if pred(&last) {
+                return last;
             }
             if start.elapsed() >= timeout {
-                panic!(
-                    "group {group} not Stable with {members} members after {timeout:?}; \
-                     last DescribeGroups: {last:?}"
-                );
+                panic!("group {group} not {what} after {timeout:?}; last DescribeGroups: {last:?}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
