@@ -30,7 +30,9 @@ const PARTITIONS: i32 = 6;
 const CUSTOMERS: u64 = 1000;
 
 /// Runs the mock cluster until `stop` is dropped; sends back its bootstrap address.
-fn start_cluster(topics: Vec<String>) -> Result<(String, mpsc::Sender<()>, std::thread::JoinHandle<()>), String> {
+fn start_cluster(
+    topics: Vec<String>,
+) -> Result<(String, mpsc::Sender<()>, std::thread::JoinHandle<()>), String> {
     let (addr_tx, addr_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
@@ -58,7 +60,13 @@ fn start_cluster(topics: Vec<String>) -> Result<(String, mpsc::Sender<()>, std::
 }
 
 /// Writes `{"order_id":…,"customer":…,"seq":…}` keyed by customer at `rate` messages/s.
-fn start_producer(brokers: &str, topic: String, rate: u32, stop: Arc<AtomicBool>, produced: Arc<AtomicU64>) -> Result<std::thread::JoinHandle<()>, String> {
+fn start_producer(
+    brokers: &str,
+    topic: String,
+    rate: u32,
+    stop: Arc<AtomicBool>,
+    produced: Arc<AtomicU64>,
+) -> Result<std::thread::JoinHandle<()>, String> {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
@@ -79,7 +87,12 @@ fn start_producer(brokers: &str, topic: String, rate: u32, stop: Arc<AtomicBool>
                     seq[customer as usize] += 1;
                     payload.clear();
                     use std::fmt::Write;
-                    let _ = write!(payload, r#"{{"order_id":{n},"customer":"{key}","seq":{},"amount":{}}}"#, seq[customer as usize], 10 + n % 490);
+                    let _ = write!(
+                        payload,
+                        r#"{{"order_id":{n},"customer":"{key}","seq":{},"amount":{}}}"#,
+                        seq[customer as usize],
+                        10 + n % 490
+                    );
                     match producer.send(BaseRecord::to(&topic).key(&key).payload(&payload)) {
                         Ok(()) => {
                             n += 1;
@@ -119,16 +132,25 @@ pub async fn run(opts: DemoOptions) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    spec.kafka.retain(|(k, _)| !k.starts_with("security.") && !k.starts_with("sasl.") && !k.starts_with("ssl."));
+    spec.kafka.retain(|(k, _)| {
+        !k.starts_with("security.") && !k.starts_with("sasl.") && !k.starts_with("ssl.")
+    });
     println!("keyflow demo: embedded broker at {brokers}, topic {:?} with {PARTITIONS} partitions, {} msg/s for {}",
         spec.topic, opts.rate, humantime::format_duration(opts.duration));
-    let global = Global { brokers: brokers.clone(), ..Global::default() };
+    let global = Global {
+        brokers: brokers.clone(),
+        ..Global::default()
+    };
     let topic = spec.topic.clone();
-    let cfg = config::Config { global, pipelines: vec![spec] };
+    let cfg = config::Config {
+        global,
+        pipelines: vec![spec],
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let produced = Arc::new(AtomicU64::new(0));
-    let producer = match start_producer(&brokers, topic, opts.rate, stop.clone(), produced.clone()) {
+    let producer = match start_producer(&brokers, topic, opts.rate, stop.clone(), produced.clone())
+    {
         Ok(p) => p,
         Err(e) => {
             eprintln!("demo: {e}");
@@ -144,7 +166,9 @@ pub async fn run(opts: DemoOptions) -> ExitCode {
     };
     let stats = running.stats[0].clone();
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("template"),
+    );
     let started = Instant::now();
     let deadline = tokio::time::sleep(opts.duration);
     tokio::pin!(deadline);
@@ -187,16 +211,29 @@ pub async fn run(opts: DemoOptions) -> ExitCode {
     println!("\nkeyflow demo summary");
     println!("  ran                {secs:.1} s");
     println!("  produced           {}", produced.load(Relaxed));
-    println!("  processed          {} ({:.0} msg/s)", snap.processed, snap.processed as f64 / secs);
+    println!(
+        "  processed          {} ({:.0} msg/s)",
+        snap.processed,
+        snap.processed as f64 / secs
+    );
     println!("  dead-lettered      {}", snap.dead_lettered);
     println!("  retries            {}", snap.retries);
     println!("  worker restarts    {}", snap.worker_restarts);
     println!("  rebalances         {}", snap.rebalances);
-    println!("  commits ok/failed  {}/{}", snap.commits_ok, snap.commits_failed);
+    println!(
+        "  commits ok/failed  {}/{}",
+        snap.commits_ok, snap.commits_failed
+    );
     for r in &reports {
         let mut c = r.committed.clone();
         c.sort();
-        println!("  final commits      {}", c.iter().map(|(p, o)| format!("{p}:{o}")).collect::<Vec<_>>().join(" "));
+        println!(
+            "  final commits      {}",
+            c.iter()
+                .map(|(p, o)| format!("{p}:{o}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         println!("  clean shutdown     {}", r.clean());
     }
     let _ = cluster_stop.send(());
@@ -209,5 +246,9 @@ pub async fn run(opts: DemoOptions) -> ExitCode {
         eprintln!("demo: no message was processed");
         return ExitCode::from(1);
     }
-    if reports.iter().all(|r| r.clean()) { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if reports.iter().all(|r| r.clean()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }

@@ -9,7 +9,11 @@ use keyflow::config::{self, Env, HumanDuration};
 use keyflow::runtime::Runtime;
 
 #[derive(Parser)]
-#[command(name = "keyflow", version, about = "Kafka processing with per-key ordering, bounded memory and commit on completion")]
+#[command(
+    name = "keyflow",
+    version,
+    about = "Kafka processing with per-key ordering, bounded memory and commit on completion"
+)]
 struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "KEYFLOW_LOG_FORMAT")]
@@ -59,19 +63,30 @@ enum Command {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,rdkafka=warn"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,rdkafka=warn"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().flatten_event(true).init(),
     }
 }
 
-fn load(config_path: Option<PathBuf>, paths: Vec<PathBuf>) -> Result<config::Config, config::ConfigErrors> {
+fn load(
+    config_path: Option<PathBuf>,
+    paths: Vec<PathBuf>,
+) -> Result<config::Config, config::ConfigErrors> {
     let env = Env::from_process();
-    let config_path = config_path.or_else(|| Some(PathBuf::from("keyflow.toml")).filter(|p| p.exists()));
+    let config_path =
+        config_path.or_else(|| Some(PathBuf::from("keyflow.toml")).filter(|p| p.exists()));
     let global = config::load_global(config_path.as_deref(), &env)?;
-    let paths = if paths.is_empty() { vec![global.pipelines.clone()] } else { paths };
+    let paths = if paths.is_empty() {
+        vec![global.pipelines.clone()]
+    } else {
+        paths
+    };
     config::load(global, &paths, &env)
 }
 
@@ -81,7 +96,12 @@ fn main() -> ExitCode {
         Command::Validate { config, paths } => match load(config, paths) {
             Ok(c) => {
                 for p in &c.pipelines {
-                    println!("ok: {} (pipeline {:?}, topic {:?})", p.file.display(), p.name, p.topic);
+                    println!(
+                        "ok: {} (pipeline {:?}, topic {:?})",
+                        p.file.display(),
+                        p.name,
+                        p.topic
+                    );
                 }
                 ExitCode::SUCCESS
             }
@@ -102,10 +122,18 @@ fn main() -> ExitCode {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             rt.block_on(run(config))
         }
-        Command::Demo { duration, pipeline, rate } => {
+        Command::Demo {
+            duration,
+            pipeline,
+            rate,
+        } => {
             init_logging(cli.log_format);
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            rt.block_on(keyflow::demo::run(keyflow::demo::DemoOptions { duration: duration.get(), pipeline, rate }))
+            rt.block_on(keyflow::demo::run(keyflow::demo::DemoOptions {
+                duration: duration.get(),
+                pipeline,
+                rate,
+            }))
         }
     }
 }

@@ -45,11 +45,19 @@ impl Message {
 
     /// The payload as UTF-8, for processors that read text.
     pub fn payload_str(&self) -> Option<&str> {
-        self.payload.as_deref().and_then(|p| std::str::from_utf8(p).ok())
+        self.payload
+            .as_deref()
+            .and_then(|p| std::str::from_utf8(p).ok())
     }
 
     /// A message built in memory (tests, benchmarks, custom sources).
-    pub fn new(topic: &str, partition: i32, offset: i64, key: Option<&[u8]>, payload: &[u8]) -> Self {
+    pub fn new(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: &[u8],
+    ) -> Self {
         Message {
             topic: Arc::from(topic),
             partition,

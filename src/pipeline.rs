@@ -98,7 +98,10 @@ impl Pipeline {
     /// dead-lettered.
     async fn dead_letter(&self, msg: &Message, e: &ProcessError, attempts: u32) {
         warn!(pipeline = %self.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, attempts, error = %e, "dead-lettering message");
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()).to_string();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+            .to_string();
         let attempts_s = attempts.to_string();
         let partition_s = msg.partition.to_string();
         let offset_s = msg.offset.to_string();
@@ -108,7 +111,10 @@ impl Pipeline {
             for (k, v) in [
                 ("keyflow.error", e.message()),
                 ("keyflow.error.kind", e.kind()),
-                ("keyflow.error.retryable", if e.is_retryable() { "true" } else { "false" }),
+                (
+                    "keyflow.error.retryable",
+                    if e.is_retryable() { "true" } else { "false" },
+                ),
                 ("keyflow.attempts", &attempts_s),
                 ("keyflow.source.topic", &msg.topic),
                 ("keyflow.source.partition", &partition_s),
@@ -116,7 +122,10 @@ impl Pipeline {
                 ("keyflow.pipeline", &self.name),
                 ("keyflow.time", &now_ms),
             ] {
-                headers = headers.insert(Header { key: k, value: Some(v) });
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
             }
             let mut record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&self.dead_letter_topic).headers(headers);

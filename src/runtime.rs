@@ -23,7 +23,11 @@ pub struct Runtime {
 
 /// Started: pipelines are consuming.
 pub struct Running {
-    coordinators: Vec<(String, ActorRef<CoordinatorMsg>, ractor::concurrency::JoinHandle<()>)>,
+    coordinators: Vec<(
+        String,
+        ActorRef<CoordinatorMsg>,
+        ractor::concurrency::JoinHandle<()>,
+    )>,
     /// One per pipeline, in configuration order.
     pub stats: Vec<Arc<PipelineStats>>,
     fatal: mpsc::UnboundedReceiver<String>,
@@ -32,7 +36,10 @@ pub struct Running {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("pipeline {pipeline}: kafka client: {source}")]
-    Kafka { pipeline: String, source: rdkafka::error::KafkaError },
+    Kafka {
+        pipeline: String,
+        source: rdkafka::error::KafkaError,
+    },
     #[error("pipeline {pipeline}: {message}")]
     Build { pipeline: String, message: String },
     #[error("pipeline {pipeline}: coordinator did not start: {message}")]
@@ -41,7 +48,10 @@ pub enum StartError {
 
 impl Runtime {
     pub fn new(config: Config) -> Self {
-        Runtime { config, custom: HashMap::new() }
+        Runtime {
+            config,
+            custom: HashMap::new(),
+        }
     }
 
     /// Registers a processor written in Rust, used by `[[processors]] type = "custom", name = …`.
@@ -57,11 +67,23 @@ impl Runtime {
         let brokers = self.config.global.brokers.clone();
         for spec in self.config.pipelines {
             let name = spec.name.clone();
-            let producer = client::create_producer(&brokers, &spec)
-                .map_err(|source| StartError::Kafka { pipeline: name.clone(), source })?;
+            let producer =
+                client::create_producer(&brokers, &spec).map_err(|source| StartError::Kafka {
+                    pipeline: name.clone(),
+                    source,
+                })?;
             let custom = |n: &str| self.custom.get(n).cloned();
-            let chain = build_chain(&spec.processors, &BuildContext { producer: &producer, custom: &custom })
-                .map_err(|message| StartError::Build { pipeline: name.clone(), message })?;
+            let chain = build_chain(
+                &spec.processors,
+                &BuildContext {
+                    producer: &producer,
+                    custom: &custom,
+                },
+            )
+            .map_err(|message| StartError::Build {
+                pipeline: name.clone(),
+                message,
+            })?;
             let pstats = PipelineStats::new(&name);
             let pipeline = Arc::new(Pipeline::new(&spec, chain, producer, pstats.clone()));
             let args = CoordinatorArgs {
@@ -71,13 +93,21 @@ impl Runtime {
                 stats: pstats.clone(),
                 fatal: fatal_tx.clone(),
             };
-            let (actor, handle) = Actor::spawn(None, Coordinator, args)
-                .await
-                .map_err(|e| StartError::Spawn { pipeline: name.clone(), message: e.to_string() })?;
+            let (actor, handle) =
+                Actor::spawn(None, Coordinator, args)
+                    .await
+                    .map_err(|e| StartError::Spawn {
+                        pipeline: name.clone(),
+                        message: e.to_string(),
+                    })?;
             coordinators.push((name, actor, handle));
             stats.push(pstats);
         }
-        Ok(Running { coordinators, stats, fatal })
+        Ok(Running {
+            coordinators,
+            stats,
+            fatal,
+        })
     }
 }
 

@@ -28,6 +28,9 @@ pub struct PartitionStats {
     pub buffered_bytes: AtomicUsize,
     pub paused: AtomicBool,
     pub pauses: AtomicU64,
+    pub resumes: AtomicU64,
+    /// The most messages ever buffered or running at once (must stay ≤ max_in_flight).
+    pub in_flight_high_water: AtomicUsize,
     /// Next offset to consume, as last committed (-1 before the first commit).
     pub committed: AtomicI64,
     pub processed: AtomicU64,
@@ -54,13 +57,18 @@ pub struct PartitionSnapshot {
     pub buffered_bytes: usize,
     pub paused: bool,
     pub pauses: u64,
+    pub resumes: u64,
+    pub in_flight_high_water: usize,
     pub committed: i64,
     pub processed: u64,
 }
 
 impl PipelineStats {
     pub fn new(name: &str) -> Arc<Self> {
-        Arc::new(PipelineStats { name: name.to_string(), ..Default::default() })
+        Arc::new(PipelineStats {
+            name: name.to_string(),
+            ..Default::default()
+        })
     }
 
     pub fn rebalance(&self, kind: &str) {
@@ -73,11 +81,19 @@ impl PipelineStats {
     }
 
     pub fn commit(&self, ok: bool) {
-        if ok { &self.commits_ok } else { &self.commits_failed }.fetch_add(1, Relaxed);
+        if ok {
+            &self.commits_ok
+        } else {
+            &self.commits_failed
+        }
+        .fetch_add(1, Relaxed);
     }
 
     pub fn partition(&self, partition: i32) -> Arc<PartitionStats> {
-        let p = Arc::new(PartitionStats { committed: AtomicI64::new(-1), ..Default::default() });
+        let p = Arc::new(PartitionStats {
+            committed: AtomicI64::new(-1),
+            ..Default::default()
+        });
         self.partitions.lock().unwrap().insert(partition, p.clone());
         p
     }
@@ -98,6 +114,8 @@ impl PipelineStats {
                 buffered_bytes: p.buffered_bytes.load(Relaxed),
                 paused: p.paused.load(Relaxed),
                 pauses: p.pauses.load(Relaxed),
+                resumes: p.resumes.load(Relaxed),
+                in_flight_high_water: p.in_flight_high_water.load(Relaxed),
                 committed: p.committed.load(Relaxed),
                 processed: p.processed.load(Relaxed),
             })
@@ -108,7 +126,9 @@ impl PipelineStats {
             dead_lettered: self.dead_lettered.load(Relaxed),
             retries: self.retries.load(Relaxed),
             worker_restarts: self.worker_restarts.load(Relaxed),
-            rebalances: self.assigns.load(Relaxed) + self.revokes.load(Relaxed) + self.lost.load(Relaxed),
+            rebalances: self.assigns.load(Relaxed)
+                + self.revokes.load(Relaxed)
+                + self.lost.load(Relaxed),
             commits_ok: self.commits_ok.load(Relaxed),
             commits_failed: self.commits_failed.load(Relaxed),
             partitions,

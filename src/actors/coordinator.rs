@@ -66,7 +66,11 @@ impl ShutdownReport {
 
 pub enum CoordinatorMsg {
     Assigned(Vec<AssignedPartition>),
-    Revoke { partitions: Vec<(Arc<str>, i32)>, lost: bool, reply: mpsc::SyncSender<Vec<DrainedOffset>> },
+    Revoke {
+        partitions: Vec<(Arc<str>, i32)>,
+        lost: bool,
+        reply: mpsc::SyncSender<Vec<DrainedOffset>>,
+    },
     Stray(Message),
     Shutdown(RpcReplyPort<ShutdownReport>),
 }
@@ -88,7 +92,11 @@ impl Actor for Coordinator {
     type State = CoordinatorState;
     type Arguments = CoordinatorArgs;
 
-    async fn pre_start(&self, me: ActorRef<CoordinatorMsg>, a: CoordinatorArgs) -> Result<CoordinatorState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<CoordinatorMsg>,
+        a: CoordinatorArgs,
+    ) -> Result<CoordinatorState, ActorProcessingErr> {
         let ctx = KeyflowContext::new(&a.spec.name, a.spec.drain_timeout, a.stats.clone());
         let consumer = client::create_consumer(&a.brokers, &a.spec, ctx)?;
         consumer.context().set_coordinator(me.clone());
@@ -109,10 +117,17 @@ impl Actor for Coordinator {
         })
     }
 
-    async fn handle(&self, me: ActorRef<CoordinatorMsg>, msg: CoordinatorMsg, s: &mut CoordinatorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<CoordinatorMsg>,
+        msg: CoordinatorMsg,
+        s: &mut CoordinatorState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             CoordinatorMsg::Assigned(list) => {
-                let Some(consumer) = s.consumer.clone() else { return Ok(()) };
+                let Some(consumer) = s.consumer.clone() else {
+                    return Ok(());
+                };
                 if s.shutting_down {
                     return Ok(());
                 }
@@ -129,19 +144,37 @@ impl Actor for Coordinator {
                         spec: s.spec.clone(),
                         stats: s.stats.partition(a.partition),
                     };
-                    let (sup, _) = Actor::spawn_linked(None, PartitionSupervisor, args, me.get_cell()).await?;
+                    let (sup, _) =
+                        Actor::spawn_linked(None, PartitionSupervisor, args, me.get_cell()).await?;
                     s.partitions.insert(a.partition, sup);
                 }
             }
-            CoordinatorMsg::Revoke { partitions, lost, reply } => {
-                let sups: Vec<_> = partitions.iter().filter_map(|(_, p)| s.partitions.remove(p)).collect();
-                let deadline = if lost { Duration::ZERO } else { s.spec.drain_timeout };
+            CoordinatorMsg::Revoke {
+                partitions,
+                lost,
+                reply,
+            } => {
+                let sups: Vec<_> = partitions
+                    .iter()
+                    .filter_map(|(_, p)| s.partitions.remove(p))
+                    .collect();
+                let deadline = if lost {
+                    Duration::ZERO
+                } else {
+                    s.spec.drain_timeout
+                };
                 // Drain off the coordinator's mailbox so it keeps serving (e.g. stray messages).
                 tokio::spawn(async move {
                     let reports = drain_all(sups, deadline).await;
                     let offsets = reports
                         .into_iter()
-                        .filter_map(|r| r.next_offset.map(|n| DrainedOffset { topic: r.topic, partition: r.partition, next_offset: n }))
+                        .filter_map(|r| {
+                            r.next_offset.map(|n| DrainedOffset {
+                                topic: r.topic,
+                                partition: r.partition,
+                                next_offset: n,
+                            })
+                        })
                         .collect();
                     let _ = reply.send(offsets);
                 });
@@ -165,20 +198,36 @@ impl Actor for Coordinator {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, _me: ActorRef<CoordinatorMsg>, evt: SupervisionEvent, s: &mut CoordinatorState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        _me: ActorRef<CoordinatorMsg>,
+        evt: SupervisionEvent,
+        s: &mut CoordinatorState,
+    ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ActorFailed(cell, reason) = evt {
-            let partition = s.partitions.iter().find(|(_, a)| a.get_id() == cell.get_id()).map(|(p, _)| *p);
+            let partition = s
+                .partitions
+                .iter()
+                .find(|(_, a)| a.get_id() == cell.get_id())
+                .map(|(p, _)| *p);
             if let Some(p) = partition {
                 s.partitions.remove(&p);
             }
-            let msg = format!("pipeline {}: partition {:?} failed: {reason}", s.spec.name, partition);
+            let msg = format!(
+                "pipeline {}: partition {:?} failed: {reason}",
+                s.spec.name, partition
+            );
             error!("{msg}");
             let _ = s.fatal.send(msg);
         }
         Ok(())
     }
 
-    async fn post_stop(&self, _me: ActorRef<CoordinatorMsg>, s: &mut CoordinatorState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _me: ActorRef<CoordinatorMsg>,
+        s: &mut CoordinatorState,
+    ) -> Result<(), ActorProcessingErr> {
         if s.poll_thread.is_some() {
             // Stopped without a Shutdown (e.g. the runtime is dropped): still leave the group.
             stop_consumer(s).await;
@@ -189,7 +238,10 @@ impl Actor for Coordinator {
 
 async fn drain_all(sups: Vec<ActorRef<PartitionMsg>>, deadline: Duration) -> Vec<DrainReport> {
     let calls = sups.iter().map(|sup| {
-        sup.call(|reply| PartitionMsg::Drain { deadline, reply }, Some(deadline + Duration::from_secs(1)))
+        sup.call(
+            |reply| PartitionMsg::Drain { deadline, reply },
+            Some(deadline + Duration::from_secs(1)),
+        )
     });
     let mut reports = Vec::new();
     for r in futures::future::join_all(calls).await {
@@ -214,7 +266,10 @@ async fn wait_stopped(sup: &ActorRef<PartitionMsg>) {
 
 async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
     s.shutting_down = true;
-    let mut report = ShutdownReport { pipeline: s.spec.name.clone(), ..Default::default() };
+    let mut report = ShutdownReport {
+        pipeline: s.spec.name.clone(),
+        ..Default::default()
+    };
     let sups: Vec<_> = s.partitions.drain().map(|(_, a)| a).collect();
     info!(pipeline = %s.spec.name, partitions = sups.len(), "shutting down: draining");
     let reports = drain_all(sups, s.spec.drain_timeout).await;
@@ -224,7 +279,9 @@ async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
             final_offsets.push((r.topic.clone(), r.partition, n));
             report.committed.push((r.partition, n));
         }
-        report.abandoned.extend(r.abandoned.into_iter().map(|a| (r.partition, a)));
+        report
+            .abandoned
+            .extend(r.abandoned.into_iter().map(|a| (r.partition, a)));
         s.stats.remove_partition(r.partition);
     }
     if let Some(consumer) = s.consumer.clone() {
@@ -235,7 +292,9 @@ async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
         })
         .await;
         match res {
-            Ok(Ok(())) => info!(pipeline = %s.spec.name, offsets = ?report.committed, "final commit done"),
+            Ok(Ok(())) => {
+                info!(pipeline = %s.spec.name, offsets = ?report.committed, "final commit done")
+            }
             Ok(Err(e)) => report.commit_error = Some(e.to_string()),
             Err(e) => report.commit_error = Some(e.to_string()),
         }
@@ -265,20 +324,23 @@ fn spawn_poll_thread(
 ) -> std::io::Result<ThreadHandle<()>> {
     let topic: Arc<str> = Arc::from(spec.topic.as_str());
     let name = spec.name.clone();
-    std::thread::Builder::new().name(format!("kf-poll-{}", spec.name)).spawn(move || {
-        // Serves rebalance callbacks and client events; messages normally arrive on their
-        // partition queues, not here.
-        while !stop.load(Ordering::SeqCst) {
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    let _ = coordinator.cast(CoordinatorMsg::Stray(Message::from_borrowed(&m, &topic)));
+    std::thread::Builder::new()
+        .name(format!("kf-poll-{}", spec.name))
+        .spawn(move || {
+            // Serves rebalance callbacks and client events; messages normally arrive on their
+            // partition queues, not here.
+            while !stop.load(Ordering::SeqCst) {
+                match consumer.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => {
+                        let _ = coordinator
+                            .cast(CoordinatorMsg::Stray(Message::from_borrowed(&m, &topic)));
+                    }
+                    Some(Err(e)) => warn!(pipeline = %name, error = %e, "consumer error"),
+                    None => {}
                 }
-                Some(Err(e)) => warn!(pipeline = %name, error = %e, "consumer error"),
-                None => {}
             }
-        }
-        consumer.unsubscribe();
-        // Dropping the last reference closes the consumer (LeaveGroup), polling as it goes.
-        drop(consumer);
-    })
+            consumer.unsubscribe();
+            // Dropping the last reference closes the consumer (LeaveGroup), polling as it goes.
+            drop(consumer);
+        })
 }

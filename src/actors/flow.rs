@@ -4,9 +4,18 @@
 //! ractor mailboxes are unbounded, so the bound lives here: the supervisor stops taking messages
 //! off the partition queue when the budget is spent (the bound is never exceeded, except by the
 //! one message that crosses the byte budget, so that a message larger than the budget can still
-//! run) and pauses the partition on the consumer, which also frees librdkafka's prefetch. It
-//! resumes only once both counts fall to the low mark, because every pause drops the prefetch
-//! and a pause/resume per message would refetch constantly.
+//! run). If the partition stays congested — at the bound, and not yet drained to the low mark —
+//! for `pause_after`, it is paused on the consumer, which also frees librdkafka's prefetch. It
+//! resumes only once both counts fall to the low mark.
+//!
+//! Why the delay: every librdkafka pause drops the prefetched messages, and the refetch after a
+//! resume was measured at ~0.5 s on tansu and the mock cluster (2 cores, librdkafka 2.12). A
+//! burst that drains within milliseconds would pay that half second each time; a partition that
+//! stays congested is paused as before. Memory is bounded either way: keyflow never takes more
+//! than the bound off the queue, and librdkafka's prefetch is capped per partition
+//! (`queued.max.messages.kbytes`, derived from `max_buffered_bytes`).
+
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
@@ -23,11 +32,14 @@ pub struct FlowControl {
     count: usize,
     bytes: u64,
     paused: bool,
+    pause_after: Duration,
+    congested_since: Option<Instant>,
 }
 
 impl FlowControl {
-    /// `resume_at` is the fraction of each bound at which a paused partition resumes.
-    pub fn new(max_count: usize, max_bytes: u64, resume_at: f64) -> Self {
+    /// `resume_at` is the fraction of each bound at which a paused partition resumes;
+    /// `pause_after` how long it may stay congested before it is paused.
+    pub fn new(max_count: usize, max_bytes: u64, resume_at: f64, pause_after: Duration) -> Self {
         let max_count = max_count.max(1);
         FlowControl {
             max_count,
@@ -37,6 +49,8 @@ impl FlowControl {
             count: 0,
             bytes: 0,
             paused: false,
+            pause_after,
+            congested_since: None,
         }
     }
 
@@ -56,15 +70,33 @@ impl FlowControl {
     }
 
     /// What to do on the consumer now, if anything.
-    pub fn signal(&mut self) -> Option<Signal> {
-        if !self.paused && !self.has_room() {
-            self.paused = true;
-            Some(Signal::Pause)
-        } else if self.paused && self.count <= self.resume_count && self.bytes <= self.resume_bytes {
-            self.paused = false;
-            Some(Signal::Resume)
-        } else {
-            None
+    pub fn signal(&mut self, now: Instant) -> Option<Signal> {
+        let drained = self.count <= self.resume_count && self.bytes <= self.resume_bytes;
+        if drained {
+            self.congested_since = None;
+            if self.paused {
+                self.paused = false;
+                return Some(Signal::Resume);
+            }
+            return None;
+        }
+        if !self.has_room() && self.congested_since.is_none() {
+            self.congested_since = Some(now);
+        }
+        match self.congested_since {
+            Some(since) if !self.paused && now.duration_since(since) >= self.pause_after => {
+                self.paused = true;
+                Some(Signal::Pause)
+            }
+            _ => None,
+        }
+    }
+
+    /// Congested but not paused yet: when to look again.
+    pub fn pause_due(&self) -> Option<Instant> {
+        match (self.paused, self.congested_since) {
+            (false, Some(since)) => Some(since + self.pause_after),
+            _ => None,
         }
     }
 
@@ -86,33 +118,74 @@ mod tests {
 
     #[test]
     fn pauses_at_the_bound_and_resumes_at_the_low_mark() {
-        let mut f = FlowControl::new(4, 1 << 20, 0.5);
+        let now = Instant::now();
+        let mut f = FlowControl::new(4, 1 << 20, 0.5, Duration::ZERO);
         for _ in 0..3 {
             f.admit(10);
-            assert_eq!(f.signal(), None);
+            assert_eq!(f.signal(now), None);
         }
         f.admit(10);
         assert!(!f.has_room());
-        assert_eq!(f.signal(), Some(Signal::Pause));
-        assert_eq!(f.signal(), None, "pause is signalled once");
+        assert_eq!(f.signal(now), Some(Signal::Pause));
+        assert_eq!(f.signal(now), None, "pause is signalled once");
         f.release(10);
-        assert_eq!(f.signal(), None, "3 > low mark 2: still paused (hysteresis)");
+        assert_eq!(
+            f.signal(now),
+            None,
+            "3 > low mark 2: still paused (hysteresis)"
+        );
         f.release(10);
-        assert_eq!(f.signal(), Some(Signal::Resume));
+        assert_eq!(f.signal(now), Some(Signal::Resume));
+    }
+
+    #[test]
+    fn a_burst_that_drains_quickly_is_not_paused() {
+        let t0 = Instant::now();
+        let mut f = FlowControl::new(4, 1 << 20, 0.5, Duration::from_millis(100));
+        for _ in 0..4 {
+            f.admit(10);
+        }
+        assert_eq!(f.signal(t0), None, "congested, not yet for 100ms");
+        assert_eq!(f.pause_due(), Some(t0 + Duration::from_millis(100)));
+        f.release(10);
+        f.admit(10);
+        assert_eq!(f.signal(t0 + Duration::from_millis(50)), None);
+        f.release(10);
+        f.release(10);
+        assert_eq!(
+            f.signal(t0 + Duration::from_millis(60)),
+            None,
+            "drained to the low mark: congestion over"
+        );
+        assert_eq!(f.pause_due(), None);
+        for _ in 0..2 {
+            f.admit(10);
+        }
+        assert_eq!(
+            f.signal(t0 + Duration::from_millis(200)),
+            None,
+            "a new congestion starts its own clock"
+        );
+        assert_eq!(
+            f.signal(t0 + Duration::from_millis(300)),
+            Some(Signal::Pause),
+            "congested for 100ms: paused"
+        );
     }
 
     #[test]
     fn byte_budget_pauses_too() {
-        let mut f = FlowControl::new(1000, 100, 0.5);
+        let now = Instant::now();
+        let mut f = FlowControl::new(1000, 100, 0.5, Duration::ZERO);
         f.admit(60);
         assert!(f.has_room());
         f.admit(60);
         assert!(!f.has_room(), "120 bytes ≥ 100");
-        assert_eq!(f.signal(), Some(Signal::Pause));
+        assert_eq!(f.signal(now), Some(Signal::Pause));
         f.release(60);
-        assert_eq!(f.signal(), None, "60 > 50");
+        assert_eq!(f.signal(now), None, "60 > 50");
         f.release(60);
-        assert_eq!(f.signal(), Some(Signal::Resume));
+        assert_eq!(f.signal(now), Some(Signal::Resume));
     }
 
     proptest! {
@@ -120,7 +193,7 @@ mod tests {
         /// state always matches the hysteresis rule.
         #[test]
         fn never_exceeds_the_bound(ops in prop::collection::vec((any::<bool>(), 1usize..50), 1..500), max in 1usize..20) {
-            let mut f = FlowControl::new(max, 1 << 30, 0.5);
+            let mut f = FlowControl::new(max, 1 << 30, 0.5, Duration::ZERO);
             let mut sizes = Vec::new();
             for (admit, size) in ops {
                 if admit && f.has_room() {
@@ -130,7 +203,7 @@ mod tests {
                     f.release(s);
                 }
                 prop_assert!(f.count() <= max);
-                f.signal();
+                f.signal(Instant::now());
                 if f.count() >= max { prop_assert!(f.paused()); }
                 if f.count() == 0 { prop_assert!(!f.paused()); }
             }

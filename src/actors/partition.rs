@@ -55,12 +55,20 @@ pub enum PartitionMsg {
     /// A message of this partition that arrived on the consumer's main queue.
     Deliver(Message),
     /// A worker finished its message.
-    Done { worker: usize, outcome: Outcome },
+    Done {
+        worker: usize,
+        outcome: Outcome,
+    },
     /// Commit interval.
     Tick,
+    /// The partition has been congested since a while: pause it if it still is.
+    FlowCheck,
     /// Revoke or shutdown: stop taking messages, finish running ones until `deadline`, report the
     /// commit point, stop.
-    Drain { deadline: Duration, reply: RpcReplyPort<DrainReport> },
+    Drain {
+        deadline: Duration,
+        reply: RpcReplyPort<DrainReport>,
+    },
     DrainDeadline,
 }
 
@@ -106,6 +114,7 @@ pub struct PartitionState {
     restarts: VecDeque<Instant>,
     committed: Option<i64>,
     draining: Option<RpcReplyPort<DrainReport>>,
+    flow_check_scheduled: bool,
     ticker: Option<JoinHandle<()>>,
     stats: Arc<PartitionStats>,
 }
@@ -115,7 +124,11 @@ impl Actor for PartitionSupervisor {
     type State = PartitionState;
     type Arguments = PartitionArgs;
 
-    async fn pre_start(&self, me: ActorRef<PartitionMsg>, a: PartitionArgs) -> Result<PartitionState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<PartitionMsg>,
+        a: PartitionArgs,
+    ) -> Result<PartitionState, ActorProcessingErr> {
         let mut queue = a.queue;
         let flag = Arc::new(AtomicBool::new(false));
         let (f, m) = (flag.clone(), me.clone());
@@ -136,20 +149,30 @@ impl Actor for PartitionSupervisor {
             fetch_scheduled: flag,
             tracker: OffsetTracker::new(),
             scheduler: KeyScheduler::new(spec.ordering),
-            flow: FlowControl::new(spec.max_in_flight, spec.max_buffered_bytes, spec.resume_at),
+            flow: FlowControl::new(
+                spec.max_in_flight,
+                spec.max_buffered_bytes,
+                spec.resume_at,
+                spec.pause_after,
+            ),
             workers: Vec::new(),
             idle: Vec::new(),
             running: 0,
             restarts: VecDeque::new(),
             committed: None,
             draining: None,
+            flow_check_scheduled: false,
             ticker: None,
             stats: a.stats,
             spec,
         })
     }
 
-    async fn post_start(&self, me: ActorRef<PartitionMsg>, s: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+    async fn post_start(
+        &self,
+        me: ActorRef<PartitionMsg>,
+        s: &mut PartitionState,
+    ) -> Result<(), ActorProcessingErr> {
         s.ticker = Some(me.send_interval(s.spec.commit_interval, || PartitionMsg::Tick));
         info!(topic = %s.topic, partition = s.partition, "partition supervisor started");
         // The queue may already hold messages (its callback fires only on a transition).
@@ -157,7 +180,11 @@ impl Actor for PartitionSupervisor {
         Ok(())
     }
 
-    async fn post_stop(&self, me: ActorRef<PartitionMsg>, s: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        me: ActorRef<PartitionMsg>,
+        s: &mut PartitionState,
+    ) -> Result<(), ActorProcessingErr> {
         if let Some(t) = s.ticker.take() {
             t.abort();
         }
@@ -167,7 +194,12 @@ impl Actor for PartitionSupervisor {
         Ok(())
     }
 
-    async fn handle(&self, me: ActorRef<PartitionMsg>, msg: PartitionMsg, s: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<PartitionMsg>,
+        msg: PartitionMsg,
+        s: &mut PartitionState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             PartitionMsg::Fetch => {
                 s.fetch_scheduled.store(false, Release);
@@ -176,16 +208,22 @@ impl Actor for PartitionSupervisor {
             PartitionMsg::Deliver(m) => {
                 if s.draining.is_none() {
                     admit(&me, s, m).await?;
-                    apply_flow(s);
+                    apply_flow(&me, s);
                 }
             }
             PartitionMsg::Done { worker, outcome } => {
                 on_done(&me, s, worker, outcome).await?;
             }
+            PartitionMsg::FlowCheck => {
+                s.flow_check_scheduled = false;
+                apply_flow(&me, s);
+            }
             PartitionMsg::Tick => {
                 commit_progress(s);
                 s.stats.in_flight.store(s.flow.count(), Relaxed);
-                s.stats.buffered_bytes.store(s.flow.bytes() as usize, Relaxed);
+                s.stats
+                    .buffered_bytes
+                    .store(s.flow.bytes() as usize, Relaxed);
             }
             PartitionMsg::Drain { deadline, reply } => {
                 // Messages not yet started are abandoned now: the commit point cannot pass them,
@@ -210,18 +248,33 @@ impl Actor for PartitionSupervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<PartitionMsg>, evt: SupervisionEvent, s: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<PartitionMsg>,
+        evt: SupervisionEvent,
+        s: &mut PartitionState,
+    ) -> Result<(), ActorProcessingErr> {
         // Override ractor's default (which stops the supervisor when a child exits): a crashed
         // worker is replaced and its message runs again, within a restart budget.
-        let SupervisionEvent::ActorFailed(cell, reason) = evt else { return Ok(()) };
-        let Some(id) = s.workers.iter().position(|w| w.actor.get_id() == cell.get_id()) else {
+        let SupervisionEvent::ActorFailed(cell, reason) = evt else {
+            return Ok(());
+        };
+        let Some(id) = s
+            .workers
+            .iter()
+            .position(|w| w.actor.get_id() == cell.get_id())
+        else {
             return Ok(());
         };
         s.stats_restart();
         let now = Instant::now();
         let budget = s.spec.worker_restarts;
         s.restarts.push_back(now);
-        while s.restarts.front().is_some_and(|t| now.duration_since(*t) > budget.within.get()) {
+        while s
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > budget.within.get())
+        {
             s.restarts.pop_front();
         }
         let offset = s.workers[id].running.as_ref().map(|m| m.offset);
@@ -229,7 +282,11 @@ impl Actor for PartitionSupervisor {
         if s.restarts.len() as u32 > budget.max {
             return Err(format!(
                 "partition {}/{}: {} worker crashes within {} (budget {}); failing the partition",
-                s.topic, s.partition, s.restarts.len(), budget.within, budget.max
+                s.topic,
+                s.partition,
+                s.restarts.len(),
+                budget.within,
+                budget.max
             )
             .into());
         }
@@ -239,7 +296,13 @@ impl Actor for PartitionSupervisor {
             s.workers[id].crashes += 1;
             let crashes = s.workers[id].crashes;
             let msg = if crashes >= s.spec.retry.max_attempts {
-                WorkerMsg::DeadLetter(m, ProcessError::permanent("panic", format!("crashed its worker {crashes} times: {reason}")))
+                WorkerMsg::DeadLetter(
+                    m,
+                    ProcessError::permanent(
+                        "panic",
+                        format!("crashed its worker {crashes} times: {reason}"),
+                    ),
+                )
             } else {
                 WorkerMsg::Run(m)
             };
@@ -255,19 +318,32 @@ impl PartitionState {
     }
 }
 
-async fn spawn_worker(me: &ActorRef<PartitionMsg>, s: &PartitionState, id: usize) -> Result<ActorRef<WorkerMsg>, ActorProcessingErr> {
-    let args = WorkerArgs { id, pipeline: s.pipeline.clone(), parent: me.clone() };
+async fn spawn_worker(
+    me: &ActorRef<PartitionMsg>,
+    s: &PartitionState,
+    id: usize,
+) -> Result<ActorRef<WorkerMsg>, ActorProcessingErr> {
+    let args = WorkerArgs {
+        id,
+        pipeline: s.pipeline.clone(),
+        parent: me.clone(),
+    };
     let (actor, _) = Actor::spawn_linked(None, Worker, args, me.get_cell()).await?;
     Ok(actor)
 }
 
 /// Takes messages off the partition queue while the budget has room.
-async fn fetch(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+async fn fetch(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+) -> Result<(), ActorProcessingErr> {
     if s.draining.is_some() {
         return Ok(());
     }
     // Taken out for the loop: a polled message borrows the queue while `s` is mutated.
-    let Some(queue) = s.queue.take() else { return Ok(()) };
+    let Some(queue) = s.queue.take() else {
+        return Ok(());
+    };
     let mut taken = 0;
     let mut result = Ok(());
     while s.flow.has_room() {
@@ -290,23 +366,37 @@ async fn fetch(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) -> Result<()
         }
     }
     s.queue = Some(queue);
-    apply_flow(s);
+    if taken > 0 {
+        tracing::trace!(topic = %s.topic, partition = s.partition, taken, in_flight = s.flow.count(), "fetched");
+    }
+    apply_flow(me, s);
     result
 }
 
-async fn admit(me: &ActorRef<PartitionMsg>, s: &mut PartitionState, m: Message) -> Result<(), ActorProcessingErr> {
+async fn admit(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+    m: Message,
+) -> Result<(), ActorProcessingErr> {
     if !s.tracker.received(m.offset) {
         debug!(topic = %s.topic, partition = s.partition, offset = m.offset, "already received; skipped");
         return Ok(());
     }
     s.flow.admit(m.size());
+    s.stats
+        .in_flight_high_water
+        .fetch_max(s.flow.count(), Relaxed);
     if let Some(m) = s.scheduler.admit(Arc::new(m)) {
         let id = match s.idle.pop() {
             Some(id) => id,
             None => {
                 let id = s.workers.len();
                 let actor = spawn_worker(me, s, id).await?;
-                s.workers.push(Slot { actor, running: None, crashes: 0 });
+                s.workers.push(Slot {
+                    actor,
+                    running: None,
+                    crashes: 0,
+                });
                 id
             }
         };
@@ -324,7 +414,12 @@ fn start(s: &mut PartitionState, id: usize, m: Arc<Message>) -> Result<(), Actor
     Ok(())
 }
 
-async fn on_done(me: &ActorRef<PartitionMsg>, s: &mut PartitionState, worker: usize, outcome: Outcome) -> Result<(), ActorProcessingErr> {
+async fn on_done(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+    worker: usize,
+    outcome: Outcome,
+) -> Result<(), ActorProcessingErr> {
     let Some(m) = s.workers.get_mut(worker).and_then(|w| w.running.take()) else {
         return Ok(());
     };
@@ -349,7 +444,7 @@ async fn on_done(me: &ActorRef<PartitionMsg>, s: &mut PartitionState, worker: us
         Some(next) => start(s, worker, next)?,
         None => s.idle.push(worker),
     }
-    apply_flow(s);
+    apply_flow(me, s);
     if s.flow.has_room() {
         fetch(me, s).await?;
     }
@@ -357,8 +452,16 @@ async fn on_done(me: &ActorRef<PartitionMsg>, s: &mut PartitionState, worker: us
 }
 
 /// Pauses or resumes the partition on the consumer when the budget says so.
-fn apply_flow(s: &mut PartitionState) {
-    let Some(signal) = s.flow.signal() else { return };
+fn apply_flow(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
+    let Some(signal) = s.flow.signal(Instant::now()) else {
+        if let (Some(due), false) = (s.flow.pause_due(), s.flow_check_scheduled) {
+            s.flow_check_scheduled = true;
+            me.send_after(due.saturating_duration_since(Instant::now()), || {
+                PartitionMsg::FlowCheck
+            });
+        }
+        return;
+    };
     let mut tpl = TopicPartitionList::with_capacity(1);
     tpl.add_partition(&s.topic, s.partition);
     let r = match signal {
@@ -366,7 +469,10 @@ fn apply_flow(s: &mut PartitionState) {
             s.stats.pauses.fetch_add(1, Relaxed);
             s.consumer.pause(&tpl)
         }
-        Signal::Resume => s.consumer.resume(&tpl),
+        Signal::Resume => {
+            s.stats.resumes.fetch_add(1, Relaxed);
+            s.consumer.resume(&tpl)
+        }
     };
     s.stats.paused.store(signal == Signal::Pause, Relaxed);
     s.stats.in_flight.store(s.flow.count(), Relaxed);
@@ -379,28 +485,41 @@ fn apply_flow(s: &mut PartitionState) {
 /// Commits the commit point if it moved (asynchronously; revoke and shutdown commit
 /// synchronously through the coordinator).
 fn commit_progress(s: &mut PartitionState) {
-    let Some(next) = s.tracker.committable() else { return };
+    let Some(next) = s.tracker.committable() else {
+        return;
+    };
     if s.committed == Some(next) {
         return;
     }
-    match offsets::commit(&s.consumer, &[(&s.topic, s.partition, next)], CommitMode::Async) {
+    match offsets::commit(
+        &s.consumer,
+        &[(&s.topic, s.partition, next)],
+        CommitMode::Async,
+    ) {
         Ok(()) => {
             s.committed = Some(next);
             s.stats.committed.store(next, Relaxed);
         }
-        Err(e) => warn!(topic = %s.topic, partition = s.partition, next, error = %e, "commit failed"),
+        Err(e) => {
+            warn!(topic = %s.topic, partition = s.partition, next, error = %e, "commit failed")
+        }
     }
 }
 
 fn finish_drain(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
-    let Some(reply) = s.draining.take() else { return };
+    let Some(reply) = s.draining.take() else {
+        return;
+    };
     let abandoned: Vec<Abandoned> = s
         .workers
         .iter()
         .filter_map(|w| w.running.as_ref())
         .map(|m| Abandoned {
             offset: m.offset,
-            key: m.key.as_deref().map(|k| String::from_utf8_lossy(&k[..k.len().min(64)]).into_owned()),
+            key: m
+                .key
+                .as_deref()
+                .map(|k| String::from_utf8_lossy(&k[..k.len().min(64)]).into_owned()),
             running_for: m.received.elapsed(),
         })
         .collect();
@@ -411,6 +530,11 @@ fn finish_drain(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
     if let Some(n) = next_offset {
         s.stats.committed.store(n, Relaxed);
     }
-    let _ = reply.send(DrainReport { topic: s.topic.clone(), partition: s.partition, next_offset, abandoned });
+    let _ = reply.send(DrainReport {
+        topic: s.topic.clone(),
+        partition: s.partition,
+        next_offset,
+        abandoned,
+    });
     me.stop(None);
 }

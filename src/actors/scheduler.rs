@@ -44,7 +44,13 @@ pub struct KeyScheduler<T> {
 
 impl<T: Keyed> KeyScheduler<T> {
     pub fn new(mode: Ordering) -> Self {
-        KeyScheduler { mode, busy: FxHashMap::default(), lane_busy: false, lane: VecDeque::new(), waiting: 0 }
+        KeyScheduler {
+            mode,
+            busy: FxHashMap::default(),
+            lane_busy: false,
+            lane: VecDeque::new(),
+            waiting: 0,
+        }
     }
 
     /// Offers a fetched message: returns it if it may start now, or keeps it until
@@ -146,8 +152,16 @@ mod tests {
         let mut s = KeyScheduler::new(Ordering::Key);
         assert_eq!(s.admit(m("a", 1)), Some(m("a", 1)));
         assert_eq!(s.admit(m("a", 2)), None);
-        assert_eq!(s.admit(m("b", 3)), Some(m("b", 3)), "another key is not held back");
-        assert_eq!(s.admit(M(None, 4)), Some(M(None, 4)), "null keys carry no ordering");
+        assert_eq!(
+            s.admit(m("b", 3)),
+            Some(m("b", 3)),
+            "another key is not held back"
+        );
+        assert_eq!(
+            s.admit(M(None, 4)),
+            Some(M(None, 4)),
+            "null keys carry no ordering"
+        );
         assert_eq!(s.admit(M(None, 5)), Some(M(None, 5)));
         assert_eq!(s.waiting(), 1);
         assert_eq!(s.complete(Some(&Bytes::from_static(b"a"))), Some(m("a", 2)));

@@ -39,11 +39,24 @@ impl Actor for Worker {
     type State = WorkerState;
     type Arguments = WorkerArgs;
 
-    async fn pre_start(&self, _me: ActorRef<WorkerMsg>, a: WorkerArgs) -> Result<WorkerState, ActorProcessingErr> {
-        Ok(WorkerState { id: a.id, pipeline: a.pipeline, parent: a.parent })
+    async fn pre_start(
+        &self,
+        _me: ActorRef<WorkerMsg>,
+        a: WorkerArgs,
+    ) -> Result<WorkerState, ActorProcessingErr> {
+        Ok(WorkerState {
+            id: a.id,
+            pipeline: a.pipeline,
+            parent: a.parent,
+        })
     }
 
-    async fn handle(&self, _me: ActorRef<WorkerMsg>, msg: WorkerMsg, s: &mut WorkerState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<WorkerMsg>,
+        msg: WorkerMsg,
+        s: &mut WorkerState,
+    ) -> Result<(), ActorProcessingErr> {
         let outcome = match msg {
             WorkerMsg::Run(m) => {
                 let span = tracing::debug_span!("message", topic = %m.topic, partition = m.partition, offset = m.offset);
@@ -56,7 +69,10 @@ impl Actor for Worker {
         };
         // If the supervisor is gone (revoked, abandoned at the drain deadline) the completion is
         // dropped with it: a revoked partition's late completion is never committed here.
-        let _ = s.parent.cast(PartitionMsg::Done { worker: s.id, outcome });
+        let _ = s.parent.cast(PartitionMsg::Done {
+            worker: s.id,
+            outcome,
+        });
         Ok(())
     }
 }

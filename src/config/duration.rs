@@ -72,9 +72,18 @@ mod tests {
 
     #[test]
     fn parses_units() {
-        assert_eq!("250ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(250));
-        assert_eq!("30s".parse::<HumanDuration>().unwrap().0, Duration::from_secs(30));
-        assert_eq!("1m 30s".parse::<HumanDuration>().unwrap().0, Duration::from_secs(90));
+        assert_eq!(
+            "250ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            "30s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            "1m 30s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(90)
+        );
     }
 
     #[test]
@@ -87,6 +96,9 @@ mod tests {
             d: HumanDuration,
         }
         let err = toml::from_str::<T>("d = 30").unwrap_err().to_string();
-        assert!(err.contains("expected a duration string with a unit"), "{err}");
+        assert!(
+            err.contains("expected a duration string with a unit"),
+            "{err}"
+        );
     }
 }

@@ -50,7 +50,12 @@ pub fn interpolate(s: &str, env: &Env) -> Result<String, String> {
 }
 
 /// Walks a TOML tree and interpolates every string; errors carry the dotted field path.
-pub fn interpolate_tree(v: &mut toml::Value, path: &str, env: &Env, errs: &mut Vec<(String, String)>) {
+pub fn interpolate_tree(
+    v: &mut toml::Value,
+    path: &str,
+    env: &Env,
+    errs: &mut Vec<(String, String)>,
+) {
     match v {
         toml::Value::String(s) if s.contains("${") => match interpolate(s, env) {
             Ok(n) => *s = n,
@@ -58,7 +63,11 @@ pub fn interpolate_tree(v: &mut toml::Value, path: &str, env: &Env, errs: &mut V
         },
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 interpolate_tree(v, &p, env, errs);
             }
         }
@@ -76,7 +85,9 @@ pub fn interpolate_tree(v: &mut toml::Value, path: &str, env: &Env, errs: &mut V
 fn parse_env_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -93,7 +104,9 @@ pub fn overlay(
 ) -> Vec<(String, String)> {
     let mut applied = Vec::new();
     for (var, raw) in &env.0 {
-        let Some(rest) = var.strip_prefix(prefix) else { continue };
+        let Some(rest) = var.strip_prefix(prefix) else {
+            continue;
+        };
         let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
         if parts.is_empty() || parts[0].is_empty() || !accept(&parts[0]) {
             continue;
@@ -101,10 +114,19 @@ pub fn overlay(
         let mut t = &mut *table;
         for (i, part) in parts.iter().enumerate() {
             let last = i + 1 == parts.len();
-            let key = if i == 1 && parts[0] == "kafka" { part.replace('_', ".") } else { part.clone() };
+            let key = if i == 1 && parts[0] == "kafka" {
+                part.replace('_', ".")
+            } else {
+                part.clone()
+            };
             if last {
                 t.insert(key.clone(), parse_env_value(raw));
-                let path = parts[..i].iter().cloned().chain([key]).collect::<Vec<_>>().join(".");
+                let path = parts[..i]
+                    .iter()
+                    .cloned()
+                    .chain([key])
+                    .collect::<Vec<_>>()
+                    .join(".");
                 applied.push((path, var.clone()));
             } else {
                 let entry = t
@@ -125,7 +147,13 @@ pub fn overlay(
 pub fn env_name(pipeline: &str) -> String {
     pipeline
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -134,7 +162,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Env {
-        Env(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        Env(pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
     }
 
     #[test]

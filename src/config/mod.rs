@@ -41,7 +41,11 @@ impl fmt::Display for ConfigError {
         if self.field.is_empty() {
             write!(f, "{}: {}", self.source, self.message)
         } else {
-            write!(f, "{}: field `{}`: {}", self.source, self.field, self.message)
+            write!(
+                f,
+                "{}: field `{}`: {}",
+                self.source, self.field, self.message
+            )
         }
     }
 }
@@ -120,7 +124,9 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { address: default_http_address() }
+        HttpConfig {
+            address: default_http_address(),
+        }
     }
 }
 
@@ -177,6 +183,9 @@ pub struct PipelineFile {
     /// Resume a paused partition when both counts fall to this fraction of their bound.
     #[serde(default = "default_resume_at")]
     pub resume_at: f64,
+    /// Pause a partition on the consumer once it has stayed at its bound this long.
+    #[serde(default = "default_pause_after")]
+    pub pause_after: HumanDuration,
     #[serde(default = "default_commit_interval")]
     pub commit_interval: HumanDuration,
     #[serde(default = "default_drain_timeout")]
@@ -207,6 +216,10 @@ fn default_max_buffered_bytes() -> ByteSize {
 fn default_resume_at() -> f64 {
     0.5
 }
+// Longer than a refetch after resume (~0.5 s measured): only sustained congestion pauses.
+fn default_pause_after() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
 fn default_commit_interval() -> HumanDuration {
     HumanDuration::from_secs(1)
 }
@@ -235,7 +248,10 @@ fn default_restart_within() -> HumanDuration {
 }
 impl Default for RestartBudget {
     fn default() -> Self {
-        RestartBudget { max: default_restart_max(), within: default_restart_within() }
+        RestartBudget {
+            max: default_restart_max(),
+            within: default_restart_within(),
+        }
     }
 }
 
@@ -281,6 +297,7 @@ pub struct PipelineSpec {
     pub max_in_flight: usize,
     pub max_buffered_bytes: u64,
     pub resume_at: f64,
+    pub pause_after: std::time::Duration,
     pub commit_interval: std::time::Duration,
     pub drain_timeout: std::time::Duration,
     pub session_timeout: std::time::Duration,
@@ -296,8 +313,14 @@ pub struct PipelineSpec {
 /// guarantees, so they are refused with the field to use instead.
 const MANAGED_KAFKA_KEYS: &[(&str, &str)] = &[
     ("group.id", "group_id"),
-    ("enable.auto.commit", "commit_interval (keyflow commits on completion)"),
-    ("enable.auto.offset.store", "nothing: keyflow stores offsets on completion"),
+    (
+        "enable.auto.commit",
+        "commit_interval (keyflow commits on completion)",
+    ),
+    (
+        "enable.auto.offset.store",
+        "nothing: keyflow stores offsets on completion",
+    ),
     ("auto.offset.reset", "auto_offset_reset"),
     ("session.timeout.ms", "session_timeout"),
     ("bootstrap.servers", "brokers (or KEYFLOW_BROKERS)"),
@@ -311,7 +334,11 @@ pub struct Config {
 }
 
 fn err(source: &str, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { source: source.to_string(), field: field.into(), message: message.into() }
+    ConfigError {
+        source: source.to_string(),
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 fn read_table(path: &Path, errs: &mut Vec<ConfigError>) -> Option<toml::Table> {
@@ -326,7 +353,11 @@ fn read_table(path: &Path, errs: &mut Vec<ConfigError>) -> Option<toml::Table> {
     match toml::from_str::<toml::Table>(&text) {
         Ok(t) => Some(t),
         Err(e) => {
-            errs.push(err(&src, "", format!("not valid TOML: {}", e.to_string().trim_end())));
+            errs.push(err(
+                &src,
+                "",
+                format!("not valid TOML: {}", e.to_string().trim_end()),
+            ));
             None
         }
     }
@@ -376,7 +407,11 @@ fn kafka_strings(
     for (k, v) in table {
         let field = format!("kafka.\"{k}\"");
         if let Some((_, instead)) = MANAGED_KAFKA_KEYS.iter().find(|(m, _)| m == k) {
-            errs.push(err(src, field, format!("is managed by keyflow: set {instead}")));
+            errs.push(err(
+                src,
+                field,
+                format!("is managed by keyflow: set {instead}"),
+            ));
             continue;
         }
         let s = match v {
@@ -388,7 +423,10 @@ fn kafka_strings(
                 errs.push(err(
                     src,
                     field,
-                    format!("expected a string, number or boolean, found {}", other.type_str()),
+                    format!(
+                        "expected a string, number or boolean, found {}",
+                        other.type_str()
+                    ),
                 ));
                 continue;
             }
@@ -401,7 +439,9 @@ fn kafka_strings(
 /// Loads the global file (if any) with `KEYFLOW_*` overrides.
 pub fn load_global(path: Option<&Path>, env: &Env) -> Result<Global, ConfigErrors> {
     let mut errs = Vec::new();
-    let src = path.map(|p| p.display().to_string()).unwrap_or_else(|| "environment".into());
+    let src = path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "environment".into());
     let mut table = match path {
         Some(p) => read_table(p, &mut errs).unwrap_or_default(),
         None => toml::Table::new(),
@@ -420,24 +460,45 @@ pub fn load_global(path: Option<&Path>, env: &Env) -> Result<Global, ConfigError
     };
     let kafka = kafka_strings(&src, &file.kafka, &mut errs);
     if file.brokers.trim().is_empty() {
-        errs.push(err(&src, "brokers", "expected a comma-separated list of host:port, found \"\""));
+        errs.push(err(
+            &src,
+            "brokers",
+            "expected a comma-separated list of host:port, found \"\"",
+        ));
     }
     if !errs.is_empty() {
         return Err(ConfigErrors(errs));
     }
     let http_address = (file.http.address != "off").then_some(file.http.address);
-    Ok(Global { brokers: file.brokers, pipelines: file.pipelines, http_address, kafka })
+    Ok(Global {
+        brokers: file.brokers,
+        pipelines: file.pipelines,
+        http_address,
+        kafka,
+    })
 }
 
 /// Loads and validates one pipeline file.
-pub fn load_pipeline(path: &Path, global: &Global, env: &Env) -> Result<PipelineSpec, ConfigErrors> {
+pub fn load_pipeline(
+    path: &Path,
+    global: &Global,
+    env: &Env,
+) -> Result<PipelineSpec, ConfigErrors> {
     let mut errs = Vec::new();
     let src = path.display().to_string();
     let Some(mut table) = read_table(path, &mut errs) else {
         return Err(ConfigErrors(errs));
     };
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("pipeline").to_string();
-    let name = table.get("name").and_then(|v| v.as_str()).map(str::to_string).unwrap_or(stem);
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("pipeline")
+        .to_string();
+    let name = table
+        .get("name")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .unwrap_or(stem);
     let prefix = format!("KEYFLOW_PIPELINE_{}__", env::env_name(&name));
     let overrides = env::overlay(&mut table, &prefix, |_| true, env);
     let Some(file) = decode::<PipelineFile>(&src, table, &overrides, env, &mut errs) else {
@@ -459,7 +520,8 @@ fn validate_pipeline(
     errs: &mut Vec<ConfigError>,
 ) -> PipelineSpec {
     let src = path.display().to_string();
-    let e = |errs: &mut Vec<ConfigError>, field: &str, msg: String| errs.push(err(&src, field, msg));
+    let e =
+        |errs: &mut Vec<ConfigError>, field: &str, msg: String| errs.push(err(&src, field, msg));
     if name.trim().is_empty() {
         e(errs, "name", "expected a non-empty name, found \"\"".into());
     }
@@ -470,16 +532,35 @@ fn validate_pipeline(
         e(errs, "max_in_flight", "expected at least 1, found 0".into());
     }
     if f.max_buffered_bytes.as_u64() < 1024 {
-        e(errs, "max_buffered_bytes", format!("expected at least 1 KiB, found {}", f.max_buffered_bytes));
+        e(
+            errs,
+            "max_buffered_bytes",
+            format!("expected at least 1 KiB, found {}", f.max_buffered_bytes),
+        );
     }
     if !(f.resume_at > 0.0 && f.resume_at < 1.0) {
-        e(errs, "resume_at", format!("expected a fraction between 0 and 1 (exclusive), found {}", f.resume_at));
+        e(
+            errs,
+            "resume_at",
+            format!(
+                "expected a fraction between 0 and 1 (exclusive), found {}",
+                f.resume_at
+            ),
+        );
     }
     if f.commit_interval.get().is_zero() {
-        e(errs, "commit_interval", "expected a positive duration, found \"0s\"".into());
+        e(
+            errs,
+            "commit_interval",
+            "expected a positive duration, found \"0s\"".into(),
+        );
     }
     if f.session_timeout.get() < std::time::Duration::from_secs(1) {
-        e(errs, "session_timeout", format!("expected at least \"1s\", found \"{}\"", f.session_timeout));
+        e(
+            errs,
+            "session_timeout",
+            format!("expected at least \"1s\", found \"{}\"", f.session_timeout),
+        );
     }
     if f.drain_timeout >= f.session_timeout {
         e(
@@ -492,26 +573,45 @@ fn validate_pipeline(
         );
     }
     if f.retry.max_attempts == 0 {
-        e(errs, "retry.max_attempts", "expected at least 1, found 0".into());
+        e(
+            errs,
+            "retry.max_attempts",
+            "expected at least 1, found 0".into(),
+        );
     }
     if f.retry.backoff > f.retry.max_backoff {
         e(
             errs,
             "retry.backoff",
-            format!("\"{}\" must not exceed retry.max_backoff (\"{}\")", f.retry.backoff, f.retry.max_backoff),
+            format!(
+                "\"{}\" must not exceed retry.max_backoff (\"{}\")",
+                f.retry.backoff, f.retry.max_backoff
+            ),
         );
     }
     if f.processors.is_empty() {
-        e(errs, "processors", "expected at least one [[processors]] entry, found none".into());
+        e(
+            errs,
+            "processors",
+            "expected at least one [[processors]] entry, found none".into(),
+        );
     }
     for (i, p) in f.processors.iter().enumerate() {
         for (field, msg) in p.validate(&f.topic) {
             e(errs, &format!("processors[{i}].{field}"), msg);
         }
     }
-    let dead_letter_topic = f.dead_letter_topic.unwrap_or_else(|| format!("{}.dlq", f.topic));
+    let dead_letter_topic = f
+        .dead_letter_topic
+        .unwrap_or_else(|| format!("{}.dlq", f.topic));
     if dead_letter_topic == f.topic {
-        e(errs, "dead_letter_topic", format!("{dead_letter_topic:?} is the input topic: dead letters would be consumed again"));
+        e(
+            errs,
+            "dead_letter_topic",
+            format!(
+                "{dead_letter_topic:?} is the input topic: dead letters would be consumed again"
+            ),
+        );
     }
     let mut kafka = global.kafka.clone();
     kafka.extend(kafka_strings(&src, &f.kafka, errs));
@@ -526,6 +626,7 @@ fn validate_pipeline(
         max_in_flight: f.max_in_flight,
         max_buffered_bytes: f.max_buffered_bytes.as_u64(),
         resume_at: f.resume_at,
+        pause_after: f.pause_after.get(),
         commit_interval: f.commit_interval.get(),
         drain_timeout: f.drain_timeout.get(),
         session_timeout: f.session_timeout.get(),
@@ -551,16 +652,28 @@ pub fn pipeline_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ConfigErrors> {
                         .collect();
                     files.sort();
                     if files.is_empty() {
-                        errs.push(err(&p.display().to_string(), "", "directory holds no *.toml pipeline file"));
+                        errs.push(err(
+                            &p.display().to_string(),
+                            "",
+                            "directory holds no *.toml pipeline file",
+                        ));
                     }
                     out.extend(files);
                 }
-                Err(e) => errs.push(err(&p.display().to_string(), "", format!("cannot read directory: {e}"))),
+                Err(e) => errs.push(err(
+                    &p.display().to_string(),
+                    "",
+                    format!("cannot read directory: {e}"),
+                )),
             }
         } else if p.exists() {
             out.push(p.clone());
         } else {
-            errs.push(err(&p.display().to_string(), "", "no such file or directory"));
+            errs.push(err(
+                &p.display().to_string(),
+                "",
+                "no such file or directory",
+            ));
         }
     }
     if errs.is_empty() {
@@ -585,13 +698,21 @@ pub fn load(global: Global, paths: &[PathBuf], env: &Env) -> Result<Config, Conf
     let mut topics: HashMap<&str, &Path> = HashMap::new();
     for p in &pipelines {
         if let Some(other) = names.insert(&p.name, &p.file) {
-            errs.push(err(&p.file.display().to_string(), "name", format!("{:?} is also the name of {}", p.name, other.display())));
+            errs.push(err(
+                &p.file.display().to_string(),
+                "name",
+                format!("{:?} is also the name of {}", p.name, other.display()),
+            ));
         }
         if let Some(other) = topics.insert(&p.topic, &p.file) {
             errs.push(err(
                 &p.file.display().to_string(),
                 "topic",
-                format!("{:?} is also consumed by {}: one pipeline file per input topic", p.topic, other.display()),
+                format!(
+                    "{:?} is also consumed by {}: one pipeline file per input topic",
+                    p.topic,
+                    other.display()
+                ),
             ));
         }
     }

@@ -11,7 +11,10 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
 }
 
 fn env(pairs: &[(&str, &str)]) -> Env {
-    Env(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    Env(pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
 }
 
 const MINIMAL: &str = r#"
@@ -28,7 +31,10 @@ fn errors(text: &str, e: &Env) -> Vec<String> {
     let prefix = format!("{}: ", p.display());
     match load_pipeline(&p, &Global::default(), e) {
         Ok(_) => Vec::new(),
-        Err(ConfigErrors(v)) => v.iter().map(|e| e.to_string().replace(&prefix, "FILE: ")).collect(),
+        Err(ConfigErrors(v)) => v
+            .iter()
+            .map(|e| e.to_string().replace(&prefix, "FILE: "))
+            .collect(),
     }
 }
 
@@ -49,13 +55,24 @@ fn minimal_file_gets_defaults() {
 fn unknown_field_is_an_error() {
     let e = errors(&format!("max_inflight = 5\n{MINIMAL}"), &Env::default());
     assert_eq!(e.len(), 1);
-    assert!(e[0].starts_with("FILE: field `max_inflight`: unknown field `max_inflight`, expected one of"), "{e:?}");
+    assert!(
+        e[0].starts_with(
+            "FILE: field `max_inflight`: unknown field `max_inflight`, expected one of"
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
 fn wrong_type_names_field_value_and_expectation() {
-    let e = errors(&format!("max_in_flight = \"lots\"\n{MINIMAL}"), &Env::default());
-    assert_eq!(e, vec!["FILE: field `max_in_flight`: invalid type: string \"lots\", expected usize"]);
+    let e = errors(
+        &format!("max_in_flight = \"lots\"\n{MINIMAL}"),
+        &Env::default(),
+    );
+    assert_eq!(
+        e,
+        vec!["FILE: field `max_in_flight`: invalid type: string \"lots\", expected usize"]
+    );
 }
 
 #[test]
@@ -68,13 +85,17 @@ fn bad_enum_and_duration() {
 
 #[test]
 fn auto_offset_reset_is_required() {
-    let e = errors(&MINIMAL.replace("auto_offset_reset = \"earliest\"", ""), &Env::default());
+    let e = errors(
+        &MINIMAL.replace("auto_offset_reset = \"earliest\"", ""),
+        &Env::default(),
+    );
     assert_eq!(e, vec!["FILE: missing field `auto_offset_reset`"]);
 }
 
 #[test]
 fn every_semantic_error_is_listed() {
-    let text = format!("drain_timeout = \"40s\"\nmax_in_flight = 0\nresume_at = 1.5\n{MINIMAL}").replace("orders.out", "orders");
+    let text = format!("drain_timeout = \"40s\"\nmax_in_flight = 0\nresume_at = 1.5\n{MINIMAL}")
+        .replace("orders.out", "orders");
     let e = errors(&text, &Env::default());
     assert_eq!(
         e,
@@ -89,35 +110,66 @@ fn every_semantic_error_is_listed() {
 
 #[test]
 fn managed_kafka_keys_are_refused() {
-    let e = errors(&format!("{MINIMAL}\n[kafka]\n\"enable.auto.commit\" = true\n\"fetch.min.bytes\" = 1\n"), &Env::default());
+    let e = errors(
+        &format!("{MINIMAL}\n[kafka]\n\"enable.auto.commit\" = true\n\"fetch.min.bytes\" = 1\n"),
+        &Env::default(),
+    );
     assert_eq!(e, vec!["FILE: field `kafka.\"enable.auto.commit\"`: is managed by keyflow: set commit_interval (keyflow commits on completion)"]);
 }
 
 #[test]
 fn env_overrides_and_interpolation() {
     let dir = tempfile::tempdir().unwrap();
-    let p = write(&dir, "orders.toml", &format!("{MINIMAL}\n[kafka]\n\"sasl.password\" = \"${{ORDERS_PW}}\"\n"));
-    let e = env(&[("ORDERS_PW", "hunter2"), ("KEYFLOW_PIPELINE_ORDERS__MAX_IN_FLIGHT", "42")]);
+    let p = write(
+        &dir,
+        "orders.toml",
+        &format!("{MINIMAL}\n[kafka]\n\"sasl.password\" = \"${{ORDERS_PW}}\"\n"),
+    );
+    let e = env(&[
+        ("ORDERS_PW", "hunter2"),
+        ("KEYFLOW_PIPELINE_ORDERS__MAX_IN_FLIGHT", "42"),
+    ]);
     let s = load_pipeline(&p, &Global::default(), &e).unwrap();
     assert_eq!(s.max_in_flight, 42);
-    assert!(s.kafka.contains(&("sasl.password".into(), "hunter2".into())));
+    assert!(s
+        .kafka
+        .contains(&("sasl.password".into(), "hunter2".into())));
 
-    let e = env(&[("ORDERS_PW", "x"), ("KEYFLOW_PIPELINE_ORDERS__MAX_IN_FLIGHT", "many")]);
-    let err = load_pipeline(&p, &Global::default(), &e).unwrap_err().to_string();
+    let e = env(&[
+        ("ORDERS_PW", "x"),
+        ("KEYFLOW_PIPELINE_ORDERS__MAX_IN_FLIGHT", "many"),
+    ]);
+    let err = load_pipeline(&p, &Global::default(), &e)
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("env KEYFLOW_PIPELINE_ORDERS__MAX_IN_FLIGHT: field `max_in_flight`: invalid type: string \"many\""), "{err}");
 }
 
 #[test]
 fn missing_variable_is_named() {
-    let e = errors(&format!("{MINIMAL}\n[kafka]\n\"sasl.password\" = \"${{NOT_SET_ANYWHERE}}\"\n"), &Env::default());
+    let e = errors(
+        &format!("{MINIMAL}\n[kafka]\n\"sasl.password\" = \"${{NOT_SET_ANYWHERE}}\"\n"),
+        &Env::default(),
+    );
     assert_eq!(e, vec!["FILE: field `kafka.sasl.password`: environment variable NOT_SET_ANYWHERE is not set (referenced as `${NOT_SET_ANYWHERE}`)"]);
 }
 
 #[test]
 fn global_env_overrides() {
-    let g = load_global(None, &env(&[("KEYFLOW_BROKERS", "b1:9092,b2:9092"), ("KEYFLOW_KAFKA__SECURITY_PROTOCOL", "SASL_SSL"), ("KEYFLOW_TEST_CACHE", "/x")])).unwrap();
+    let g = load_global(
+        None,
+        &env(&[
+            ("KEYFLOW_BROKERS", "b1:9092,b2:9092"),
+            ("KEYFLOW_KAFKA__SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KEYFLOW_TEST_CACHE", "/x"),
+        ]),
+    )
+    .unwrap();
     assert_eq!(g.brokers, "b1:9092,b2:9092");
-    assert_eq!(g.kafka, vec![("security.protocol".to_string(), "SASL_SSL".to_string())]);
+    assert_eq!(
+        g.kafka,
+        vec![("security.protocol".to_string(), "SASL_SSL".to_string())]
+    );
 }
 
 #[test]
@@ -125,9 +177,19 @@ fn duplicate_topics_across_files() {
     let dir = tempfile::tempdir().unwrap();
     write(&dir, "a.toml", MINIMAL);
     write(&dir, "b.toml", MINIMAL);
-    let err = load(Global::default(), &[dir.path().to_path_buf()], &Env::default()).unwrap_err();
+    let err = load(
+        Global::default(),
+        &[dir.path().to_path_buf()],
+        &Env::default(),
+    )
+    .unwrap_err();
     assert_eq!(err.0.len(), 1);
-    assert!(err.0[0].message.contains("one pipeline file per input topic"), "{err}");
+    assert!(
+        err.0[0]
+            .message
+            .contains("one pipeline file per input topic"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -31,13 +31,24 @@ pub fn consumer_config(brokers: &str, spec: &PipelineSpec) -> ClientConfig {
         .set("auto.offset.reset", spec.auto_offset_reset.as_librdkafka())
         .set("session.timeout.ms", session_ms.to_string())
         // Heartbeat well within the session even when tests set it low.
-        .set("heartbeat.interval.ms", (session_ms / 3).clamp(100, 3000).to_string())
+        .set(
+            "heartbeat.interval.ms",
+            (session_ms / 3).clamp(100, 3000).to_string(),
+        )
         // keyflow commits explicitly: only offsets whose messages (and all before) completed.
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         // Cooperative: a rebalance moves only the partitions that change owner.
-        .set("partition.assignment.strategy", "cooperative-sticky");
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // librdkafka's prefetch per partition, capped at keyflow's own byte budget: together
+        // they bound a partition's memory at about twice `max_buffered_bytes`.
+        .set(
+            "queued.max.messages.kbytes",
+            (spec.max_buffered_bytes / 1024)
+                .clamp(1, 2_097_151)
+                .to_string(),
+        );
     apply_user(&mut cfg, &spec.kafka);
     cfg
 }
@@ -79,7 +90,11 @@ fn is_consumer_only(key: &str) -> bool {
     )
 }
 
-pub fn create_consumer(brokers: &str, spec: &PipelineSpec, ctx: KeyflowContext) -> KafkaResult<Arc<Consumer>> {
+pub fn create_consumer(
+    brokers: &str,
+    spec: &PipelineSpec,
+    ctx: KeyflowContext,
+) -> KafkaResult<Arc<Consumer>> {
     let consumer: Consumer = consumer_config(brokers, spec).create_with_context(ctx)?;
     let consumer = Arc::new(consumer);
     consumer.context().set_consumer(Arc::downgrade(&consumer));

@@ -57,9 +57,10 @@ impl KeyflowContext {
     }
 
     fn on_assign(&self, tpl: &TopicPartitionList) {
-        let (Some(coordinator), Some(consumer)) =
-            (self.coordinator.get(), self.consumer.get().and_then(Weak::upgrade))
-        else {
+        let (Some(coordinator), Some(consumer)) = (
+            self.coordinator.get(),
+            self.consumer.get().and_then(Weak::upgrade),
+        ) else {
             return;
         };
         let mut assigned = Vec::new();
@@ -72,12 +73,17 @@ impl KeyflowContext {
                     partition: e.partition(),
                     queue,
                 }),
-                None => error!(pipeline = %self.pipeline, topic = e.topic(), partition = e.partition(), "could not split the partition queue"),
+                None => {
+                    error!(pipeline = %self.pipeline, topic = e.topic(), partition = e.partition(), "could not split the partition queue")
+                }
             }
         }
         self.stats.rebalance("assign");
         info!(pipeline = %self.pipeline, partitions = ?assigned.iter().map(|a| a.partition).collect::<Vec<_>>(), "partitions assigned");
-        if coordinator.cast(CoordinatorMsg::Assigned(assigned)).is_err() {
+        if coordinator
+            .cast(CoordinatorMsg::Assigned(assigned))
+            .is_err()
+        {
             warn!(pipeline = %self.pipeline, "coordinator is gone; assignment ignored");
         }
     }
@@ -85,29 +91,49 @@ impl KeyflowContext {
     fn on_revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let lost = consumer.assignment_lost();
         self.stats.rebalance(if lost { "lost" } else { "revoke" });
-        let partitions: Vec<(Arc<str>, i32)> =
-            tpl.elements().iter().map(|e| (Arc::from(e.topic()), e.partition())).collect();
+        let partitions: Vec<(Arc<str>, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (Arc::from(e.topic()), e.partition()))
+            .collect();
         info!(pipeline = %self.pipeline, partitions = ?partitions.iter().map(|p| p.1).collect::<Vec<_>>(), lost, "partitions revoked");
         if self.closing.load(Ordering::SeqCst) {
             return;
         }
-        let Some(coordinator) = self.coordinator.get() else { return };
+        let Some(coordinator) = self.coordinator.get() else {
+            return;
+        };
         let (tx, rx) = mpsc::sync_channel(1);
-        if coordinator.cast(CoordinatorMsg::Revoke { partitions, lost, reply: tx }).is_err() {
+        if coordinator
+            .cast(CoordinatorMsg::Revoke {
+                partitions,
+                lost,
+                reply: tx,
+            })
+            .is_err()
+        {
             return;
         }
         match rx.recv_timeout(self.rendezvous_timeout) {
             Ok(drained) if !lost => {
-                let offsets: Vec<(&str, i32, i64)> =
-                    drained.iter().map(|d: &DrainedOffset| (&*d.topic, d.partition, d.next_offset)).collect();
+                let offsets: Vec<(&str, i32, i64)> = drained
+                    .iter()
+                    .map(|d: &DrainedOffset| (&*d.topic, d.partition, d.next_offset))
+                    .collect();
                 match offsets::commit(consumer, &offsets, CommitMode::Sync) {
-                    Ok(()) => info!(pipeline = %self.pipeline, ?offsets, "committed revoked partitions"),
-                    Err(e) => warn!(pipeline = %self.pipeline, error = %e, "commit of revoked partitions failed; they will be redelivered"),
+                    Ok(()) => {
+                        info!(pipeline = %self.pipeline, ?offsets, "committed revoked partitions")
+                    }
+                    Err(e) => {
+                        warn!(pipeline = %self.pipeline, error = %e, "commit of revoked partitions failed; they will be redelivered")
+                    }
                 }
             }
             // A lost assignment belongs to someone else already: committing would be refused.
             Ok(_) => {}
-            Err(_) => warn!(pipeline = %self.pipeline, "revoke: drain rendezvous timed out; uncommitted work will be redelivered"),
+            Err(_) => {
+                warn!(pipeline = %self.pipeline, "revoke: drain rendezvous timed out; uncommitted work will be redelivered")
+            }
         }
     }
 }

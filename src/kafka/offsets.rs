@@ -105,11 +105,19 @@ mod tests {
         assert_eq!(t.committable(), Some(10));
         assert!(t.completed(11));
         assert!(t.completed(15));
-        assert_eq!(t.committable(), Some(10), "11 and 15 are done but 10 is not");
+        assert_eq!(
+            t.committable(),
+            Some(10),
+            "11 and 15 are done but 10 is not"
+        );
         assert!(t.completed(10));
         assert_eq!(t.committable(), Some(12));
         assert!(t.completed(12));
-        assert_eq!(t.committable(), Some(16), "gap 13-14 never received: last + 1");
+        assert_eq!(
+            t.committable(),
+            Some(16),
+            "gap 13-14 never received: last + 1"
+        );
         assert!(!t.completed(12), "double completion is refused");
         assert!(!t.completed(13), "never received");
         assert!(!t.received(14), "below the last received");

@@ -23,7 +23,13 @@ impl ForwardConfig {
         if self.topic.trim().is_empty() {
             v.push(("topic".into(), "expected a topic name, found \"\"".into()));
         } else if self.topic == input_topic {
-            v.push(("topic".into(), format!("{:?} is the input topic: messages would loop forever", self.topic)));
+            v.push((
+                "topic".into(),
+                format!(
+                    "{:?} is the input topic: messages would loop forever",
+                    self.topic
+                ),
+            ));
         }
         v
     }
@@ -39,7 +45,10 @@ pub struct Forward {
 
 impl Forward {
     pub fn new(cfg: &ForwardConfig, producer: Producer) -> Self {
-        Forward { topic: cfg.topic.clone(), producer }
+        Forward {
+            topic: cfg.topic.clone(),
+            producer,
+        }
     }
 }
 
@@ -62,7 +71,10 @@ impl Processor for Forward {
         // Queue timeout: wait for room in librdkafka's local queue rather than failing.
         match self.producer.send(record, Duration::from_secs(30)).await {
             Ok(_) => Ok(Flow::Continue),
-            Err((e, _)) => Err(ProcessError::retryable("forward", format!("write to {:?} failed: {e}", self.topic))),
+            Err((e, _)) => Err(ProcessError::retryable(
+                "forward",
+                format!("write to {:?} failed: {e}", self.topic),
+            )),
         }
     }
 }

@@ -32,7 +32,10 @@ pub struct Log {
 
 impl Log {
     pub fn new(c: &LogConfig) -> Self {
-        Log { level: c.level, payload_bytes: c.payload_bytes }
+        Log {
+            level: c.level,
+            payload_bytes: c.payload_bytes,
+        }
     }
 }
 
@@ -46,8 +49,12 @@ impl Processor for Log {
             .filter(|_| self.payload_bytes > 0)
             .map(|p| String::from_utf8_lossy(&p[..p.len().min(self.payload_bytes)]));
         match self.level {
-            LogLevel::Info => tracing::info!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, key = ?key, payload = ?payload, "message"),
-            LogLevel::Debug => tracing::debug!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, key = ?key, payload = ?payload, "message"),
+            LogLevel::Info => {
+                tracing::info!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, key = ?key, payload = ?payload, "message")
+            }
+            LogLevel::Debug => {
+                tracing::debug!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, key = ?key, payload = ?payload, "message")
+            }
         }
         Ok(Flow::Continue)
     }

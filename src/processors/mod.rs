@@ -34,10 +34,18 @@ pub struct ProcessError {
 
 impl ProcessError {
     pub fn retryable(kind: &'static str, message: impl Into<String>) -> Self {
-        ProcessError { retryable: true, kind, message: message.into() }
+        ProcessError {
+            retryable: true,
+            kind,
+            message: message.into(),
+        }
     }
     pub fn permanent(kind: &'static str, message: impl Into<String>) -> Self {
-        ProcessError { retryable: false, kind, message: message.into() }
+        ProcessError {
+            retryable: false,
+            kind,
+            message: message.into(),
+        }
     }
     pub fn is_retryable(&self) -> bool {
         self.retryable
@@ -117,11 +125,16 @@ pub fn build_chain(
         .enumerate()
         .map(|(i, c)| -> Result<Arc<dyn Processor>, String> {
             Ok(match c {
-                ProcessorConfig::Forward(f) => Arc::new(forward::Forward::new(f, ctx.producer.clone())),
+                ProcessorConfig::Forward(f) => {
+                    Arc::new(forward::Forward::new(f, ctx.producer.clone()))
+                }
                 ProcessorConfig::Log(l) => Arc::new(log::Log::new(l)),
                 ProcessorConfig::Simulate(s) => Arc::new(simulate::Simulate::new(s)),
                 ProcessorConfig::Custom(c) => (ctx.custom)(&c.name).ok_or_else(|| {
-                    format!("processors[{i}]: no custom processor named {:?} is registered", c.name)
+                    format!(
+                        "processors[{i}]: no custom processor named {:?} is registered",
+                        c.name
+                    )
                 })?,
             })
         })

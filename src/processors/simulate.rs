@@ -31,15 +31,25 @@ pub struct SimulateConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "distribution", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Latency {
-    Fixed { value: HumanDuration },
-    Uniform { min: HumanDuration, max: HumanDuration },
+    Fixed {
+        value: HumanDuration,
+    },
+    Uniform {
+        min: HumanDuration,
+        max: HumanDuration,
+    },
     /// Exponential with the given mean, capped at `max` (long tails without unbounded stalls).
-    Exponential { mean: HumanDuration, max: HumanDuration },
+    Exponential {
+        mean: HumanDuration,
+        max: HumanDuration,
+    },
 }
 
 impl Default for Latency {
     fn default() -> Self {
-        Latency::Fixed { value: HumanDuration::default() }
+        Latency::Fixed {
+            value: HumanDuration::default(),
+        }
     }
 }
 
@@ -47,15 +57,23 @@ impl SimulateConfig {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut v = Vec::new();
         if !(0.0..=1.0).contains(&self.failure_rate) {
-            v.push(("failure_rate".into(), format!("expected a fraction between 0.0 and 1.0, found {}", self.failure_rate)));
+            v.push((
+                "failure_rate".into(),
+                format!(
+                    "expected a fraction between 0.0 and 1.0, found {}",
+                    self.failure_rate
+                ),
+            ));
         }
         match &self.latency {
-            Latency::Uniform { min, max } if min > max => {
-                v.push(("latency.min".into(), format!("\"{min}\" must not exceed latency.max (\"{max}\")")))
-            }
-            Latency::Exponential { mean, max } if mean > max => {
-                v.push(("latency.mean".into(), format!("\"{mean}\" must not exceed latency.max (\"{max}\")")))
-            }
+            Latency::Uniform { min, max } if min > max => v.push((
+                "latency.min".into(),
+                format!("\"{min}\" must not exceed latency.max (\"{max}\")"),
+            )),
+            Latency::Exponential { mean, max } if mean > max => v.push((
+                "latency.mean".into(),
+                format!("\"{mean}\" must not exceed latency.max (\"{max}\")"),
+            )),
             _ => {}
         }
         v
@@ -69,7 +87,10 @@ pub struct Simulate {
 
 impl Simulate {
     pub fn new(c: &SimulateConfig) -> Self {
-        Simulate { latency: c.latency.clone(), failure_rate: c.failure_rate }
+        Simulate {
+            latency: c.latency.clone(),
+            failure_rate: c.failure_rate,
+        }
     }
 
     fn sample(&self) -> (Duration, bool) {
@@ -80,7 +101,9 @@ impl Simulate {
                 if min == max {
                     min.get()
                 } else {
-                    Duration::from_nanos(rng.random_range(min.get().as_nanos() as u64..=max.get().as_nanos() as u64))
+                    Duration::from_nanos(
+                        rng.random_range(min.get().as_nanos() as u64..=max.get().as_nanos() as u64),
+                    )
                 }
             }
             Latency::Exponential { mean, max } => {
