@@ -110,8 +110,20 @@ fn start_producer(
         .map_err(|e| e.to_string())
 }
 
-pub async fn run(opts: DemoOptions) -> ExitCode {
+/// The shipped demo pipeline, used when `--pipeline` does not exist (run from another directory).
+const EMBEDDED_PIPELINE: &str = include_str!("../pipelines/demo.toml");
+
+pub async fn run(mut opts: DemoOptions) -> ExitCode {
     let env = Env::from_process();
+    if !opts.pipeline.exists() {
+        let path = std::env::temp_dir().join(format!("keyflow-demo-{}.toml", std::process::id()));
+        if let Err(e) = std::fs::write(&path, EMBEDDED_PIPELINE) {
+            eprintln!("demo: {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+        eprintln!("{} not found: using the built-in demo pipeline", opts.pipeline.display());
+        opts.pipeline = path;
+    }
     let mut spec = match config::load_pipeline(&opts.pipeline, &Global::default(), &env) {
         Ok(s) => s,
         Err(e) => {
