@@ -121,7 +121,10 @@ pub async fn run(mut opts: DemoOptions) -> ExitCode {
             eprintln!("demo: {}: {e}", path.display());
             return ExitCode::from(1);
         }
-        eprintln!("{} not found: using the built-in demo pipeline", opts.pipeline.display());
+        eprintln!(
+            "{} not found: using the built-in demo pipeline",
+            opts.pipeline.display()
+        );
         opts.pipeline = path;
     }
     let mut spec = match config::load_pipeline(&opts.pipeline, &Global::default(), &env) {

@@ -497,6 +497,7 @@ fn commit_progress(s: &mut PartitionState) {
         CommitMode::Async,
     ) {
         Ok(()) => {
+            s.pipeline.stats.commit(true);
             s.committed = Some(next);
             s.stats.committed.store(next, Relaxed);
         }

@@ -154,8 +154,9 @@ impl ConsumerContext for KeyflowContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        self.stats.commit(result.is_ok());
+        // Successes are counted when the commit is sent; failures when librdkafka reports them.
         if let Err(e) = result {
+            self.stats.commit(false);
             warn!(pipeline = %self.pipeline, error = %e, partitions = offsets.count(), "offset commit failed");
         }
     }
