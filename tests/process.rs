@@ -78,13 +78,18 @@ fn check_output(out: &[ConsumedMsg], expected: &HashMap<String, usize>) -> usize
     dups
 }
 
-#[test]
-fn sigterm_drains_commits_and_exits_zero() {
-    let broker = Broker::start();
-    let (input, output, group) = (unique("sd-in"), unique("sd-out"), unique("sd-g"));
+/// Input and output topics of 4 partitions; 4,000 messages `p<partition>:<seq>` on the input.
+fn four_partitions_loaded(
+    broker: &Broker,
+    prefix: &str,
+) -> (String, String, String, support::Produced) {
+    let (input, output, group) = (
+        unique(&format!("{prefix}-in")),
+        unique(&format!("{prefix}-out")),
+        unique(&format!("{prefix}-g")),
+    );
     broker.create_topic_blocking(&input, 4);
     broker.create_topic_blocking(&output, 4);
-    // Part 1: everything processed, then SIGTERM: committed = last offset + 1 everywhere.
     let produced = broker.produce_to_partition(
         &input,
         (0..4000).map(|i| {
@@ -95,6 +100,14 @@ fn sigterm_drains_commits_and_exits_zero() {
             )
         }),
     );
+    (input, output, group, produced)
+}
+
+#[test]
+fn sigterm_drains_commits_and_exits_zero() {
+    let broker = Broker::start();
+    // Part 1: everything processed, then SIGTERM: committed = last offset + 1 everywhere.
+    let (input, output, group, produced) = four_partitions_loaded(&broker, "sd");
     let mut kf = Keyflow::start(
         &broker.bootstrap,
         &pipeline(
@@ -123,19 +136,7 @@ fn sigterm_drains_commits_and_exits_zero() {
     // Part 2: mid-stream, one message at a time per partition (ordering = "partition"): after
     // SIGTERM the committed offset of each partition equals the number of its messages
     // processed, i.e. last processed + 1.
-    let (input, output, group) = (unique("sd2-in"), unique("sd2-out"), unique("sd2-g"));
-    broker.create_topic_blocking(&input, 4);
-    broker.create_topic_blocking(&output, 4);
-    broker.produce_to_partition(
-        &input,
-        (0..4000).map(|i| {
-            (
-                i % 4,
-                Some(format!("k{}", i % 40).into_bytes()),
-                format!("p{}:{}", i % 4, i / 4 + 1).into_bytes(),
-            )
-        }),
-    );
+    let (input, output, group, _) = four_partitions_loaded(&broker, "sd2");
     let mut kf = Keyflow::start(
         &broker.bootstrap,
         &pipeline(
