@@ -12,10 +12,14 @@
 //! - [`pipeline`]: the chain with retries and the dead-letter writer, run by workers.
 //! - [`runtime`]: starts pipelines and stops them in order; [`shutdown`]: signals.
 //! - [`stats`]: live counters; [`demo`]: the embedded demo.
+//! - [`gate`]: the pipeline-wide pause held by an open circuit breaker or a failing DLQ;
+//!   [`dlq`]: `keyflow dlq replay`.
 
 pub mod actors;
 pub mod config;
 pub mod demo;
+pub mod dlq;
+pub mod gate;
 pub mod kafka;
 pub mod message;
 pub mod pipeline;

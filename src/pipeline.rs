@@ -11,6 +11,7 @@ use rdkafka::producer::FutureRecord;
 use tracing::{debug, error, warn};
 
 use crate::config::{PipelineSpec, RetryPolicy};
+use crate::gate::Gate;
 use crate::kafka::Producer;
 use crate::message::Message;
 use crate::processors::{Flow, ProcessError, Processor};
@@ -24,6 +25,11 @@ pub enum Outcome {
     Filtered,
     /// Written to the dead-letter topic after its last attempt or a permanent error.
     DeadLettered,
+    /// Not complete: run it again as attempt `attempt` after `after`. Its key waits meanwhile.
+    Retry {
+        attempt: u32,
+        after: Duration,
+    },
 }
 
 pub struct Pipeline {
@@ -33,6 +39,8 @@ pub struct Pipeline {
     producer: Producer,
     dead_letter_topic: String,
     pub stats: Arc<PipelineStats>,
+    /// Held while a breaker is open or the dead-letter topic fails: partitions pause.
+    pub gate: Arc<Gate>,
 }
 
 impl Pipeline {
@@ -41,6 +49,7 @@ impl Pipeline {
         chain: Vec<Arc<dyn Processor>>,
         producer: Producer,
         stats: Arc<PipelineStats>,
+        gate: Arc<Gate>,
     ) -> Self {
         Pipeline {
             name: spec.name.clone(),
@@ -49,32 +58,47 @@ impl Pipeline {
             producer,
             dead_letter_topic: spec.dead_letter_topic.clone(),
             stats,
+            gate,
         }
     }
 
-    /// Runs the chain with retries; on a permanent error or the last failed attempt the message
-    /// is dead-lettered. Returns only once the message is complete (processed, filtered, or
-    /// acknowledged by the dead-letter topic), so its offset may be committed.
-    pub async fn execute(&self, original: &Message) -> Outcome {
-        let mut attempt = 1;
-        loop {
-            // Each attempt starts from the message as consumed: a clone shares key and payload
-            // (`Bytes`), so no payload is copied.
-            let mut msg = original.clone();
-            match self.run_chain(&mut msg).await {
-                Ok(Flow::Continue) => return Outcome::Processed,
-                Ok(Flow::Drop) => return Outcome::Filtered,
-                Err(e) if e.is_retryable() && attempt < self.retry.max_attempts => {
+    /// Runs attempt `attempt` (1-based) of the chain. A retryable failure with attempts left
+    /// returns [`Outcome::Retry`]: the caller (the partition supervisor) waits out the backoff
+    /// with the key held but the worker free, so a failing key never blocks other keys. On a
+    /// permanent error or the last failed attempt the message is dead-lettered; this returns only
+    /// once the message is complete (processed, filtered, or acknowledged by the dead-letter
+    /// topic), so its offset may be committed.
+    pub async fn execute(&self, original: &Message, attempt: u32) -> Outcome {
+        // Each attempt starts from the message as consumed: a clone shares key and payload
+        // (`Bytes`), so no payload is copied.
+        let mut msg = original.clone();
+        match self.run_chain(&mut msg).await {
+            Ok(Flow::Continue) => {
+                for p in &self.chain {
+                    p.completed(original);
+                }
+                Outcome::Processed
+            }
+            Ok(Flow::Drop) => Outcome::Filtered,
+            Err(e) => {
+                if let Some(wait) = e.not_attempted_wait() {
+                    // An open circuit breaker: the same attempt runs again after the cool-down.
+                    return Outcome::Retry {
+                        attempt,
+                        after: wait,
+                    };
+                }
+                if e.is_retryable() && attempt < self.retry.max_attempts {
                     self.stats.retries.fetch_add(1, Relaxed);
-                    let wait = backoff(&self.retry, attempt);
-                    debug!(offset = original.offset, attempt, error = %e, ?wait, "retrying");
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
+                    let after = backoff(&self.retry, attempt);
+                    debug!(offset = original.offset, attempt, error = %e, ?after, "retrying");
+                    return Outcome::Retry {
+                        attempt: attempt + 1,
+                        after,
+                    };
                 }
-                Err(e) => {
-                    self.dead_letter(original, &e, attempt).await;
-                    return Outcome::DeadLettered;
-                }
+                self.dead_letter(original, &e, attempt).await;
+                Outcome::DeadLettered
             }
         }
     }
@@ -106,6 +130,9 @@ impl Pipeline {
         let partition_s = msg.partition.to_string();
         let offset_s = msg.offset.to_string();
         let mut tries = 0u32;
+        // While the dead-letter topic cannot be written the pipeline's partitions are paused:
+        // nothing new is taken, and the commit point cannot pass this message.
+        let mut holding = false;
         loop {
             let mut headers = msg.headers.clone().unwrap_or_else(OwnedHeaders::new);
             for (k, v) in [
@@ -138,10 +165,18 @@ impl Pipeline {
             match self.producer.send(record, Duration::from_secs(30)).await {
                 Ok(_) => {
                     self.stats.dead_lettered.fetch_add(1, Relaxed);
+                    if holding {
+                        self.gate.release();
+                        warn!(pipeline = %self.name, topic = %self.dead_letter_topic, tries, "dead-letter topic writable again");
+                    }
                     return;
                 }
                 Err((err, _)) => {
                     tries += 1;
+                    if !holding {
+                        holding = true;
+                        self.gate.hold();
+                    }
                     error!(pipeline = %self.name, topic = %self.dead_letter_topic, error = %err, tries, "dead-letter write failed; retrying");
                     tokio::time::sleep(backoff(&self.retry, tries)).await;
                 }

@@ -73,11 +73,14 @@ impl Runtime {
                     source,
                 })?;
             let custom = |n: &str| self.custom.get(n).cloned();
+            let gate = Arc::new(crate::gate::Gate::default());
             let chain = build_chain(
                 &spec.processors,
                 &BuildContext {
                     producer: &producer,
                     custom: &custom,
+                    gate: &gate,
+                    pipeline: &name,
                 },
             )
             .map_err(|message| StartError::Build {
@@ -85,7 +88,7 @@ impl Runtime {
                 message,
             })?;
             let pstats = PipelineStats::new(&name);
-            let pipeline = Arc::new(Pipeline::new(&spec, chain, producer, pstats.clone()));
+            let pipeline = Arc::new(Pipeline::new(&spec, chain, producer, pstats.clone(), gate));
             let args = CoordinatorArgs {
                 spec: Arc::new(spec),
                 brokers: brokers.clone(),

@@ -21,7 +21,7 @@ use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::TopicPartitionList;
 use tracing::{debug, error, info, warn};
 
-use super::flow::{FlowControl, Signal};
+use super::flow::FlowControl;
 use super::scheduler::KeyScheduler;
 use super::worker::{Worker, WorkerArgs, WorkerMsg};
 use crate::config::PipelineSpec;
@@ -70,6 +70,10 @@ pub enum PartitionMsg {
         reply: RpcReplyPort<DrainReport>,
     },
     DrainDeadline,
+    /// A message's backoff has passed: run it again (its key waited meanwhile).
+    Retry(Arc<Message>, u32),
+    /// The pipeline gate changed: `true` while it is held (breaker open, DLQ failing).
+    Gate(bool),
 }
 
 /// What a drained partition hands back.
@@ -93,6 +97,8 @@ pub struct Abandoned {
 struct Slot {
     actor: ActorRef<WorkerMsg>,
     running: Option<Arc<Message>>,
+    /// The attempt the running message is on (1-based).
+    attempt: u32,
     /// Times the running message has crashed a worker.
     crashes: u32,
 }
@@ -117,6 +123,13 @@ pub struct PartitionState {
     flow_check_scheduled: bool,
     ticker: Option<JoinHandle<()>>,
     stats: Arc<PartitionStats>,
+    /// Messages waiting out a retry backoff: their keys are held, their workers free.
+    retrying: usize,
+    /// The pipeline gate is held: take nothing new, keep the partition paused.
+    gate_held: bool,
+    /// Whether the partition is paused on the consumer (for flow control or the gate).
+    consumer_paused: bool,
+    gate_watch: Option<JoinHandle<()>>,
 }
 
 impl Actor for PartitionSupervisor {
@@ -165,6 +178,10 @@ impl Actor for PartitionSupervisor {
             ticker: None,
             stats: a.stats,
             spec,
+            retrying: 0,
+            gate_held: false,
+            consumer_paused: false,
+            gate_watch: None,
         })
     }
 
@@ -174,6 +191,20 @@ impl Actor for PartitionSupervisor {
         s: &mut PartitionState,
     ) -> Result<(), ActorProcessingErr> {
         s.ticker = Some(me.send_interval(s.spec.commit_interval, || PartitionMsg::Tick));
+        // Forward the pipeline gate's changes into the mailbox (breaker open, DLQ failing).
+        let mut gate = s.pipeline.gate.subscribe();
+        let m = me.clone();
+        s.gate_watch = Some(tokio::spawn(async move {
+            loop {
+                let held = *gate.borrow_and_update() > 0;
+                if m.cast(PartitionMsg::Gate(held)).is_err() {
+                    return;
+                }
+                if gate.changed().await.is_err() {
+                    return;
+                }
+            }
+        }));
         info!(topic = %s.topic, partition = s.partition, "partition supervisor started");
         // The queue may already hold messages (its callback fires only on a transition).
         let _ = me.cast(PartitionMsg::Fetch);
@@ -186,6 +217,9 @@ impl Actor for PartitionSupervisor {
         s: &mut PartitionState,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(t) = s.ticker.take() {
+            t.abort();
+        }
+        if let Some(t) = s.gate_watch.take() {
             t.abort();
         }
         me.stop_children(None);
@@ -242,6 +276,24 @@ impl Actor for PartitionSupervisor {
             PartitionMsg::DrainDeadline => {
                 if s.draining.is_some() {
                     finish_drain(&me, s);
+                }
+            }
+            PartitionMsg::Retry(m, attempt) => {
+                s.retrying -= 1;
+                // While draining a waiting retry is abandoned: the commit point cannot pass it.
+                if s.draining.is_none() {
+                    let id = acquire_worker(&me, s).await?;
+                    start(s, id, m, attempt)?;
+                }
+            }
+            PartitionMsg::Gate(held) => {
+                if held != s.gate_held {
+                    s.gate_held = held;
+                    info!(topic = %s.topic, partition = s.partition, held, "pipeline gate");
+                    sync_pause(s);
+                    if !held {
+                        fetch(&me, s).await?;
+                    }
                 }
             }
         }
@@ -304,7 +356,7 @@ impl Actor for PartitionSupervisor {
                     ),
                 )
             } else {
-                WorkerMsg::Run(m)
+                WorkerMsg::Run(m, s.workers[id].attempt)
             };
             s.workers[id].actor.cast(msg)?;
         }
@@ -337,7 +389,7 @@ async fn fetch(
     me: &ActorRef<PartitionMsg>,
     s: &mut PartitionState,
 ) -> Result<(), ActorProcessingErr> {
-    if s.draining.is_some() {
+    if s.draining.is_some() || s.gate_held {
         return Ok(());
     }
     // Taken out for the loop: a polled message borrows the queue while `s` is mutated.
@@ -387,30 +439,43 @@ async fn admit(
         .in_flight_high_water
         .fetch_max(s.flow.count(), Relaxed);
     if let Some(m) = s.scheduler.admit(Arc::new(m)) {
-        let id = match s.idle.pop() {
-            Some(id) => id,
-            None => {
-                let id = s.workers.len();
-                let actor = spawn_worker(me, s, id).await?;
-                s.workers.push(Slot {
-                    actor,
-                    running: None,
-                    crashes: 0,
-                });
-                id
-            }
-        };
-        start(s, id, m)?;
+        let id = acquire_worker(me, s).await?;
+        start(s, id, m, 1)?;
     }
     Ok(())
 }
 
-fn start(s: &mut PartitionState, id: usize, m: Arc<Message>) -> Result<(), ActorProcessingErr> {
+/// An idle worker, or a new one: the pool grows to the partition's concurrency.
+async fn acquire_worker(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+) -> Result<usize, ActorProcessingErr> {
+    if let Some(id) = s.idle.pop() {
+        return Ok(id);
+    }
+    let id = s.workers.len();
+    let actor = spawn_worker(me, s, id).await?;
+    s.workers.push(Slot {
+        actor,
+        running: None,
+        attempt: 1,
+        crashes: 0,
+    });
+    Ok(id)
+}
+
+fn start(
+    s: &mut PartitionState,
+    id: usize,
+    m: Arc<Message>,
+    attempt: u32,
+) -> Result<(), ActorProcessingErr> {
     let slot = &mut s.workers[id];
     slot.running = Some(m.clone());
+    slot.attempt = attempt;
     slot.crashes = 0;
     s.running += 1;
-    slot.actor.cast(WorkerMsg::Run(m))?;
+    slot.actor.cast(WorkerMsg::Run(m, attempt))?;
     Ok(())
 }
 
@@ -424,6 +489,20 @@ async fn on_done(
         return Ok(());
     };
     s.running -= 1;
+    if let Outcome::Retry { attempt, after } = outcome {
+        // The key stays held (the scheduler is not told), the offset stays incomplete and the
+        // budget stays taken; only the worker is freed, for other keys.
+        s.idle.push(worker);
+        if s.draining.is_some() {
+            if s.running == 0 {
+                finish_drain(me, s);
+            }
+            return Ok(());
+        }
+        s.retrying += 1;
+        me.send_after(after, move || PartitionMsg::Retry(m, attempt));
+        return Ok(());
+    }
     s.tracker.completed(m.offset);
     s.flow.release(m.size());
     s.stats.processed.fetch_add(1, Relaxed);
@@ -431,7 +510,7 @@ async fn on_done(
     match outcome {
         Outcome::Processed => s.pipeline.stats.processed.fetch_add(1, Relaxed),
         Outcome::Filtered => s.pipeline.stats.filtered.fetch_add(1, Relaxed),
-        Outcome::DeadLettered => 0,
+        Outcome::DeadLettered | Outcome::Retry { .. } => 0,
     };
     if s.draining.is_some() {
         if s.running == 0 {
@@ -441,7 +520,7 @@ async fn on_done(
     }
     // The next message of the same key starts on the worker that just finished.
     match s.scheduler.complete(m.key.as_ref()) {
-        Some(next) => start(s, worker, next)?,
+        Some(next) => start(s, worker, next, 1)?,
         None => s.idle.push(worker),
     }
     apply_flow(me, s);
@@ -462,23 +541,31 @@ fn apply_flow(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
         }
         return;
     };
-    let mut tpl = TopicPartitionList::with_capacity(1);
-    tpl.add_partition(&s.topic, s.partition);
-    let r = match signal {
-        Signal::Pause => {
-            s.stats.pauses.fetch_add(1, Relaxed);
-            s.consumer.pause(&tpl)
-        }
-        Signal::Resume => {
-            s.stats.resumes.fetch_add(1, Relaxed);
-            s.consumer.resume(&tpl)
-        }
-    };
-    s.stats.paused.store(signal == Signal::Pause, Relaxed);
     s.stats.in_flight.store(s.flow.count(), Relaxed);
     debug!(topic = %s.topic, partition = s.partition, ?signal, in_flight = s.flow.count(), bytes = s.flow.bytes(), "flow control");
+    sync_pause(s);
+}
+
+/// Pauses the partition on the consumer while flow control or the pipeline gate wants it
+/// paused, and resumes it once neither does.
+fn sync_pause(s: &mut PartitionState) {
+    let want = s.flow.paused() || s.gate_held;
+    if want == s.consumer_paused {
+        return;
+    }
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    tpl.add_partition(&s.topic, s.partition);
+    let r = if want {
+        s.stats.pauses.fetch_add(1, Relaxed);
+        s.consumer.pause(&tpl)
+    } else {
+        s.stats.resumes.fetch_add(1, Relaxed);
+        s.consumer.resume(&tpl)
+    };
+    s.consumer_paused = want;
+    s.stats.paused.store(want, Relaxed);
     if let Err(e) = r {
-        warn!(topic = %s.topic, partition = s.partition, ?signal, error = %e, "pause/resume failed");
+        warn!(topic = %s.topic, partition = s.partition, paused = want, error = %e, "pause/resume failed");
     }
 }
 

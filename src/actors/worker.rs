@@ -28,8 +28,8 @@ pub struct WorkerState {
 }
 
 pub enum WorkerMsg {
-    /// Run the pipeline on this message.
-    Run(Arc<Message>),
+    /// Run attempt `.1` (1-based) of the pipeline on this message.
+    Run(Arc<Message>, u32),
     /// The message crashed its worker too often: dead-letter it without running it again.
     DeadLetter(Arc<Message>, ProcessError),
 }
@@ -58,9 +58,9 @@ impl Actor for Worker {
         s: &mut WorkerState,
     ) -> Result<(), ActorProcessingErr> {
         let outcome = match msg {
-            WorkerMsg::Run(m) => {
+            WorkerMsg::Run(m, attempt) => {
                 let span = tracing::debug_span!("message", topic = %m.topic, partition = m.partition, offset = m.offset);
-                s.pipeline.execute(&m).instrument(span).await
+                s.pipeline.execute(&m, attempt).instrument(span).await
             }
             WorkerMsg::DeadLetter(m, e) => {
                 s.pipeline.dead_letter_now(&m, &e).await;

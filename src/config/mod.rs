@@ -596,8 +596,10 @@ fn validate_pipeline(
             "expected at least one [[processors]] entry, found none".into(),
         );
     }
-    for (i, p) in f.processors.iter().enumerate() {
-        for (field, msg) in p.validate(&f.topic) {
+    let mut f = f;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for (i, p) in f.processors.iter_mut().enumerate() {
+        for (field, msg) in p.validate(&f.topic, base) {
             e(errs, &format!("processors[{i}].{field}"), msg);
         }
     }

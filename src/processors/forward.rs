@@ -6,7 +6,11 @@ use async_trait::async_trait;
 use rdkafka::producer::FutureRecord;
 use serde::Deserialize;
 
+use std::sync::Arc;
+
+use super::breaker::{Breaker, BreakerConfig};
 use super::{Flow, ProcessError, Processor};
+use crate::gate::Gate;
 use crate::kafka::client::Producer;
 use crate::message::Message;
 
@@ -15,6 +19,9 @@ use crate::message::Message;
 pub struct ForwardConfig {
     /// The output topic.
     pub topic: String,
+    /// Pause the pipeline while the output cannot be written (see `breaker`).
+    #[serde(default)]
+    pub circuit_breaker: Option<BreakerConfig>,
 }
 
 impl ForwardConfig {
@@ -31,6 +38,9 @@ impl ForwardConfig {
                 ),
             ));
         }
+        if let Some(b) = &self.circuit_breaker {
+            v.extend(b.validate());
+        }
         v
     }
 }
@@ -41,20 +51,21 @@ impl ForwardConfig {
 pub struct Forward {
     topic: String,
     producer: Producer,
+    breaker: Option<Breaker>,
 }
 
 impl Forward {
-    pub fn new(cfg: &ForwardConfig, producer: Producer) -> Self {
+    pub fn new(cfg: &ForwardConfig, producer: Producer, gate: &Arc<Gate>, pipeline: &str) -> Self {
         Forward {
             topic: cfg.topic.clone(),
             producer,
+            breaker: cfg.circuit_breaker.map(|b| {
+                Breaker::new(b, format!("{pipeline}/forward {}", cfg.topic), gate.clone())
+            }),
         }
     }
-}
 
-#[async_trait]
-impl Processor for Forward {
-    async fn process(&self, msg: &mut Message) -> Result<Flow, ProcessError> {
+    async fn write(&self, msg: &mut Message) -> Result<(), ProcessError> {
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic);
         if let Some(k) = msg.key.as_deref() {
             record = record.key(k);
@@ -70,11 +81,22 @@ impl Processor for Forward {
         }
         // Queue timeout: wait for room in librdkafka's local queue rather than failing.
         match self.producer.send(record, Duration::from_secs(30)).await {
-            Ok(_) => Ok(Flow::Continue),
+            Ok(_) => Ok(()),
             Err((e, _)) => Err(ProcessError::retryable(
                 "forward",
                 format!("write to {:?} failed: {e}", self.topic),
             )),
         }
+    }
+}
+
+#[async_trait]
+impl Processor for Forward {
+    async fn process(&self, msg: &mut Message) -> Result<Flow, ProcessError> {
+        match &self.breaker {
+            Some(b) => b.call("forward", self.write(msg)).await?,
+            None => self.write(msg).await?,
+        }
+        Ok(Flow::Continue)
     }
 }

@@ -1,9 +1,17 @@
 //! Processors: the [`Processor`] trait users implement, and the built-ins chosen by name in a
 //! pipeline file (`[[processors]] type = "…"`), run in file order.
 
+pub mod breaker;
+pub mod decode;
+pub mod dedup;
+pub mod filter;
 pub mod forward;
+pub mod http;
+pub mod json;
 pub mod log;
+pub mod route;
 pub mod simulate;
+pub mod transform;
 
 use std::sync::Arc;
 
@@ -30,6 +38,9 @@ pub struct ProcessError {
     retryable: bool,
     kind: &'static str,
     message: String,
+    /// Set by an open circuit breaker: the downstream is known to be down, so this is not an
+    /// attempt of the message; run it again after this wait.
+    not_attempted: Option<std::time::Duration>,
 }
 
 impl ProcessError {
@@ -38,6 +49,7 @@ impl ProcessError {
             retryable: true,
             kind,
             message: message.into(),
+            not_attempted: None,
         }
     }
     pub fn permanent(kind: &'static str, message: impl Into<String>) -> Self {
@@ -45,7 +57,22 @@ impl ProcessError {
             retryable: false,
             kind,
             message: message.into(),
+            not_attempted: None,
         }
+    }
+    /// The call was not made (an open circuit breaker): retry after `wait` without counting an
+    /// attempt, so an outage never uses up a message's attempts.
+    pub fn not_attempted(kind: &'static str, wait: std::time::Duration) -> Self {
+        ProcessError {
+            retryable: true,
+            kind,
+            message: format!("circuit open; next try in {wait:?}"),
+            not_attempted: Some(wait),
+        }
+    }
+    /// `Some(wait)` if the call was not attempted (see [`ProcessError::not_attempted`]).
+    pub fn not_attempted_wait(&self) -> Option<std::time::Duration> {
+        self.not_attempted
     }
     pub fn is_retryable(&self) -> bool {
         self.retryable
@@ -67,6 +94,11 @@ impl ProcessError {
 #[async_trait]
 pub trait Processor: Send + Sync + 'static {
     async fn process(&self, msg: &mut Message) -> Result<Flow, ProcessError>;
+
+    /// Called once the whole chain has processed `msg` (the message as consumed), before its
+    /// offset completes. `dedup` records the business id here, so a failed attempt is never
+    /// mistaken for a completed one.
+    fn completed(&self, _msg: &Message) {}
 }
 
 /// The built-in processors, selected by `type`.
@@ -81,6 +113,20 @@ pub enum ProcessorConfig {
     Simulate(simulate::SimulateConfig),
     /// A processor registered in code under this name (`Runtime::with_processor`).
     Custom(CustomConfig),
+    /// Parse the value as JSON, optionally checking a JSON Schema (permanent errors).
+    Decode(decode::DecodeConfig),
+    /// Parse the value as JSON and check it against a JSON Schema file (required).
+    Validate(decode::DecodeConfig),
+    /// Keep or drop by a JMESPath expression.
+    Filter(filter::FilterConfig),
+    /// Set, rename, remove fields; build the output key.
+    Transform(transform::TransformConfig),
+    /// Produce to the topics whose expression matches (fan-out).
+    Route(route::RouteConfig),
+    /// Call an HTTP downstream.
+    Http(http::HttpConfig),
+    /// Drop a message whose business id already completed within a TTL.
+    Dedup(dedup::DedupConfig),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,12 +136,20 @@ pub struct CustomConfig {
 }
 
 impl ProcessorConfig {
-    /// Cross-field checks; returns `(field, message)` pairs.
-    pub fn validate(&self, input_topic: &str) -> Vec<(String, String)> {
+    /// Cross-field checks; returns `(field, message)` pairs. Relative file paths (schemas) are
+    /// resolved against `base`, the pipeline file's directory.
+    pub fn validate(&mut self, input_topic: &str, base: &std::path::Path) -> Vec<(String, String)> {
         match self {
             ProcessorConfig::Forward(c) => c.validate(input_topic),
             ProcessorConfig::Simulate(c) => c.validate(),
             ProcessorConfig::Log(_) | ProcessorConfig::Custom(_) => Vec::new(),
+            ProcessorConfig::Decode(c) => c.validate(base, false),
+            ProcessorConfig::Validate(c) => c.validate(base, true),
+            ProcessorConfig::Filter(c) => c.validate(),
+            ProcessorConfig::Transform(c) => c.validate(),
+            ProcessorConfig::Route(c) => c.validate(input_topic),
+            ProcessorConfig::Http(c) => c.validate(),
+            ProcessorConfig::Dedup(c) => c.validate(),
         }
     }
 
@@ -105,6 +159,13 @@ impl ProcessorConfig {
             ProcessorConfig::Log(_) => "log",
             ProcessorConfig::Simulate(_) => "simulate",
             ProcessorConfig::Custom(_) => "custom",
+            ProcessorConfig::Decode(_) => "decode",
+            ProcessorConfig::Validate(_) => "validate",
+            ProcessorConfig::Filter(_) => "filter",
+            ProcessorConfig::Transform(_) => "transform",
+            ProcessorConfig::Route(_) => "route",
+            ProcessorConfig::Http(_) => "http",
+            ProcessorConfig::Dedup(_) => "dedup",
         }
     }
 }
@@ -113,6 +174,10 @@ impl ProcessorConfig {
 pub struct BuildContext<'a> {
     pub producer: &'a Producer,
     pub custom: &'a dyn Fn(&str) -> Option<Arc<dyn Processor>>,
+    /// The pipeline's gate, held by open circuit breakers.
+    pub gate: &'a Arc<crate::gate::Gate>,
+    /// The pipeline's name (logs).
+    pub pipeline: &'a str,
 }
 
 /// Builds the processor chain of a pipeline.
@@ -125,9 +190,12 @@ pub fn build_chain(
         .enumerate()
         .map(|(i, c)| -> Result<Arc<dyn Processor>, String> {
             Ok(match c {
-                ProcessorConfig::Forward(f) => {
-                    Arc::new(forward::Forward::new(f, ctx.producer.clone()))
-                }
+                ProcessorConfig::Forward(f) => Arc::new(forward::Forward::new(
+                    f,
+                    ctx.producer.clone(),
+                    ctx.gate,
+                    ctx.pipeline,
+                )),
                 ProcessorConfig::Log(l) => Arc::new(log::Log::new(l)),
                 ProcessorConfig::Simulate(s) => Arc::new(simulate::Simulate::new(s)),
                 ProcessorConfig::Custom(c) => (ctx.custom)(&c.name).ok_or_else(|| {
@@ -136,6 +204,23 @@ pub fn build_chain(
                         c.name
                     )
                 })?,
+                ProcessorConfig::Decode(c) | ProcessorConfig::Validate(c) => Arc::new(
+                    decode::Decode::new(c).map_err(|e| format!("processors[{i}].schema: {e}"))?,
+                ),
+                ProcessorConfig::Filter(c) => Arc::new(
+                    filter::Filter::new(c)
+                        .map_err(|e| format!("processors[{i}].expression: {e}"))?,
+                ),
+                ProcessorConfig::Transform(c) => Arc::new(transform::Transform::new(c)),
+                ProcessorConfig::Route(c) => Arc::new(
+                    route::Route::new(c, ctx.producer.clone())
+                        .map_err(|e| format!("processors[{i}].routes: {e}"))?,
+                ),
+                ProcessorConfig::Http(c) => Arc::new(
+                    http::Http::new(c, ctx.gate, ctx.pipeline)
+                        .map_err(|e| format!("processors[{i}]: {e}"))?,
+                ),
+                ProcessorConfig::Dedup(c) => Arc::new(dedup::Dedup::new(c)),
             })
         })
         .collect()

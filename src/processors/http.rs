@@ -1,0 +1,174 @@
+//! `http`: call a URL with the message value as the body. 2xx completes the step; 5xx, 408, 429,
+//! timeouts and connection errors are retryable; any other status (a 4xx) is permanent and the
+//! message goes to the dead-letter topic. Secrets come from the environment through `${VAR}`
+//! (resolved when the file is loaded). An optional circuit breaker pauses the pipeline during
+//! an outage instead of burning retries.
+//!
+//! ```toml
+//! [[processors]]
+//! type = "http"
+//! url = "https://mail.internal/welcome"
+//! method = "POST"                          # default POST
+//! headers = { Authorization = "Bearer ${MAIL_TOKEN}", "Content-Type" = "application/json" }
+//! timeout = "5s"                           # default 10s
+//! circuit_breaker = { failures = 5, cool_down = "30s" }
+//! ```
+//!
+//! The message key and offset go along as `x-keyflow-key` and `x-keyflow-offset`, so the
+//! downstream can deduplicate (delivery is at-least-once).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use super::breaker::{Breaker, BreakerConfig};
+use super::{Flow, ProcessError, Processor};
+use crate::config::HumanDuration;
+use crate::gate::Gate;
+use crate::message::Message;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub url: String,
+    #[serde(default = "default_method")]
+    pub method: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default = "default_timeout")]
+    pub timeout: HumanDuration,
+    #[serde(default)]
+    pub circuit_breaker: Option<BreakerConfig>,
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+
+fn default_timeout() -> HumanDuration {
+    "10s".parse().expect("a valid duration")
+}
+
+impl HttpConfig {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut v = Vec::new();
+        match reqwest::Url::parse(&self.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            Ok(u) => v.push((
+                "url".into(),
+                format!(
+                    "expected an http or https URL, found scheme {:?}",
+                    u.scheme()
+                ),
+            )),
+            Err(e) => v.push(("url".into(), format!("{:?} is not a URL: {e}", self.url))),
+        }
+        if reqwest::Method::from_bytes(self.method.to_ascii_uppercase().as_bytes()).is_err() {
+            v.push((
+                "method".into(),
+                format!("{:?} is not an HTTP method", self.method),
+            ));
+        }
+        for (k, val) in &self.headers {
+            if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
+                || reqwest::header::HeaderValue::from_str(val).is_err()
+            {
+                v.push((format!("headers.{k}"), "not a valid HTTP header".into()));
+            }
+        }
+        if self.timeout.get().is_zero() {
+            v.push(("timeout".into(), "expected a duration above 0".into()));
+        }
+        if let Some(b) = &self.circuit_breaker {
+            v.extend(b.validate());
+        }
+        v
+    }
+}
+
+pub struct Http {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    method: reqwest::Method,
+    headers: reqwest::header::HeaderMap,
+    breaker: Option<Breaker>,
+}
+
+impl Http {
+    pub fn new(cfg: &HttpConfig, gate: &Arc<Gate>, pipeline: &str) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(cfg.timeout.get())
+            .build()
+            .map_err(|e| format!("http client: {e}"))?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (k, v) in &cfg.headers {
+            let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|e| format!("header {k:?}: {e}"))?;
+            let val = reqwest::header::HeaderValue::from_str(v)
+                .map_err(|e| format!("header {k:?}: {e}"))?;
+            headers.insert(name, val);
+        }
+        if !headers.contains_key(reqwest::header::CONTENT_TYPE) {
+            headers.insert(
+                reqwest::header::CONTENT_TYPE,
+                reqwest::header::HeaderValue::from_static("application/json"),
+            );
+        }
+        Ok(Http {
+            client,
+            url: reqwest::Url::parse(&cfg.url).map_err(|e| format!("url: {e}"))?,
+            method: reqwest::Method::from_bytes(cfg.method.to_ascii_uppercase().as_bytes())
+                .map_err(|e| format!("method: {e}"))?,
+            headers,
+            breaker: cfg
+                .circuit_breaker
+                .map(|b| Breaker::new(b, format!("{pipeline}/http {}", cfg.url), gate.clone())),
+        })
+    }
+
+    async fn call(&self, msg: &Message) -> Result<(), ProcessError> {
+        let mut req = self
+            .client
+            .request(self.method.clone(), self.url.clone())
+            .headers(self.headers.clone())
+            .header("x-keyflow-offset", msg.offset);
+        if let Some(k) = msg.key.as_deref() {
+            if let Ok(v) = reqwest::header::HeaderValue::from_bytes(k) {
+                req = req.header("x-keyflow-key", v);
+            }
+        }
+        if let Some(p) = &msg.payload {
+            req = req.body(p.clone());
+        }
+        let resp = req.send().await.map_err(|e| {
+            // Timeouts, refused connections, resets: the downstream may come back.
+            ProcessError::retryable("http", format!("{} {}: {e}", self.method, self.url))
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = format!("{} {} answered {status}", self.method, self.url);
+        if status.is_server_error()
+            || status == reqwest::StatusCode::REQUEST_TIMEOUT
+            || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        {
+            Err(ProcessError::retryable("http", text))
+        } else {
+            Err(ProcessError::permanent("http", text))
+        }
+    }
+}
+
+#[async_trait]
+impl Processor for Http {
+    async fn process(&self, msg: &mut Message) -> Result<Flow, ProcessError> {
+        match &self.breaker {
+            Some(b) => b.call("http", self.call(msg)).await?,
+            None => self.call(msg).await?,
+        }
+        Ok(Flow::Continue)
+    }
+}
