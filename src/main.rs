@@ -59,6 +59,46 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         rate: u32,
     },
+    /// Dead-letter topic tools.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Re-publish dead-lettered messages to their source topic (or --to), optionally filtered.
+    Replay {
+        /// The dead-letter topic to read (e.g. order.created.dlq).
+        topic: String,
+        #[arg(long, env = "KEYFLOW_BROKERS")]
+        brokers: String,
+        /// Send to this topic instead of each message's keyflow.source.topic.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this error kind (keyflow.error.kind); repeatable.
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// Only dead letters written at or after this time (RFC 3339 or epoch ms).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only dead letters written before this time (RFC 3339 or epoch ms).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only messages with exactly this key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Count what would be sent; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// A librdkafka property for both clients (security settings), NAME=VALUE; repeatable.
+        #[arg(long = "kafka", value_name = "NAME=VALUE")]
+        kafka: Vec<String>,
+        /// Quiet time after the end of every partition before stopping.
+        #[arg(long, default_value = "1s")]
+        idle: HumanDuration,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -134,6 +174,77 @@ fn main() -> ExitCode {
                 pipeline,
                 rate,
             }))
+        }
+        Command::Dlq { command } => {
+            init_logging(cli.log_format);
+            dlq(command)
+        }
+    }
+}
+
+fn dlq(command: DlqCommand) -> ExitCode {
+    let DlqCommand::Replay {
+        topic,
+        brokers,
+        to,
+        kinds,
+        since,
+        until,
+        key,
+        dry_run,
+        kafka,
+        idle,
+    } = command;
+    let time = |s: Option<String>, name: &str| match s.as_deref().map(keyflow::dlq::parse_time) {
+        Some(Err(e)) => Err(format!("--{name} {e}")),
+        Some(Ok(t)) => Ok(Some(t)),
+        None => Ok(None),
+    };
+    let kafka: Result<Vec<(String, String)>, String> = kafka
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("--kafka {kv:?}: expected NAME=VALUE"))
+        })
+        .collect();
+    let opts = match (time(since, "since"), time(until, "until"), kafka) {
+        (Ok(since_ms), Ok(until_ms), Ok(kafka)) => keyflow::dlq::ReplayOptions {
+            brokers,
+            dlq_topic: topic,
+            to,
+            kinds,
+            since_ms,
+            until_ms,
+            key,
+            dry_run,
+            kafka,
+            idle: idle.get(),
+        },
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(keyflow::dlq::replay(&opts)) {
+        Ok(r) => {
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            println!("{verb} {} of {} dead letters", r.matched, r.scanned);
+            for (t, n) in &r.by_topic {
+                println!("  {t}: {n}");
+            }
+            if r.no_target > 0 {
+                println!(
+                    "  skipped (no keyflow.source.topic header; use --to): {}",
+                    r.no_target
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
         }
     }
 }
