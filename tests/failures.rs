@@ -120,9 +120,11 @@ fn poison_messages_are_dead_lettered_with_headers_and_nothing_is_lost() {
 
     // 1,000 messages: 10% invalid JSON, 5% failing the schema, a few of 1 MiB (valid or
     // binary), some with null keys.
+    // "1 MiB": as large as the broker's default message size limit allows.
+    const BIG: usize = 990_000;
     let big_json = format!(
         r#"{{"id": 1, "email": "big@x", "pad": "{}"}}"#,
-        "x".repeat(1 << 20)
+        "x".repeat(BIG)
     );
     let mut msgs = Vec::new();
     let mut expect_bad: BTreeMap<usize, &str> = BTreeMap::new();
@@ -138,7 +140,7 @@ fn poison_messages_are_dead_lettered_with_headers_and_nothing_is_lost() {
             big_json.clone().into_bytes()
         } else if i == 7 {
             expect_bad.insert(i, "decode");
-            (0..(1 << 20)).map(|b| (b % 251) as u8).collect()
+            (0..BIG).map(|b| (b % 251) as u8).collect()
         } else {
             format!(r#"{{"id": {i}, "email": "u{i}@example.com"}}"#).into_bytes()
         };
@@ -151,7 +153,7 @@ fn poison_messages_are_dead_lettered_with_headers_and_nothing_is_lost() {
     }
     let produced = broker.produce(&input, msgs);
     let toml = format!(
-        "{}\n[[processors]]\ntype = \"validate\"\nschema = {:?}\n[[processors]]\ntype = \"forward\"\ntopic = \"{output}\"\n[kafka]\n\"message.max.bytes\" = \"4000000\"\n",
+        "{}\n[[processors]]\ntype = \"validate\"\nschema = {:?}\n[[processors]]\ntype = \"forward\"\ntopic = \"{output}\"\n",
         header(&input, &group, ""),
         schema.display().to_string()
     );
@@ -196,7 +198,7 @@ fn poison_messages_are_dead_lettered_with_headers_and_nothing_is_lost() {
         assert!(hdr(m, "keyflow.pipeline").is_some());
         assert!(!hdr(m, "keyflow.error").unwrap().is_empty());
         if i == 7 {
-            assert_eq!(m.payload.len(), 1 << 20, "the original binary value, whole");
+            assert_eq!(m.payload.len(), BIG, "the original binary value, whole");
         }
         let key = (i % 50 != 11).then(|| format!("user-{}", i % 37).into_bytes());
         assert_eq!(m.key, key, "the original key (null stays null)");
@@ -806,13 +808,18 @@ async fn dedup_processes_each_business_id_once() {
         .unwrap();
     let stats = running.stats[0].clone();
     wait_complete(&stats, N as u64, Duration::from_secs(60)).await;
-    // The second half, each twice, after a rebalance within the process: a member of the same
-    // group joins (subscribed to another topic, so keyflow keeps every partition) and leaves.
-    let assigns = stats.snapshot().rebalances;
-    let other = unique("dedup-other");
-    broker.create_topic(&other, 1).await;
-    let intruder = broker.group_consumer(&group);
-    rdkafka::consumer::Consumer::subscribe(&intruder, &[&other]).unwrap();
+    // The second half, and every message again, after a rebalance within the process: a
+    // second member of the group takes some partitions, then leaves and keyflow gets them back.
+    let before = stats.snapshot().rebalances;
+    let intruder: rdkafka::consumer::BaseConsumer = broker
+        .client_config()
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "4000")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .create()
+        .unwrap();
+    rdkafka::consumer::Consumer::subscribe(&intruder, &[&input]).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let poller = {
         let stop = stop.clone();
@@ -823,9 +830,21 @@ async fn dedup_processes_each_business_id_once() {
             intruder
         })
     };
-    wait_for("a rebalance", Duration::from_secs(60), || {
-        stats.snapshot().rebalances > assigns
-    })
+    wait_for(
+        "partitions move to the second member",
+        Duration::from_secs(90),
+        || stats.snapshot().rebalances > before,
+    )
+    .await;
+    broker.wait_group_stable(&group, 2, Duration::from_secs(60));
+    stop.store(true, Relaxed);
+    drop(poller.join().unwrap());
+    let moved = stats.snapshot().rebalances;
+    wait_for(
+        "keyflow gets every partition back",
+        Duration::from_secs(90),
+        || stats.snapshot().rebalances > moved && stats.snapshot().partitions.len() == 3,
+    )
     .await;
     let mut msgs = Vec::new();
     for i in N / 2..N {
@@ -843,8 +862,6 @@ async fn dedup_processes_each_business_id_once() {
     .await;
     let s = stats.snapshot();
     assert!(running.shutdown().await[0].clean());
-    stop.store(true, Relaxed);
-    drop(poller.join().unwrap());
     let counts = counts.0.lock().unwrap();
     assert_eq!(counts.len(), N, "every business id processed");
     assert!(
