@@ -935,3 +935,171 @@ async fn a_panic_is_retried_then_dead_lettered_and_the_process_lives() {
     assert_eq!(hdr(&dead[0], "keyflow.error.kind"), Some("panic"));
     assert_eq!(dead[0].payload, b"boom");
 }
+
+// ---------------------------------------------------------------------------------------------
+// the example pipelines, end to end
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_pipelines_validate_and_run_end_to_end() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines");
+    let v = std::process::Command::new(Keyflow::bin())
+        .args(["validate", dir])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert!(
+        v.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    for f in ["welcome-mail.toml", "orders.toml", "saga-ship.toml"] {
+        assert!(out.contains(f), "{f} validated: {out}");
+    }
+
+    // Fixed topic names: a broker of its own.
+    let broker = Broker::start();
+    for t in [
+        "user.created",
+        "order.created",
+        "payment.completed",
+        "payment.requested",
+        "inventory.reserve",
+        "shipment.commands",
+        "user.created.dlq",
+        "order.created.dlq",
+        "payment.completed.dlq",
+    ] {
+        broker.create_topic(t, 2).await;
+    }
+    let ds = Arc::new(Downstream::default());
+    let addr = serve(ds.clone()).await;
+    let url = format!("http://{addr}/hook");
+    let paths: Vec<String> = ["welcome-mail", "orders", "saga-ship"]
+        .iter()
+        .map(|n| format!("{dir}/{n}.toml"))
+        .collect();
+    let mut args = vec!["run"];
+    args.extend(paths.iter().map(String::as_str));
+    let mut env = vec![
+        ("KEYFLOW_BROKERS", broker.bootstrap.as_str()),
+        ("WELCOME_MAIL_URL", url.as_str()),
+    ];
+    for n in ["WELCOME_MAIL", "ORDERS", "SAGA_SHIP"] {
+        env.push((
+            Box::leak(format!("KEYFLOW_PIPELINE_{n}__SESSION_TIMEOUT").into_boxed_str()),
+            "6s",
+        ));
+        env.push((
+            Box::leak(format!("KEYFLOW_PIPELINE_{n}__DRAIN_TIMEOUT").into_boxed_str()),
+            "3s",
+        ));
+    }
+    let mut k = Keyflow::start_with_args(&args, &env);
+
+    // user.created: 20 users (2 test accounts), one duplicate delivery, one contract violation.
+    let mut users: Vec<OutMsg> = (0..20)
+        .map(|i| {
+            keyed(
+                &format!("u{i}"),
+                format!(
+                    r#"{{"user_id": "u{i}", "email": "u{i}@example.com", "name": "User {i}", "test_account": {}}}"#,
+                    i >= 18
+                ),
+            )
+        })
+        .collect();
+    users.push(users[3].clone());
+    users.push(keyed("u99", r#"{"user_id": "u99"}"#.into()));
+    broker.produce("user.created", users);
+    // order.created: 10 full orders, one free (inventory only), one empty (payment only), one bad.
+    let mut orders: Vec<OutMsg> = (0..10)
+        .map(|i| {
+            keyed(
+                &format!("o{i}"),
+                format!(r#"{{"order_id": "o{i}", "customer_id": "c{i}", "total": 12.5, "items": [{{"sku": "s{i}", "qty": 1}}]}}"#),
+            )
+        })
+        .collect();
+    orders.push(keyed("free", r#"{"order_id": "free", "customer_id": "c", "total": 0, "items": [{"sku": "gift", "qty": 1}]}"#.into()));
+    orders.push(keyed(
+        "empty",
+        r#"{"order_id": "empty", "customer_id": "c", "total": 3, "items": []}"#.into(),
+    ));
+    orders.push(keyed("bad", r#"{"order_id": "bad", "total": -1}"#.into()));
+    broker.produce("order.created", orders);
+    // payment.completed: 5 payments, one delivered twice → 5 ShipOrder commands.
+    let mut payments: Vec<OutMsg> = (0..5)
+        .map(|i| {
+            keyed(
+                &format!("o{i}"),
+                format!(r#"{{"payment_id": "p{i}", "order_id": "o{i}", "amount": 12.5}}"#),
+            )
+        })
+        .collect();
+    payments.push(payments[0].clone());
+    broker.produce("payment.completed", payments);
+
+    let payment = broker.consume_all("payment.requested", 11, Duration::from_secs(90));
+    let inventory = broker.consume_all("inventory.reserve", 11, Duration::from_secs(30));
+    let ship = broker.consume_all("shipment.commands", 5, Duration::from_secs(30));
+    let order_dlq = broker.consume_all("order.created.dlq", 1, Duration::from_secs(30));
+    let user_dlq = broker.consume_all("user.created.dlq", 1, Duration::from_secs(30));
+    let ids = |ms: &[ConsumedMsg]| -> HashSet<String> {
+        ms.iter()
+            .map(|m| {
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                v["order_id"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    assert_eq!(payment.len(), 11);
+    assert!(ids(&payment).contains("empty") && !ids(&payment).contains("free"));
+    assert_eq!(inventory.len(), 11);
+    assert!(ids(&inventory).contains("free") && !ids(&inventory).contains("empty"));
+    assert_eq!(hdr(&order_dlq[0], "keyflow.error.kind"), Some("schema"));
+    assert_eq!(hdr(&user_dlq[0], "keyflow.error.kind"), Some("schema"));
+    assert_eq!(
+        ship.len(),
+        5,
+        "one command per payment, the duplicate dropped"
+    );
+    for m in &ship {
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v["command"], "ShipOrder");
+        assert_eq!(v["saga"]["step"], "ship");
+        assert_eq!(
+            m.key.as_deref(),
+            v["order_id"].as_str().map(str::as_bytes),
+            "keyed by order"
+        );
+        assert!(v.get("paid_amount").is_some() && v.get("amount").is_none());
+    }
+    wait_for("18 welcome mails", Duration::from_secs(30), || {
+        ds.accepted.lock().unwrap().len() >= 18
+    })
+    .await;
+    let mails: Vec<serde_json::Value> = ds
+        .accepted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| serde_json::from_str(b).unwrap())
+        .collect();
+    assert_eq!(
+        mails.len(),
+        18,
+        "18 real users, u3 delivered twice but mailed once"
+    );
+    let users: HashSet<&str> = mails.iter().filter_map(|m| m["user_id"].as_str()).collect();
+    assert_eq!(users.len(), 18);
+    assert!(mails
+        .iter()
+        .all(|m| m["template"] == "welcome-v2" && m["display_name"].is_string()));
+    k.sigterm();
+    assert!(
+        k.wait_exit(Duration::from_secs(30)).success(),
+        "{}",
+        k.log_tail(40)
+    );
+}
