@@ -86,3 +86,42 @@ impl Processor for Decode {
         Ok(Flow::Continue)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn schema_errors_are_permanent_and_name_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("s.json"),
+            r#"{"type": "object", "required": ["id"], "properties": {"id": {"type": "integer"}}}"#,
+        )
+        .unwrap();
+        let mut cfg = DecodeConfig {
+            schema: Some("s.json".into()),
+        };
+        assert!(cfg.validate(dir.path(), true).is_empty());
+        let d = Decode::new(&cfg).unwrap();
+        let mut ok = Message::new("t", 0, 0, None, br#"{"id": 1}"#);
+        assert_eq!(d.process(&mut ok).await.unwrap(), Flow::Continue);
+        let mut bad = Message::new("t", 0, 1, None, br#"{"id": "x"}"#);
+        let e = d.process(&mut bad).await.unwrap_err();
+        assert_eq!(e.kind(), "schema");
+        assert!(!e.is_retryable());
+        assert!(e.message().contains("/id"), "{e}");
+        let mut garbage = Message::new("t", 0, 2, None, b"{");
+        assert_eq!(d.process(&mut garbage).await.unwrap_err().kind(), "decode");
+        let mut missing = DecodeConfig { schema: None };
+        assert_eq!(
+            missing.validate(dir.path(), true).len(),
+            1,
+            "validate needs a schema"
+        );
+        assert!(
+            missing.validate(dir.path(), false).is_empty(),
+            "decode does not"
+        );
+    }
+}

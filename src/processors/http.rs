@@ -172,3 +172,58 @@ impl Processor for Http {
         Ok(Flow::Continue)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::{extract::Path, http::StatusCode, routing::post, Router};
+
+    async fn server() -> std::net::SocketAddr {
+        async fn status(Path(code): Path<u16>) -> StatusCode {
+            if code == 1 {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                return StatusCode::OK;
+            }
+            StatusCode::from_u16(code).unwrap()
+        }
+        let app = Router::new().route("/{code}", post(status));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        addr
+    }
+
+    #[tokio::test]
+    async fn classifies_statuses_and_timeouts() {
+        let addr = server().await;
+        let gate = Arc::new(Gate::default());
+        let call = |code: u16| {
+            let cfg: HttpConfig = toml::from_str(&format!(
+                "url = \"http://{addr}/{code}\"\ntimeout = \"300ms\"\nheaders = {{ Authorization = \"Bearer t\" }}"
+            ))
+            .unwrap();
+            assert!(cfg.validate().is_empty());
+            let h = Http::new(&cfg, &gate, "p").unwrap();
+            async move {
+                h.process(&mut Message::new("t", 0, 0, Some(b"k"), b"{}"))
+                    .await
+            }
+        };
+        assert_eq!(call(200).await.unwrap(), Flow::Continue);
+        for (code, retryable) in [
+            (503, true),
+            (500, true),
+            (429, true),
+            (404, false),
+            (400, false),
+        ] {
+            let e = call(code).await.unwrap_err();
+            assert_eq!(e.is_retryable(), retryable, "{code}: {e}");
+            assert_eq!(e.kind(), "http");
+        }
+        assert!(
+            call(1).await.unwrap_err().is_retryable(),
+            "a timeout is retryable"
+        );
+    }
+}

@@ -106,7 +106,12 @@ pub fn expression_input(msg: &Message) -> Value {
 
 /// Compiles a JMESPath expression, with the error as text for config validation.
 pub fn compile(expr: &str) -> Result<jmespath::Expression<'static>, String> {
-    jmespath::compile(expr).map_err(|e| format!("{expr:?} is not a valid JMESPath expression: {e}"))
+    jmespath::compile(expr).map_err(|e| {
+        // The parser's message spans lines (it draws a caret under the expression).
+        let first = e.to_string();
+        let first = first.lines().next().unwrap_or_default().to_string();
+        format!("{expr:?} is not a valid JMESPath expression: {first}")
+    })
 }
 
 #[cfg(test)]

@@ -108,3 +108,41 @@ impl Processor for Transform {
         Ok(Flow::Continue)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn renames_sets_removes_and_keys() {
+        let cfg: TransformConfig = toml::from_str(
+            r#"
+rename = { "amount" = "paid.amount" }
+set = { "command" = "ShipOrder" }
+remove = ["card"]
+key = ["order_id", "paid.amount"]
+"#,
+        )
+        .unwrap();
+        let t = Transform::new(&cfg);
+        let mut m = Message::new(
+            "t",
+            0,
+            0,
+            None,
+            br#"{"order_id": "o1", "amount": 5, "card": "x"}"#,
+        );
+        assert_eq!(t.process(&mut m).await.unwrap(), Flow::Continue);
+        let v: Value = serde_json::from_slice(m.payload.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"order_id": "o1", "paid": {"amount": 5}, "command": "ShipOrder"})
+        );
+        assert_eq!(m.key.as_deref(), Some(&b"o1:5"[..]));
+        let mut bad = Message::new("t", 0, 1, None, br#"{"amount": 5}"#);
+        let e = t.process(&mut bad).await.unwrap_err();
+        assert!(!e.is_retryable() && e.kind() == "transform", "{e}");
+        let mut not_json = Message::new("t", 0, 2, None, b"\xff");
+        assert_eq!(t.process(&mut not_json).await.unwrap_err().kind(), "decode");
+    }
+}
