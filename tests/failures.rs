@@ -981,20 +981,19 @@ async fn example_pipelines_validate_and_run_end_to_end() {
         .collect();
     let mut args = vec!["run"];
     args.extend(paths.iter().map(String::as_str));
-    let mut env = vec![
-        ("KEYFLOW_BROKERS", broker.bootstrap.as_str()),
-        ("WELCOME_MAIL_URL", url.as_str()),
+    let mut env: Vec<(String, String)> = vec![
+        ("KEYFLOW_BROKERS".into(), broker.bootstrap.clone()),
+        ("WELCOME_MAIL_URL".into(), url.clone()),
     ];
+    // tansu assigns after half the session timeout: keep it short here.
     for n in ["WELCOME_MAIL", "ORDERS", "SAGA_SHIP"] {
         env.push((
-            Box::leak(format!("KEYFLOW_PIPELINE_{n}__SESSION_TIMEOUT").into_boxed_str()),
-            "6s",
+            format!("KEYFLOW_PIPELINE_{n}__SESSION_TIMEOUT"),
+            "6s".into(),
         ));
-        env.push((
-            Box::leak(format!("KEYFLOW_PIPELINE_{n}__DRAIN_TIMEOUT").into_boxed_str()),
-            "3s",
-        ));
+        env.push((format!("KEYFLOW_PIPELINE_{n}__DRAIN_TIMEOUT"), "3s".into()));
     }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut k = Keyflow::start_with_args(&args, &env);
 
     // user.created: 20 users (2 test accounts), one duplicate delivery, one contract violation.

@@ -266,6 +266,10 @@ impl Actor for PartitionSupervisor {
                     s.flow.release(m.size());
                 }
                 s.draining = Some(reply);
+                if s.retrying > 0 {
+                    // Waiting out a backoff: abandoned like the messages not yet started.
+                    info!(topic = %s.topic, partition = s.partition, retrying = s.retrying, "draining: messages waiting to retry are left for the next owner");
+                }
                 if s.running == 0 {
                     finish_drain(&me, s);
                 } else {
