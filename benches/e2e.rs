@@ -115,7 +115,10 @@ struct Payload<'a> {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
 }
 
 /// The per-message work and bookkeeping both sides share. Lock-free except latency samples.
@@ -133,7 +136,13 @@ struct Check {
 }
 
 impl Check {
-    fn new(expect: usize, keys: usize, hot_key: Option<u32>, nonhot_expected: u64, latency: bool) -> Self {
+    fn new(
+        expect: usize,
+        keys: usize,
+        hot_key: Option<u32>,
+        nonhot_expected: u64,
+        latency: bool,
+    ) -> Self {
         Check {
             counts: (0..expect).map(|_| AtomicU8::new(0)).collect(),
             last_seq: (0..keys).map(|_| AtomicU32::new(0)).collect(),
@@ -150,7 +159,8 @@ impl Check {
 
     fn record(&self, payload: Option<&[u8]>) -> Result<(), String> {
         self.first.get_or_init(Instant::now);
-        let p: Payload = serde_json::from_slice(payload.unwrap_or_default()).map_err(|e| e.to_string())?;
+        let p: Payload =
+            serde_json::from_slice(payload.unwrap_or_default()).map_err(|e| e.to_string())?;
         if let Some(c) = self.counts.get(p.id) {
             c.fetch_add(1, Relaxed);
         }
@@ -163,7 +173,9 @@ impl Check {
             let us = now_us().saturating_sub(p.ts).min(u32::MAX as u64) as u32;
             l.lock().unwrap().push(us);
         }
-        if self.hot_key.is_some_and(|h| h != p.k) && self.nonhot_done.fetch_add(1, Relaxed) + 1 == self.nonhot_expected {
+        if self.hot_key.is_some_and(|h| h != p.k)
+            && self.nonhot_done.fetch_add(1, Relaxed) + 1 == self.nonhot_expected
+        {
             let _ = self.nonhot_done_at.set(Instant::now());
         }
         self.processed.fetch_add(1, Relaxed);
@@ -185,7 +197,10 @@ impl Check {
         if !complete {
             lost = 0;
         }
-        let pct = |v: &[u32], q: f64| v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1))).map(|us| *us as f64 / 1000.0);
+        let pct = |v: &[u32], q: f64| {
+            v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1)))
+                .map(|us| *us as f64 / 1000.0)
+        };
         let (mut p50, mut p99, mut p999) = (None, None, None);
         if let Some(l) = &self.latencies_us {
             let mut v = l.lock().unwrap().clone();
@@ -194,7 +209,12 @@ impl Check {
         }
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         let kib = |field: &str| -> f64 {
-            status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).and_then(|n| n.parse::<f64>().ok()).unwrap_or(0.0)
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse::<f64>().ok())
+                .unwrap_or(0.0)
         };
         RunResult {
             side: side.into(),
@@ -203,7 +223,10 @@ impl Check {
             seconds,
             msgs_per_sec: messages as f64 / seconds.max(1e-9),
             join_seconds: first.duration_since(start).as_secs_f64(),
-            nonhot_seconds: self.nonhot_done_at.get().map(|t| t.duration_since(first).as_secs_f64()),
+            nonhot_seconds: self
+                .nonhot_done_at
+                .get()
+                .map(|t| t.duration_since(first).as_secs_f64()),
             peak_rss_mib: kib("VmHWM:") / 1024.0,
             end_rss_mib: kib("VmRSS:") / 1024.0,
             order_violations: self.violations.load(Relaxed),
@@ -236,7 +259,9 @@ impl Processor for BenchProcessor {
         if let Some(d) = self.sleep {
             tokio::time::sleep(d).await;
         }
-        self.check.record(msg.payload.as_deref()).map_err(|e| ProcessError::permanent("decode", e))?;
+        self.check
+            .record(msg.payload.as_deref())
+            .map_err(|e| ProcessError::permanent("decode", e))?;
         Ok(Flow::Continue)
     }
 }
@@ -244,7 +269,10 @@ impl Processor for BenchProcessor {
 fn child_check(a: &Args) -> Arc<Check> {
     // For skew the parent passes the number of non-hot messages through `keys`' companion:
     // every message of the hot key is `expect × 0.3` (see `produce_scenario`).
-    let nonhot = a.hot_key.map(|_| (a.expect - hot_count(a.expect)) as u64).unwrap_or(0);
+    let nonhot = a
+        .hot_key
+        .map(|_| (a.expect - hot_count(a.expect)) as u64)
+        .unwrap_or(0);
     Arc::new(Check::new(a.expect, a.keys, a.hot_key, nonhot, a.latency))
 }
 
@@ -260,19 +288,33 @@ async fn run_keyflow(a: &Args) -> RunResult {
     std::fs::write(
         &path,
         format!(
-            "name = \"bench\"\ntopic = \"{}\"\ngroup_id = \"{}\"\nauto_offset_reset = \"earliest\"\nordering = \"key\"\nmax_in_flight = {}\nsession_timeout = \"6s\"\ndrain_timeout = \"5s\"\n[[processors]]\ntype = \"custom\"\nname = \"bench\"\n",
+            "name = \"bench\"\ntopic = \"{}\"\ngroup_id = \"{}\"\nauto_offset_reset = \"earliest\"\nordering = \"key\"\nmax_in_flight = {}\nsession_timeout = \"6s\"\ndrain_timeout = \"5s\"\n{}\n[[processors]]\ntype = \"custom\"\nname = \"bench\"\n",
             a.topic,
             support::unique("bench-kf"),
-            a.max_in_flight
+            a.max_in_flight,
+            std::env::var("KEYFLOW_BENCH_EXTRA").unwrap_or_default().replace(';', "\n"),
         ),
     )
     .unwrap();
-    let global = Global { brokers: a.bootstrap.clone(), ..Global::default() };
-    let spec = config::load_pipeline(&path, &global, &Env::default()).unwrap_or_else(|e| panic!("{e}"));
-    let cfg = config::Config { global, pipelines: vec![spec] };
+    let global = Global {
+        brokers: a.bootstrap.clone(),
+        ..Global::default()
+    };
+    let spec =
+        config::load_pipeline(&path, &global, &Env::default()).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = config::Config {
+        global,
+        pipelines: vec![spec],
+    };
     let start = Instant::now();
     let running = Runtime::new(cfg)
-        .with_processor("bench", Arc::new(BenchProcessor { check: check.clone(), sleep }))
+        .with_processor(
+            "bench",
+            Arc::new(BenchProcessor {
+                check: check.clone(),
+                sleep,
+            }),
+        )
         .start()
         .await
         .unwrap();
@@ -285,6 +327,15 @@ async fn run_keyflow(a: &Args) -> RunResult {
     while !check.done(a.expect as u64) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    let snap = stats.snapshot();
+    eprintln!(
+        "   keyflow: in-flight high water per partition {:?}, pauses {}",
+        snap.partitions
+            .iter()
+            .map(|p| p.in_flight_high_water)
+            .collect::<Vec<_>>(),
+        snap.partitions.iter().map(|p| p.pauses).sum::<u64>()
+    );
     running.shutdown().await;
     check.finish("keyflow", &a.scenario, start, Instant::now())
 }
@@ -302,7 +353,8 @@ fn baseline_config(a: &Args) -> ClientConfig {
 fn all_partitions(a: &Args) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for p in 0..a.partitions {
-        tpl.add_partition_offset(&a.topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(&a.topic, p, Offset::Beginning)
+            .unwrap();
     }
     tpl
 }
@@ -338,7 +390,11 @@ async fn run_baseline_tasks(a: &Args) -> RunResult {
     let mut tasks = Vec::new();
     for p in 0..a.partitions {
         let q = consumer.split_partition_queue(&a.topic, p).unwrap();
-        let (c, check, sleep) = (consumer.clone(), check.clone(), Duration::from_micros(a.sleep_us));
+        let (c, check, sleep) = (
+            consumer.clone(),
+            check.clone(),
+            Duration::from_micros(a.sleep_us),
+        );
         tasks.push(tokio::spawn(async move {
             loop {
                 let m = match q.recv().await {
@@ -409,7 +465,11 @@ struct Scenario {
 
 fn payload(id: usize, k: u32, seq: u32, ts: u64) -> Vec<u8> {
     // ~100 bytes, as the issue asks.
-    format!(r#"{{"id":{id},"k":{k},"seq":{seq},"ts":{ts},"p":"{}"}}"#, "x".repeat(40)).into_bytes()
+    format!(
+        r#"{{"id":{id},"k":{k},"seq":{seq},"ts":{ts},"p":"{}"}}"#,
+        "x".repeat(40)
+    )
+    .into_bytes()
 }
 
 /// Messages of a scenario: keys round-robin (or 30% on key 0 for skew), per-key sequences.
@@ -417,26 +477,58 @@ fn messages(s: &Scenario) -> impl Iterator<Item = support::OutMsg> + '_ {
     let mut seq = vec![0u32; s.keys];
     let hot_every = if s.hot { 10 } else { 0 };
     (0..s.messages).map(move |id| {
-        let k = if hot_every > 0 && id % hot_every < 3 { 0 } else { 1 + (id * 7919) % (s.keys - 1) } as u32;
+        let k = if hot_every > 0 && id % hot_every < 3 {
+            0
+        } else {
+            1 + (id * 7919) % (s.keys - 1)
+        } as u32;
         seq[k as usize] += 1;
-        support::OutMsg { key: Some(format!("k{k}").into_bytes()), payload: payload(id, k, seq[k as usize], now_us()), ..Default::default() }
+        support::OutMsg {
+            key: Some(format!("k{k}").into_bytes()),
+            payload: payload(id, k, seq[k as usize], now_us()),
+            ..Default::default()
+        }
     })
 }
 
 fn spawn_child(side: &str, s: &Scenario, bootstrap: &str, topic: &str) -> std::process::Child {
     let exe = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);
-    cmd.args(["--child", side, "--scenario", s.name, "--bootstrap", bootstrap, "--topic", topic])
-        .args(["--partitions", &s.partitions.to_string(), "--expect", &s.messages.to_string(), "--keys", &s.keys.to_string()])
-        .args(["--sleep-us", &s.sleep_us.to_string(), "--max-in-flight", &s.max_in_flight.to_string()])
-        .args(["--max-seconds", &s.max_seconds.to_string()]);
+    cmd.args([
+        "--child",
+        side,
+        "--scenario",
+        s.name,
+        "--bootstrap",
+        bootstrap,
+        "--topic",
+        topic,
+    ])
+    .args([
+        "--partitions",
+        &s.partitions.to_string(),
+        "--expect",
+        &s.messages.to_string(),
+        "--keys",
+        &s.keys.to_string(),
+    ])
+    .args([
+        "--sleep-us",
+        &s.sleep_us.to_string(),
+        "--max-in-flight",
+        &s.max_in_flight.to_string(),
+    ])
+    .args(["--max-seconds", &s.max_seconds.to_string()]);
     if s.hot {
         cmd.args(["--hot-key", "0"]);
     }
     if s.latency {
         cmd.arg("--latency");
     }
-    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap()
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
 }
 
 fn read_result(child: std::process::Child, on_ready: impl FnOnce()) -> RunResult {
@@ -471,19 +563,75 @@ fn main() {
     }
     let k = if a.smoke { 100 } else { 1 };
     let scenarios = vec![
-        Scenario { name: "cpu", messages: a.cpu_messages.unwrap_or(1_000_000 / k), partitions: 12, keys: 10_000 / k, sleep_us: 0, max_in_flight: 1000, hot: false, latency: false, max_seconds: 600 },
-        Scenario { name: "io", messages: a.io_messages.unwrap_or(200_000 / k), partitions: 12, keys: 10_000 / k, sleep_us: 2000, max_in_flight: 1000, hot: false, latency: false, max_seconds: 600 },
-        Scenario { name: "skew", messages: a.io_messages.unwrap_or(200_000 / k), partitions: 12, keys: 10_000 / k, sleep_us: 2000, max_in_flight: 1000, hot: true, latency: false, max_seconds: 600 },
-        Scenario { name: "backlog", messages: a.backlog_messages.unwrap_or(2_000_000 / k), partitions: 12, keys: 10_000 / k, sleep_us: 1000, max_in_flight: 1000, hot: false, latency: false, max_seconds: if a.smoke { 60 } else { 120 } },
-        Scenario { name: "latency", messages: a.latency_rate * a.latency_seconds / k, partitions: 12, keys: 10_000 / k, sleep_us: 0, max_in_flight: 1000, hot: false, latency: true, max_seconds: 120 },
+        Scenario {
+            name: "cpu",
+            messages: a.cpu_messages.unwrap_or(1_000_000 / k),
+            partitions: 12,
+            keys: 10_000 / k,
+            sleep_us: 0,
+            max_in_flight: 1000,
+            hot: false,
+            latency: false,
+            max_seconds: 600,
+        },
+        Scenario {
+            name: "io",
+            messages: a.io_messages.unwrap_or(200_000 / k),
+            partitions: 12,
+            keys: 10_000 / k,
+            sleep_us: 2000,
+            max_in_flight: 1000,
+            hot: false,
+            latency: false,
+            max_seconds: 600,
+        },
+        Scenario {
+            name: "skew",
+            messages: a.io_messages.unwrap_or(200_000 / k),
+            partitions: 12,
+            keys: 10_000 / k,
+            sleep_us: 2000,
+            max_in_flight: 1000,
+            hot: true,
+            latency: false,
+            max_seconds: 600,
+        },
+        Scenario {
+            name: "backlog",
+            messages: a.backlog_messages.unwrap_or(2_000_000 / k),
+            partitions: 12,
+            keys: 10_000 / k,
+            sleep_us: 1000,
+            max_in_flight: 1000,
+            hot: false,
+            latency: false,
+            max_seconds: if a.smoke { 60 } else { 120 },
+        },
+        Scenario {
+            name: "latency",
+            messages: a.latency_rate * a.latency_seconds / k,
+            partitions: 12,
+            keys: 10_000 / k,
+            sleep_us: 0,
+            max_in_flight: 1000,
+            hot: false,
+            latency: true,
+            max_seconds: 120,
+        },
     ];
     let runs = if a.smoke { 1 } else { a.runs };
     let broker = support::Broker::start();
     let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
     let mut table = Vec::new();
-    for s in scenarios.iter().filter(|s| a.scenario == "all" || a.scenario == s.name) {
-        eprintln!("== {} ({} messages, {} partitions, {} keys)", s.name, s.messages, s.partitions, s.keys);
+    for s in scenarios
+        .iter()
+        .filter(|s| a.scenario == "all" || a.scenario == s.name)
+    {
+        eprintln!(
+            "== {} ({} messages, {} partitions, {} keys)",
+            s.name, s.messages, s.partitions, s.keys
+        );
         let loaded = (!s.latency).then(|| {
             let topic = support::unique(&format!("bench-{}", s.name));
             broker.create_topic_blocking(&topic, s.partitions);
@@ -507,7 +655,8 @@ fn main() {
                     std::thread::scope(|scope| {
                         let mut producer = None;
                         let r = read_result(child, || {
-                            producer = Some(scope.spawn(move || produce_at_rate(b, &t, s, rate, n)));
+                            producer =
+                                Some(scope.spawn(move || produce_at_rate(b, &t, s, rate, n)));
                         });
                         if let Some(p) = producer.take() {
                             p.join().unwrap();
@@ -525,7 +674,11 @@ fn main() {
                 results.push(r);
             }
         }
-        std::fs::write(out_dir.join(format!("{}.json", s.name)), serde_json::to_string_pretty(&results).unwrap()).unwrap();
+        std::fs::write(
+            out_dir.join(format!("{}.json", s.name)),
+            serde_json::to_string_pretty(&results).unwrap(),
+        )
+        .unwrap();
         table.push((s.name, results));
     }
     print_table(&table);
@@ -545,7 +698,12 @@ fn produce_at_rate(broker: &support::Broker, topic: &str, s: &Scenario, rate: us
                 .map(|mut m| {
                     // Stamp the send time, not the generation time.
                     let p: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-                    m.payload = payload(p["id"].as_u64().unwrap() as usize, p["k"].as_u64().unwrap() as u32, p["seq"].as_u64().unwrap() as u32, now_us());
+                    m.payload = payload(
+                        p["id"].as_u64().unwrap() as usize,
+                        p["k"].as_u64().unwrap() as u32,
+                        p["seq"].as_u64().unwrap() as u32,
+                        now_us(),
+                    );
                     m
                 })
                 .collect();
@@ -558,7 +716,20 @@ fn produce_at_rate(broker: &support::Broker, topic: &str, s: &Scenario, rate: us
 }
 
 fn print_table(table: &[(&str, Vec<RunResult>)]) {
-    println!("\n{:<9} {:<9} {:>12} {:>14} {:>10} {:>10} {:>6} {:>5} {:>5} {:>9} {:>9}", "scenario", "side", "msg/s (med)", "spread", "peak MiB", "end MiB", "viol", "lost", "dup", "p99 ms", "non-hot s");
+    println!(
+        "\n{:<9} {:<9} {:>12} {:>14} {:>10} {:>10} {:>6} {:>5} {:>5} {:>9} {:>9}",
+        "scenario",
+        "side",
+        "msg/s (med)",
+        "spread",
+        "peak MiB",
+        "end MiB",
+        "viol",
+        "lost",
+        "dup",
+        "p99 ms",
+        "non-hot s"
+    );
     for (name, results) in table {
         let mut med = std::collections::HashMap::new();
         for side in ["keyflow", "baseline"] {
@@ -567,7 +738,10 @@ fn print_table(table: &[(&str, Vec<RunResult>)]) {
             let (peak, _, _) = median(rs.iter().map(|r| r.peak_rss_mib).collect());
             let (end, _, _) = median(rs.iter().map(|r| r.end_rss_mib).collect());
             let p99 = rs.iter().filter_map(|r| r.p99_ms).collect::<Vec<_>>();
-            let nh = rs.iter().filter_map(|r| r.nonhot_seconds).collect::<Vec<_>>();
+            let nh = rs
+                .iter()
+                .filter_map(|r| r.nonhot_seconds)
+                .collect::<Vec<_>>();
             println!(
                 "{:<9} {:<9} {:>12.0} {:>14} {:>10.0} {:>10.0} {:>6} {:>5} {:>5} {:>9} {:>9}",
                 name,
@@ -579,12 +753,25 @@ fn print_table(table: &[(&str, Vec<RunResult>)]) {
                 rs.iter().map(|r| r.order_violations).sum::<u64>(),
                 rs.iter().map(|r| r.lost).sum::<u64>(),
                 rs.iter().map(|r| r.duplicated).sum::<u64>(),
-                if p99.is_empty() { "-".into() } else { format!("{:.1}", median(p99).0) },
-                if nh.is_empty() { "-".into() } else { format!("{:.2}", median(nh).0) },
+                if p99.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{:.1}", median(p99).0)
+                },
+                if nh.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{:.2}", median(nh).0)
+                },
             );
             med.insert(side, (m, peak));
         }
         let (k, b) = (med["keyflow"], med["baseline"]);
-        println!("{:<9} ratio     keyflow/baseline msg/s {:.2}×, peak RSS {:.2}×", name, k.0 / b.0, k.1 / b.1);
+        println!(
+            "{:<9} ratio     keyflow/baseline msg/s {:.2}×, peak RSS {:.2}×",
+            name,
+            k.0 / b.0,
+            k.1 / b.1
+        );
     }
 }

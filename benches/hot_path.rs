@@ -44,7 +44,9 @@ impl keyflow::actors::scheduler::Keyed for K {
 }
 
 fn scheduler(c: &mut Criterion) {
-    let keys: Vec<Bytes> = (0..1000).map(|i| Bytes::from(format!("customer-{i}"))).collect();
+    let keys: Vec<Bytes> = (0..1000)
+        .map(|i| Bytes::from(format!("customer-{i}")))
+        .collect();
     let mut g = c.benchmark_group("key_scheduler");
     g.throughput(Throughput::Elements(1000));
     g.bench_function("admit_complete_1000_msgs_1000_keys", |b| {
@@ -92,7 +94,12 @@ impl Actor for Echo {
     async fn pre_start(&self, _: ActorRef<Self::Msg>, _: ()) -> Result<(), ActorProcessingErr> {
         Ok(())
     }
-    async fn handle(&self, _: ActorRef<Self::Msg>, (m, back): Self::Msg, _: &mut ()) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        (m, back): Self::Msg,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
         let _ = back.send(m.offset);
         Ok(())
     }

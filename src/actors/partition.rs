@@ -110,6 +110,8 @@ pub struct PartitionState {
     flow: FlowControl,
     workers: Vec<Slot>,
     idle: Vec<usize>,
+    /// Free to start (their key is not busy) but every worker is taken.
+    ready: VecDeque<Arc<Message>>,
     running: usize,
     restarts: VecDeque<Instant>,
     committed: Option<i64>,
@@ -157,6 +159,7 @@ impl Actor for PartitionSupervisor {
             ),
             workers: Vec::new(),
             idle: Vec::new(),
+            ready: VecDeque::new(),
             running: 0,
             restarts: VecDeque::new(),
             committed: None,
@@ -228,7 +231,12 @@ impl Actor for PartitionSupervisor {
             PartitionMsg::Drain { deadline, reply } => {
                 // Messages not yet started are abandoned now: the commit point cannot pass them,
                 // so the next owner receives them.
-                for m in s.scheduler.take_waiting() {
+                for m in s
+                    .scheduler
+                    .take_waiting()
+                    .into_iter()
+                    .chain(s.ready.drain(..))
+                {
                     s.flow.release(m.size());
                 }
                 s.draining = Some(reply);
@@ -439,10 +447,22 @@ async fn on_done(
         }
         return Ok(());
     }
-    // The next message of the same key starts on the worker that just finished.
+    // The next message of the same key starts on the worker that just finished; it then
+    // hands over to the parked key, else to the oldest message waiting for a worker.
     match s.scheduler.complete(m.key.as_ref()) {
-        Some(next) => start(s, worker, next)?,
-        None => s.idle.push(worker),
+        Some(next) => {
+            if s.ready.is_empty() {
+                start(s, worker, next)?;
+            } else {
+                s.ready.push_back(next);
+                let oldest = s.ready.pop_front().expect("not empty");
+                start(s, worker, oldest)?;
+            }
+        }
+        None => match s.ready.pop_front() {
+            Some(next) => start(s, worker, next)?,
+            None => s.idle.push(worker),
+        },
     }
     apply_flow(me, s);
     if s.flow.has_room() {
