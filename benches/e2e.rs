@@ -493,7 +493,19 @@ fn messages(s: &Scenario) -> impl Iterator<Item = support::OutMsg> + '_ {
 
 fn spawn_child(side: &str, s: &Scenario, bootstrap: &str, topic: &str) -> std::process::Child {
     let exe = std::env::current_exe().unwrap();
-    let mut cmd = Command::new(exe);
+    // KEYFLOW_BENCH_WRAP="valgrind --tool=massif" profiles the keyflow side.
+    let mut cmd = match std::env::var("KEYFLOW_BENCH_WRAP")
+        .ok()
+        .filter(|_| side == "keyflow")
+    {
+        Some(w) => {
+            let mut parts = w.split_whitespace();
+            let mut c = Command::new(parts.next().unwrap());
+            c.args(parts).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     cmd.args([
         "--child",
         side,
