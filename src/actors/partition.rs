@@ -116,6 +116,8 @@ pub struct PartitionState {
     flow: FlowControl,
     workers: Vec<Slot>,
     idle: Vec<usize>,
+    /// Free to start (their key is not busy) but every worker is taken.
+    ready: VecDeque<(Arc<Message>, u32)>,
     running: usize,
     restarts: VecDeque<Instant>,
     committed: Option<i64>,
@@ -170,6 +172,7 @@ impl Actor for PartitionSupervisor {
             ),
             workers: Vec::new(),
             idle: Vec::new(),
+            ready: VecDeque::new(),
             running: 0,
             restarts: VecDeque::new(),
             committed: None,
@@ -262,7 +265,12 @@ impl Actor for PartitionSupervisor {
             PartitionMsg::Drain { deadline, reply } => {
                 // Messages not yet started are abandoned now: the commit point cannot pass them,
                 // so the next owner receives them.
-                for m in s.scheduler.take_waiting() {
+                for m in s
+                    .scheduler
+                    .take_waiting()
+                    .into_iter()
+                    .chain(s.ready.drain(..).map(|(m, _)| m))
+                {
                     s.flow.release(m.size());
                 }
                 s.draining = Some(reply);
@@ -286,8 +294,7 @@ impl Actor for PartitionSupervisor {
                 s.retrying -= 1;
                 // While draining a waiting retry is abandoned: the commit point cannot pass it.
                 if s.draining.is_none() {
-                    let id = acquire_worker(&me, s).await?;
-                    start(s, id, m, attempt)?;
+                    start_or_park(&me, s, m, attempt).await?;
                 }
             }
             PartitionMsg::Gate(held) => {
@@ -443,19 +450,37 @@ async fn admit(
         .in_flight_high_water
         .fetch_max(s.flow.count(), Relaxed);
     if let Some(m) = s.scheduler.admit(Arc::new(m)) {
-        let id = acquire_worker(me, s).await?;
-        start(s, id, m, 1)?;
+        start_or_park(me, s, m, 1).await?;
     }
     Ok(())
 }
 
-/// An idle worker, or a new one: the pool grows to the partition's concurrency.
+/// Starts `m` on an idle or new worker, or parks it until a worker is free (`max_workers`).
+async fn start_or_park(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+    m: Arc<Message>,
+    attempt: u32,
+) -> Result<(), ActorProcessingErr> {
+    match acquire_worker(me, s).await? {
+        Some(id) => start(s, id, m, attempt),
+        None => {
+            s.ready.push_back((m, attempt));
+            Ok(())
+        }
+    }
+}
+
+/// An idle worker, or a new one while the pool is below `max_workers`.
 async fn acquire_worker(
     me: &ActorRef<PartitionMsg>,
     s: &mut PartitionState,
-) -> Result<usize, ActorProcessingErr> {
+) -> Result<Option<usize>, ActorProcessingErr> {
     if let Some(id) = s.idle.pop() {
-        return Ok(id);
+        return Ok(Some(id));
+    }
+    if s.workers.len() >= s.spec.max_workers {
+        return Ok(None);
     }
     let id = s.workers.len();
     let actor = spawn_worker(me, s, id).await?;
@@ -465,7 +490,7 @@ async fn acquire_worker(
         attempt: 1,
         crashes: 0,
     });
-    Ok(id)
+    Ok(Some(id))
 }
 
 fn start(
@@ -496,7 +521,10 @@ async fn on_done(
     if let Outcome::Retry { attempt, after } = outcome {
         // The key stays held (the scheduler is not told), the offset stays incomplete and the
         // budget stays taken; only the worker is freed, for other keys.
-        s.idle.push(worker);
+        match s.ready.pop_front() {
+            Some((next, attempt)) => start(s, worker, next, attempt)?,
+            None => s.idle.push(worker),
+        }
         if s.draining.is_some() {
             if s.running == 0 {
                 finish_drain(me, s);
@@ -522,10 +550,22 @@ async fn on_done(
         }
         return Ok(());
     }
-    // The next message of the same key starts on the worker that just finished.
+    // The next message of the same key starts on the worker that just finished; it then
+    // hands over to the parked key, else to the oldest message waiting for a worker.
     match s.scheduler.complete(m.key.as_ref()) {
-        Some(next) => start(s, worker, next, 1)?,
-        None => s.idle.push(worker),
+        Some(next) => {
+            if s.ready.is_empty() {
+                start(s, worker, next, 1)?;
+            } else {
+                s.ready.push_back((next, 1));
+                let (oldest, attempt) = s.ready.pop_front().expect("not empty");
+                start(s, worker, oldest, attempt)?;
+            }
+        }
+        None => match s.ready.pop_front() {
+            Some((next, attempt)) => start(s, worker, next, attempt)?,
+            None => s.idle.push(worker),
+        },
     }
     apply_flow(me, s);
     if s.flow.has_room() {
