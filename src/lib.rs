@@ -12,17 +12,24 @@
 //! - [`pipeline`]: the chain with retries and the dead-letter writer, run by workers.
 //! - [`runtime`]: starts pipelines and stops them in order; [`shutdown`]: signals.
 //! - [`stats`]: live counters; [`demo`]: the embedded demo.
+//! - Observability: [`metrics`] (names, buckets, recorder, handles) · [`http`] (`/metrics`,
+//!   `/health/*`, `/debug/partitions`) · [`introspect`] (the debug report, `keyflow status`) ·
+//!   [`trace`] (W3C `traceparent` continued on every write).
 
 pub mod actors;
 pub mod config;
 pub mod demo;
+pub mod http;
+pub mod introspect;
 pub mod kafka;
 pub mod message;
+pub mod metrics;
 pub mod pipeline;
 pub mod processors;
 pub mod runtime;
 pub mod shutdown;
 pub mod stats;
+pub mod trace;
 
 pub use message::Message;
 pub use processors::{Flow, ProcessError, Processor};

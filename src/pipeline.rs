@@ -66,6 +66,7 @@ impl Pipeline {
                 Ok(Flow::Drop) => return Outcome::Filtered,
                 Err(e) if e.is_retryable() && attempt < self.retry.max_attempts => {
                     self.stats.retries.fetch_add(1, Relaxed);
+                    self.stats.metrics.retried.increment(1);
                     let wait = backoff(&self.retry, attempt);
                     debug!(offset = original.offset, attempt, error = %e, ?wait, "retrying");
                     tokio::time::sleep(wait).await;
@@ -107,7 +108,10 @@ impl Pipeline {
         let offset_s = msg.offset.to_string();
         let mut tries = 0u32;
         loop {
-            let mut headers = msg.headers.clone().unwrap_or_else(OwnedHeaders::new);
+            let mut headers = msg
+                .headers
+                .clone()
+                .map_or_else(OwnedHeaders::new, crate::trace::continue_trace);
             for (k, v) in [
                 ("keyflow.error", e.message()),
                 ("keyflow.error.kind", e.kind()),
@@ -138,10 +142,12 @@ impl Pipeline {
             match self.producer.send(record, Duration::from_secs(30)).await {
                 Ok(_) => {
                     self.stats.dead_lettered.fetch_add(1, Relaxed);
+                    self.stats.metrics.dlq_ok.increment(1);
                     return;
                 }
                 Err((err, _)) => {
                     tries += 1;
+                    self.stats.metrics.dlq_failed.increment(1);
                     error!(pipeline = %self.name, topic = %self.dead_letter_topic, error = %err, tries, "dead-letter write failed; retrying");
                     tokio::time::sleep(backoff(&self.retry, tries)).await;
                 }

@@ -13,18 +13,19 @@ use std::collections::VecDeque;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::TopicPartitionList;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use super::flow::{FlowControl, Signal};
 use super::scheduler::KeyScheduler;
 use super::worker::{Worker, WorkerArgs, WorkerMsg};
 use crate::config::PipelineSpec;
+use crate::introspect::{show_key, InFlightDebug, PartitionDebug, WaitingKey};
 use crate::kafka::{offsets, Consumer, KeyflowContext, OffsetTracker};
 use crate::message::Message;
 use crate::pipeline::{Outcome, Pipeline};
@@ -70,6 +71,8 @@ pub enum PartitionMsg {
         reply: RpcReplyPort<DrainReport>,
     },
     DrainDeadline,
+    /// `/debug/partitions`: report what the partition holds and why it waits.
+    Inspect(RpcReplyPort<PartitionDebug>),
 }
 
 /// What a drained partition hands back.
@@ -95,6 +98,8 @@ struct Slot {
     running: Option<Arc<Message>>,
     /// Times the running message has crashed a worker.
     crashes: u32,
+    /// When the running message started (processing duration).
+    started: Instant,
 }
 
 pub struct PartitionState {
@@ -117,6 +122,11 @@ pub struct PartitionState {
     flow_check_scheduled: bool,
     ticker: Option<JoinHandle<()>>,
     stats: Arc<PartitionStats>,
+    /// When a message last completed, or when work became pending (stuck watchdog).
+    last_progress: Instant,
+    last_completion: Option<Instant>,
+    /// `partition{pipeline, topic, partition}`: every handler runs inside it.
+    span: tracing::Span,
 }
 
 impl Actor for PartitionSupervisor {
@@ -140,7 +150,12 @@ impl Actor for PartitionSupervisor {
             }
         });
         let spec = a.spec;
+        let _ = a.stats.actor.set(me.clone());
+        let span = tracing::info_span!("partition", pipeline = %spec.name, topic = %a.topic, partition = a.partition);
         Ok(PartitionState {
+            last_progress: Instant::now(),
+            last_completion: None,
+            span,
             topic: a.topic,
             partition: a.partition,
             queue: Some(queue),
@@ -200,19 +215,20 @@ impl Actor for PartitionSupervisor {
         msg: PartitionMsg,
         s: &mut PartitionState,
     ) -> Result<(), ActorProcessingErr> {
+        let span = s.span.clone();
         match msg {
             PartitionMsg::Fetch => {
                 s.fetch_scheduled.store(false, Release);
-                fetch(&me, s).await?;
+                fetch(&me, s).instrument(span).await?;
             }
             PartitionMsg::Deliver(m) => {
                 if s.draining.is_none() {
-                    admit(&me, s, m).await?;
+                    admit(&me, s, m).instrument(span).await?;
                     apply_flow(&me, s);
                 }
             }
             PartitionMsg::Done { worker, outcome } => {
-                on_done(&me, s, worker, outcome).await?;
+                on_done(&me, s, worker, outcome).instrument(span).await?;
             }
             PartitionMsg::FlowCheck => {
                 s.flow_check_scheduled = false;
@@ -224,6 +240,10 @@ impl Actor for PartitionSupervisor {
                 s.stats
                     .buffered_bytes
                     .store(s.flow.bytes() as usize, Relaxed);
+                observe(s);
+            }
+            PartitionMsg::Inspect(reply) => {
+                let _ = reply.send(inspect(s));
             }
             PartitionMsg::Drain { deadline, reply } => {
                 // Messages not yet started are abandoned now: the commit point cannot pass them,
@@ -315,6 +335,7 @@ impl Actor for PartitionSupervisor {
 impl PartitionState {
     fn stats_restart(&self) {
         self.pipeline.stats.worker_restarts.fetch_add(1, Relaxed);
+        self.stats.metrics.pipeline.worker_restarts.increment(1);
     }
 }
 
@@ -396,6 +417,7 @@ async fn admit(
                     actor,
                     running: None,
                     crashes: 0,
+                    started: Instant::now(),
                 });
                 id
             }
@@ -406,9 +428,16 @@ async fn admit(
 }
 
 fn start(s: &mut PartitionState, id: usize, m: Arc<Message>) -> Result<(), ActorProcessingErr> {
+    let now = Instant::now();
+    s.stats
+        .metrics
+        .pipeline
+        .queue_wait
+        .record(now.saturating_duration_since(m.received));
     let slot = &mut s.workers[id];
     slot.running = Some(m.clone());
     slot.crashes = 0;
+    slot.started = now;
     s.running += 1;
     slot.actor.cast(WorkerMsg::Run(m))?;
     Ok(())
@@ -420,9 +449,28 @@ async fn on_done(
     worker: usize,
     outcome: Outcome,
 ) -> Result<(), ActorProcessingErr> {
-    let Some(m) = s.workers.get_mut(worker).and_then(|w| w.running.take()) else {
+    let Some((m, started)) = s
+        .workers
+        .get_mut(worker)
+        .and_then(|w| Some((w.running.take()?, w.started)))
+    else {
         return Ok(());
     };
+    let now = Instant::now();
+    s.last_progress = now;
+    s.last_completion = Some(now);
+    let pm = &s.stats.metrics.pipeline;
+    pm.process_duration
+        .record(now.saturating_duration_since(started));
+    if let Some(ts) = m.timestamp_ms.filter(|&t| t > 0) {
+        pm.end_to_end.record((now_ms() - ts).max(0) as f64 / 1000.0);
+    }
+    match outcome {
+        Outcome::Processed => &pm.processed,
+        Outcome::Filtered => &pm.filtered,
+        Outcome::DeadLettered => &pm.dead_lettered,
+    }
+    .increment(1);
     s.running -= 1;
     s.tracker.completed(m.offset);
     s.flow.release(m.size());
@@ -467,6 +515,7 @@ fn apply_flow(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
     let r = match signal {
         Signal::Pause => {
             s.stats.pauses.fetch_add(1, Relaxed);
+            s.stats.metrics.pauses.increment(1);
             s.consumer.pause(&tpl)
         }
         Signal::Resume => {
@@ -475,6 +524,10 @@ fn apply_flow(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
         }
     };
     s.stats.paused.store(signal == Signal::Pause, Relaxed);
+    s.stats
+        .metrics
+        .paused
+        .set(if signal == Signal::Pause { 1.0 } else { 0.0 });
     s.stats.in_flight.store(s.flow.count(), Relaxed);
     debug!(topic = %s.topic, partition = s.partition, ?signal, in_flight = s.flow.count(), bytes = s.flow.bytes(), "flow control");
     if let Err(e) = r {
@@ -500,6 +553,7 @@ fn commit_progress(s: &mut PartitionState) {
             s.pipeline.stats.commit(true);
             s.committed = Some(next);
             s.stats.committed.store(next, Relaxed);
+            s.stats.metrics.committed.set(next as f64);
         }
         Err(e) => {
             warn!(topic = %s.topic, partition = s.partition, next, error = %e, "commit failed")
@@ -538,4 +592,104 @@ fn finish_drain(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
         abandoned,
     });
     me.stop(None);
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The running message with the lowest offset: the oldest incomplete one (a waiting message
+/// always sits behind a running one with a lower offset).
+fn oldest_running(s: &PartitionState) -> Option<&Arc<Message>> {
+    s.workers
+        .iter()
+        .filter_map(|w| w.running.as_ref())
+        .min_by_key(|m| m.offset)
+}
+
+/// Every tick: lag in messages and seconds, gauges, and the stuck-partition watchdog.
+fn observe(s: &mut PartitionState) {
+    let m = &s.stats.metrics;
+    let next = s.tracker.committable().or(s.committed);
+    // librdkafka's cached high watermark (from fetch responses): no broker round trip.
+    let lag = match (
+        crate::kafka::client::cached_high_watermark(&s.consumer, &s.topic, s.partition),
+        next,
+    ) {
+        (Some(high), Some(n)) => (high - n).max(0),
+        _ => 0,
+    };
+    let lag_seconds = oldest_running(s).map_or(0.0, |o| match o.timestamp_ms {
+        Some(ts) if ts > 0 => (now_ms() - ts).max(0) as f64 / 1000.0,
+        _ => o.received.elapsed().as_secs_f64(),
+    });
+    let now = Instant::now();
+    let pending = lag > 0 || s.flow.count() > 0;
+    if !pending {
+        s.last_progress = now;
+    }
+    let stuck = pending && now.duration_since(s.last_progress) > crate::metrics::stuck_after();
+    if stuck && !s.stats.stuck.load(Relaxed) {
+        warn!(topic = %s.topic, partition = s.partition, lag, in_flight = s.flow.count(), since_progress = ?now.duration_since(s.last_progress), "partition stuck: nothing completed");
+    }
+    s.stats.stuck.store(stuck, Relaxed);
+    s.stats.lag.store(lag, Relaxed);
+    m.lag_messages.set(lag as f64);
+    m.lag_seconds.set(lag_seconds);
+    m.in_flight.set(s.flow.count() as f64);
+    m.buffered_bytes.set(s.flow.bytes() as f64);
+    m.stuck.set(if stuck { 1.0 } else { 0.0 });
+}
+
+/// `/debug/partitions` for this partition.
+fn inspect(s: &PartitionState) -> PartitionDebug {
+    let now = Instant::now();
+    let running_key = |key: &bytes::Bytes| {
+        s.workers
+            .iter()
+            .filter_map(|w| w.running.as_ref().map(|m| (m, w.started)))
+            .find(|(m, _)| m.key.as_ref() == Some(key))
+    };
+    let waiting_keys = s
+        .scheduler
+        .waiting_keys()
+        .map(|(k, waiting)| {
+            let blocker = running_key(k);
+            let running_seconds = blocker.map(|(_, t)| now.duration_since(t).as_secs_f64());
+            WaitingKey {
+                key: show_key(k),
+                waiting,
+                reason: match running_seconds {
+                    Some(r) => format!(
+                        "behind the running message of the key (running {r:.1}s: slow processor or retry backoff)"
+                    ),
+                    None => "behind the running message of the key".into(),
+                },
+                blocked_by_offset: blocker.map(|(m, _)| m.offset),
+                running_seconds,
+            }
+        })
+        .collect();
+    PartitionDebug {
+        partition: s.partition,
+        in_flight: s.flow.count(),
+        running: s.running,
+        buffered_bytes: s.flow.bytes() as u64,
+        paused: s.stats.paused.load(Relaxed),
+        stuck: s.stats.stuck.load(Relaxed),
+        lag_messages: s.stats.lag.load(Relaxed),
+        commit_point: s.tracker.committable(),
+        oldest_in_flight: oldest_running(s).map(|m| InFlightDebug {
+            offset: m.offset,
+            key: m.key.as_deref().map(show_key),
+            age_seconds: m.received.elapsed().as_secs_f64(),
+        }),
+        since_last_completion_seconds: s
+            .last_completion
+            .map(|t| now.duration_since(t).as_secs_f64()),
+        waiting_keys,
+        error: None,
+    }
 }
