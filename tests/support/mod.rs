@@ -191,7 +191,7 @@ struct SpawnRequest {
 /// Spawns `cmd` so the child receives SIGKILL when this test process dies.
 /// PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so all
 /// children are forked by one thread that lives as long as the process.
-fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
+pub fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let parent = std::process::id() as libc::pid_t;
     unsafe {
@@ -597,7 +597,7 @@ pub struct Broker {
     producer: OnceLock<BaseProducer<DeliveryCtx>>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l =
         TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
     l.local_addr().unwrap().port()
