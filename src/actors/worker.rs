@@ -59,7 +59,14 @@ impl Actor for Worker {
     ) -> Result<(), ActorProcessingErr> {
         let outcome = match msg {
             WorkerMsg::Run(m) => {
-                let span = tracing::debug_span!("message", topic = %m.topic, partition = m.partition, offset = m.offset);
+                let span = tracing::debug_span!("message", topic = %m.topic, partition = m.partition, offset = m.offset, trace_id = tracing::field::Empty);
+                // The input's W3C trace id, so logs join the caller's trace (only when the span
+                // is recorded: no cost otherwise).
+                if !span.is_disabled() {
+                    if let Some(t) = m.headers.as_ref().and_then(crate::trace::find_trace_id) {
+                        span.record("trace_id", t.as_str());
+                    }
+                }
                 s.pipeline.execute(&m).instrument(span).await
             }
             WorkerMsg::DeadLetter(m, e) => {
