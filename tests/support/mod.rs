@@ -19,6 +19,8 @@
 //! (use this tansu binary), `KEYFLOW_TANSU_LOG` (RUST_LOG for tansu; unset =
 //! quiet), `KEYFLOW_TEST_RUST_LOG` (RUST_LOG for keyflow children, default
 //! `info,keyflow=debug`; the `env` argument of the `Keyflow` starters wins).
+//! keyflow children serve their HTTP endpoint on `127.0.0.1:0` unless `env` sets
+//! `KEYFLOW_HTTP__ADDRESS`.
 //!
 //! Every child process (tansu, keyflow) is spawned with
 //! `PR_SET_PDEATHSIG=SIGKILL` from one long-lived thread, so nothing outlives
@@ -1263,7 +1265,10 @@ impl Keyflow {
                     .unwrap_or_else(|_| "info,keyflow=debug".into()),
             )
             .env("RUST_BACKTRACE", "1")
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            // Several keyflow processes run at once: each serves /metrics on an ephemeral port
+            // unless the test names one (the `env` argument wins).
+            .env("KEYFLOW_HTTP__ADDRESS", "127.0.0.1:0");
         for (k, v) in env {
             cmd.env(k, v);
         }
