@@ -163,7 +163,7 @@ pub fn status(address: &str, every: std::time::Duration, once: bool) -> std::pro
                 eprintln!("{e}");
                 return ExitCode::from(1);
             }
-            Err(e) => print!("\x1b[2J\x1b[H{e}\n"),
+            Err(e) => println!("\x1b[2J\x1b[H{e}"),
         }
         std::thread::sleep(every);
     }

@@ -676,7 +676,7 @@ fn inspect(s: &PartitionState) -> PartitionDebug {
         partition: s.partition,
         in_flight: s.flow.count(),
         running: s.running,
-        buffered_bytes: s.flow.bytes() as u64,
+        buffered_bytes: s.flow.bytes(),
         paused: s.stats.paused.load(Relaxed),
         stuck: s.stats.stuck.load(Relaxed),
         lag_messages: s.stats.lag.load(Relaxed),
