@@ -326,7 +326,7 @@ impl Processor for Outcomes {
     async fn process(&self, msg: &mut Message) -> Result<Flow, ProcessError> {
         match msg.payload_str().unwrap_or("").split(':').next().unwrap() {
             "ok" => {
-                tokio::time::sleep(Duration::from_millis(3)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
                 Ok(Flow::Continue)
             }
             "drop" => Ok(Flow::Drop),
