@@ -3,7 +3,28 @@
 //! wait and why. Keys are shown truncated (64 bytes, lossy UTF-8); no configuration value (and
 //! so no secret) is ever part of it.
 
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+
+/// Set in a worker's progress cell while the pipeline sleeps in retry backoff; the low bits hold
+/// the attempt number.
+pub const BACKING_OFF: u32 = 1 << 31;
+
+tokio::task_local! {
+    /// The running message's attempt (and [`BACKING_OFF`]), shared by a worker with its
+    /// supervisor so `/debug/partitions` can say why a key waits. Written once per attempt,
+    /// never per processor call.
+    pub static PROGRESS: Arc<AtomicU32>;
+}
+
+/// Records the attempt the pipeline is on, and whether it sleeps before it (no-op outside a
+/// worker).
+pub fn note_attempt(attempt: u32, backing_off: bool) {
+    let v = attempt | if backing_off { BACKING_OFF } else { 0 };
+    let _ = PROGRESS.try_with(|p| p.store(v, Relaxed));
+}
 
 /// The whole `/debug/partitions` document.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

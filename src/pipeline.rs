@@ -69,8 +69,10 @@ impl Pipeline {
                     self.stats.metrics.retried.increment(1);
                     let wait = backoff(&self.retry, attempt);
                     debug!(offset = original.offset, attempt, error = %e, ?wait, "retrying");
+                    crate::introspect::note_attempt(attempt + 1, true);
                     tokio::time::sleep(wait).await;
                     attempt += 1;
+                    crate::introspect::note_attempt(attempt, false);
                 }
                 Err(e) => {
                     self.dead_letter(original, &e, attempt).await;

@@ -979,6 +979,13 @@ latency = {{ distribution = "fixed", value = "1h" }}
     assert!(p0["oldest_in_flight"]["age_seconds"].as_f64().unwrap() >= 2.0);
     assert_eq!(p0["waiting_keys"][0]["key"], "stuck-key", "{debug}");
     assert_eq!(p0["waiting_keys"][0]["blocked_by_offset"], 0, "{debug}");
+    assert!(
+        p0["waiting_keys"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("slow processor"),
+        "{debug}"
+    );
     let out = status(&address);
     assert!(
         out.contains("YES"),
@@ -991,4 +998,92 @@ latency = {{ distribution = "fixed", value = "1h" }}
     assert!(!debug.contains(secret));
     assert!(!kf.log().contains(secret), "the secret was logged");
     kf.kill9();
+}
+
+/// Always fails with a retryable error.
+struct Flaky;
+
+#[async_trait]
+impl Processor for Flaky {
+    async fn process(&self, _msg: &mut Message) -> Result<Flow, ProcessError> {
+        Err(ProcessError::retryable("flaky", "always fails"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_partitions_says_a_key_waits_on_retry_backoff() {
+    let prometheus_handle = keyflow::metrics::install();
+    let broker = Broker::shared();
+    let (input, group, name) = (unique("backoff-in"), unique("backoff-g"), unique("backoff"));
+    broker.create_topic(&input, 1).await;
+    broker.produce(
+        &input,
+        (0..3).map(|i| msg("same-key", &format!("{i}"), false)),
+    );
+    let cfg = config(
+        broker,
+        &format!(
+            r#"
+name = "{name}"
+topic = "{input}"
+group_id = "{group}"
+auto_offset_reset = "earliest"
+session_timeout = "4s"
+drain_timeout = "1s"
+[retry]
+max_attempts = 3
+backoff = "60s"
+max_backoff = "60s"
+[[processors]]
+type = "custom"
+name = "flaky"
+"#
+        ),
+    );
+    let running = Runtime::new(cfg)
+        .with_processor("flaky", Arc::new(Flaky))
+        .start()
+        .await
+        .unwrap();
+    let (addr, server) = keyflow::http::serve(
+        "127.0.0.1:0",
+        HttpState {
+            prometheus: prometheus_handle,
+            pipelines: running.stats.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let addr = addr.to_string();
+    let mut last = String::new();
+    tokio::task::block_in_place(|| {
+        wait_until(
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || {
+                last = http_get(&addr, "/debug/partitions").1;
+                let v: serde_json::Value = serde_json::from_str(&last).unwrap();
+                let w = &v["pipelines"][0]["partitions"][0]["waiting_keys"][0];
+                w["key"] == "same-key"
+                    && w["waiting"] == 2
+                    && w["blocked_by_offset"] == 0
+                    && w["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("retry backoff: offset 0 failed, attempt 2"))
+            },
+            "/debug/partitions: same-key waits on offset 0's retry backoff",
+        )
+    });
+    let text = http_get(&addr, "/metrics").1;
+    assert_eq!(
+        sample(
+            &text,
+            "keyflow_messages_total",
+            &[("pipeline", &name), ("outcome", "retried")]
+        ),
+        Some(1.0),
+        "{last}"
+    );
+    server.abort();
+    running.shutdown().await;
 }

@@ -10,8 +10,8 @@
 //! point (all offsets below it complete) is committed.
 
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,7 +25,7 @@ use super::flow::{FlowControl, Signal};
 use super::scheduler::KeyScheduler;
 use super::worker::{Worker, WorkerArgs, WorkerMsg};
 use crate::config::PipelineSpec;
-use crate::introspect::{show_key, InFlightDebug, PartitionDebug, WaitingKey};
+use crate::introspect::{show_key, InFlightDebug, PartitionDebug, WaitingKey, BACKING_OFF};
 use crate::kafka::{offsets, Consumer, KeyflowContext, OffsetTracker};
 use crate::message::Message;
 use crate::pipeline::{Outcome, Pipeline};
@@ -100,6 +100,8 @@ struct Slot {
     crashes: u32,
     /// When the running message started (processing duration).
     started: Instant,
+    /// The running message's attempt and backoff state, written by the worker.
+    progress: Arc<AtomicU32>,
 }
 
 pub struct PartitionState {
@@ -310,7 +312,7 @@ impl Actor for PartitionSupervisor {
             )
             .into());
         }
-        let actor = spawn_worker(&me, s, id).await?;
+        let actor = spawn_worker(&me, s, id, s.workers[id].progress.clone()).await?;
         s.workers[id].actor = actor;
         if let Some(m) = s.workers[id].running.clone() {
             s.workers[id].crashes += 1;
@@ -343,11 +345,13 @@ async fn spawn_worker(
     me: &ActorRef<PartitionMsg>,
     s: &PartitionState,
     id: usize,
+    progress: Arc<AtomicU32>,
 ) -> Result<ActorRef<WorkerMsg>, ActorProcessingErr> {
     let args = WorkerArgs {
         id,
         pipeline: s.pipeline.clone(),
         parent: me.clone(),
+        progress,
     };
     let (actor, _) = Actor::spawn_linked(None, Worker, args, me.get_cell()).await?;
     Ok(actor)
@@ -412,12 +416,14 @@ async fn admit(
             Some(id) => id,
             None => {
                 let id = s.workers.len();
-                let actor = spawn_worker(me, s, id).await?;
+                let progress = Arc::new(AtomicU32::new(0));
+                let actor = spawn_worker(me, s, id, progress.clone()).await?;
                 s.workers.push(Slot {
                     actor,
                     running: None,
                     crashes: 0,
                     started: Instant::now(),
+                    progress,
                 });
                 id
             }
@@ -649,7 +655,7 @@ fn inspect(s: &PartitionState) -> PartitionDebug {
     let running_key = |key: &bytes::Bytes| {
         s.workers
             .iter()
-            .filter_map(|w| w.running.as_ref().map(|m| (m, w.started)))
+            .filter_map(|w| w.running.as_ref().map(|m| (m, w)))
             .find(|(m, _)| m.key.as_ref() == Some(key))
     };
     let waiting_keys = s
@@ -657,16 +663,27 @@ fn inspect(s: &PartitionState) -> PartitionDebug {
         .waiting_keys()
         .map(|(k, waiting)| {
             let blocker = running_key(k);
-            let running_seconds = blocker.map(|(_, t)| now.duration_since(t).as_secs_f64());
+            let running_seconds =
+                blocker.map(|(_, w)| now.duration_since(w.started).as_secs_f64());
+            let reason = match blocker {
+                None => "behind the running message of the key".to_string(),
+                Some((m, w)) => {
+                    let p = w.progress.load(Relaxed);
+                    let (attempt, backing_off) = (p & !BACKING_OFF, p & BACKING_OFF != 0);
+                    let r = running_seconds.unwrap_or_default();
+                    if backing_off {
+                        format!("retry backoff: offset {} failed, attempt {attempt} waits (running {r:.1}s)", m.offset)
+                    } else if attempt > 1 {
+                        format!("retrying: offset {} on attempt {attempt} (running {r:.1}s)", m.offset)
+                    } else {
+                        format!("slow processor: offset {} running {r:.1}s", m.offset)
+                    }
+                }
+            };
             WaitingKey {
                 key: show_key(k),
                 waiting,
-                reason: match running_seconds {
-                    Some(r) => format!(
-                        "behind the running message of the key (running {r:.1}s: slow processor or retry backoff)"
-                    ),
-                    None => "behind the running message of the key".into(),
-                },
+                reason,
                 blocked_by_offset: blocker.map(|(m, _)| m.offset),
                 running_seconds,
             }

@@ -2,6 +2,7 @@
 //! supervisor. Workers hold no per-message state the supervisor does not also hold, so a worker
 //! that panics is replaced and its message runs again.
 
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -19,12 +20,15 @@ pub struct WorkerArgs {
     pub id: usize,
     pub pipeline: Arc<Pipeline>,
     pub parent: ActorRef<PartitionMsg>,
+    /// The running message's attempt, read by the supervisor for `/debug/partitions`.
+    pub progress: Arc<AtomicU32>,
 }
 
 pub struct WorkerState {
     id: usize,
     pipeline: Arc<Pipeline>,
     parent: ActorRef<PartitionMsg>,
+    progress: Arc<AtomicU32>,
 }
 
 pub enum WorkerMsg {
@@ -48,6 +52,7 @@ impl Actor for Worker {
             id: a.id,
             pipeline: a.pipeline,
             parent: a.parent,
+            progress: a.progress,
         })
     }
 
@@ -67,7 +72,10 @@ impl Actor for Worker {
                         span.record("trace_id", t.as_str());
                     }
                 }
-                s.pipeline.execute(&m).instrument(span).await
+                s.progress.store(1, Relaxed);
+                crate::introspect::PROGRESS
+                    .scope(s.progress.clone(), s.pipeline.execute(&m).instrument(span))
+                    .await
             }
             WorkerMsg::DeadLetter(m, e) => {
                 s.pipeline.dead_letter_now(&m, &e).await;
