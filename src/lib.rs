@@ -14,19 +14,26 @@
 //! - [`stats`]: live counters; [`demo`]: the embedded demo.
 //! - [`gate`]: the pipeline-wide pause held by an open circuit breaker or a failing DLQ;
 //!   [`dlq`]: `keyflow dlq replay`.
+//! - Observability: [`metrics`] (names, buckets, recorder, handles) · [`http`] (`/metrics`,
+//!   `/health/*`, `/debug/partitions`) · [`introspect`] (the debug report, `keyflow status`) ·
+//!   [`trace`] (W3C `traceparent` continued on every write).
 
 pub mod actors;
 pub mod config;
 pub mod demo;
 pub mod dlq;
 pub mod gate;
+pub mod http;
+pub mod introspect;
 pub mod kafka;
 pub mod message;
+pub mod metrics;
 pub mod pipeline;
 pub mod processors;
 pub mod runtime;
 pub mod shutdown;
 pub mod stats;
+pub mod trace;
 
 pub use message::Message;
 pub use processors::{Flow, ProcessError, Processor};

@@ -59,6 +59,19 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         rate: u32,
     },
+    /// Show what each partition holds and why it waits (`/debug/partitions` of a running
+    /// keyflow), refreshed live.
+    Status {
+        /// The running keyflow's HTTP address (its `[http] address`).
+        #[arg(long, default_value = "127.0.0.1:9464", env = "KEYFLOW_STATUS_ADDRESS")]
+        address: String,
+        /// Refresh period.
+        #[arg(long, default_value = "1s")]
+        every: HumanDuration,
+        /// Print once and exit (for scripts and tests).
+        #[arg(long)]
+        once: bool,
+    },
     /// Dead-letter topic tools.
     Dlq {
         #[command(subcommand)]
@@ -162,6 +175,11 @@ fn main() -> ExitCode {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             rt.block_on(run(config))
         }
+        Command::Status {
+            address,
+            every,
+            once,
+        } => keyflow::introspect::status(&address, every.get(), once),
         Command::Demo {
             duration,
             pipeline,
@@ -250,6 +268,9 @@ fn dlq(command: DlqCommand) -> ExitCode {
 }
 
 async fn run(config: config::Config) -> ExitCode {
+    let prometheus = keyflow::metrics::install();
+    keyflow::metrics::set_stuck_after(config.global.stuck_after);
+    let http_address = config.global.http_address.clone();
     let mut running = match Runtime::new(config).start().await {
         Ok(r) => r,
         Err(e) => {
@@ -257,11 +278,31 @@ async fn run(config: config::Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let http = match http_address {
+        Some(address) => {
+            let state = keyflow::http::HttpState {
+                prometheus,
+                pipelines: running.stats.clone(),
+            };
+            match keyflow::http::serve(&address, state).await {
+                Ok((_, task)) => Some(task),
+                Err(e) => {
+                    tracing::error!(%address, error = %e, "cannot serve the http endpoint");
+                    let _ = running.shutdown().await;
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        None => None,
+    };
     let failure = tokio::select! {
         _ = keyflow::shutdown::signal() => None,
         f = running.failed() => Some(f),
     };
     let reports = running.shutdown().await;
+    if let Some(t) = http {
+        t.abort();
+    }
     let clean = reports.iter().all(|r| r.clean());
     for r in reports.iter().filter(|r| !r.clean()) {
         for (p, a) in &r.abandoned {

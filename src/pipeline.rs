@@ -90,6 +90,7 @@ impl Pipeline {
                 }
                 if e.is_retryable() && attempt < self.retry.max_attempts {
                     self.stats.retries.fetch_add(1, Relaxed);
+                    self.stats.metrics.retried.increment(1);
                     let after = backoff(&self.retry, attempt);
                     debug!(offset = original.offset, attempt, error = %e, ?after, "retrying");
                     return Outcome::Retry {
@@ -134,7 +135,10 @@ impl Pipeline {
         // nothing new is taken, and the commit point cannot pass this message.
         let mut holding = false;
         loop {
-            let mut headers = msg.headers.clone().unwrap_or_else(OwnedHeaders::new);
+            let mut headers = msg
+                .headers
+                .clone()
+                .map_or_else(OwnedHeaders::new, crate::trace::continue_trace);
             for (k, v) in [
                 ("keyflow.error", e.message()),
                 ("keyflow.error.kind", e.kind()),
@@ -169,6 +173,7 @@ impl Pipeline {
                         self.gate.release();
                         warn!(pipeline = %self.name, topic = %self.dead_letter_topic, tries, "dead-letter topic writable again");
                     }
+                    self.stats.metrics.dlq_ok.increment(1);
                     return;
                 }
                 Err((err, _)) => {
@@ -177,6 +182,7 @@ impl Pipeline {
                         holding = true;
                         self.gate.hold();
                     }
+                    self.stats.metrics.dlq_failed.increment(1);
                     error!(pipeline = %self.name, topic = %self.dead_letter_topic, error = %err, tries, "dead-letter write failed; retrying");
                     tokio::time::sleep(backoff(&self.retry, tries)).await;
                 }

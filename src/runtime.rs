@@ -87,7 +87,7 @@ impl Runtime {
                 pipeline: name.clone(),
                 message,
             })?;
-            let pstats = PipelineStats::new(&name);
+            let pstats = PipelineStats::with_topic(&name, &spec.topic);
             let pipeline = Arc::new(Pipeline::new(&spec, chain, producer, pstats.clone(), gate));
             let args = CoordinatorArgs {
                 spec: Arc::new(spec),

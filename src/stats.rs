@@ -1,9 +1,16 @@
 //! Live counters shared between the actors and whoever watches them (the demo's progress line,
-//! tests, later `/metrics`). Plain relaxed atomics: one uncontended add per event.
+//! tests, `/health` and `/debug`). Plain relaxed atomics: one uncontended add per event. The
+//! Prometheus handles ride along (`metrics`), so events counted here are exported too.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ractor::ActorRef;
+
+use crate::actors::partition::PartitionMsg;
+use crate::metrics::{PartitionMetrics, PipelineMetrics};
 
 #[derive(Debug, Default)]
 pub struct PipelineStats {
@@ -18,6 +25,12 @@ pub struct PipelineStats {
     pub lost: AtomicU64,
     pub commits_ok: AtomicU64,
     pub commits_failed: AtomicU64,
+    /// The input topic (a metric label).
+    pub topic: String,
+    /// Prometheus handles (no-ops unless a recorder is installed).
+    pub metrics: PipelineMetrics,
+    /// Wall-clock milliseconds of the poll loop's last turn (liveness).
+    pub poll_heartbeat_ms: AtomicU64,
     /// Per assigned partition; entries come and go with the assignment.
     partitions: Mutex<BTreeMap<i32, Arc<PartitionStats>>>,
 }
@@ -34,6 +47,13 @@ pub struct PartitionStats {
     /// Next offset to consume, as last committed (-1 before the first commit).
     pub committed: AtomicI64,
     pub processed: AtomicU64,
+    /// High watermark minus the commit point, as of the last tick.
+    pub lag: AtomicI64,
+    /// Flagged by the stuck-partition watchdog (lag > 0, nothing completed for `stuck_after`).
+    pub stuck: AtomicBool,
+    pub metrics: PartitionMetrics,
+    /// The partition's supervisor, asked for `/debug/partitions`.
+    pub actor: OnceLock<ActorRef<PartitionMsg>>,
 }
 
 /// A copy of the counters at one moment.
@@ -71,7 +91,41 @@ impl PipelineStats {
         })
     }
 
+    /// Stats with Prometheus handles labelled by pipeline and topic.
+    pub fn with_topic(name: &str, topic: &str) -> Arc<Self> {
+        Arc::new(PipelineStats {
+            name: name.to_string(),
+            topic: topic.to_string(),
+            metrics: PipelineMetrics::new(name, topic),
+            ..Default::default()
+        })
+    }
+
+    pub fn poll_heartbeat(&self) {
+        self.poll_heartbeat_ms.store(now_ms(), Relaxed);
+    }
+
+    /// Milliseconds since the poll loop last turned (`None` before its first turn).
+    pub fn since_poll_ms(&self) -> Option<u64> {
+        match self.poll_heartbeat_ms.load(Relaxed) {
+            0 => None,
+            t => Some(now_ms().saturating_sub(t)),
+        }
+    }
+
+    /// Every assigned partition's stats.
+    pub fn partitions(&self) -> Vec<(i32, Arc<PartitionStats>)> {
+        let map = self.partitions.lock().unwrap();
+        map.iter().map(|(p, s)| (*p, s.clone())).collect()
+    }
+
     pub fn rebalance(&self, kind: &str) {
+        match kind {
+            "assign" => &self.metrics.rebalance_assign,
+            "lost" => &self.metrics.rebalance_lost,
+            _ => &self.metrics.rebalance_revoke,
+        }
+        .increment(1);
         match kind {
             "assign" => &self.assigns,
             "lost" => &self.lost,
@@ -81,6 +135,12 @@ impl PipelineStats {
     }
 
     pub fn commit(&self, ok: bool) {
+        if ok {
+            &self.metrics.commits_ok
+        } else {
+            &self.metrics.commits_failed
+        }
+        .increment(1);
         if ok {
             &self.commits_ok
         } else {
@@ -92,14 +152,31 @@ impl PipelineStats {
     pub fn partition(&self, partition: i32) -> Arc<PartitionStats> {
         let p = Arc::new(PartitionStats {
             committed: AtomicI64::new(-1),
+            metrics: self.metrics.partition(partition),
             ..Default::default()
         });
-        self.partitions.lock().unwrap().insert(partition, p.clone());
+        let mut map = self.partitions.lock().unwrap();
+        map.insert(partition, p.clone());
+        self.metrics.assigned.set(map.len() as f64);
         p
     }
 
     pub fn remove_partition(&self, partition: i32) {
-        self.partitions.lock().unwrap().remove(&partition);
+        let mut map = self.partitions.lock().unwrap();
+        if let Some(p) = map.remove(&partition) {
+            // A partition that is no longer ours is neither lagging, paused nor stuck here.
+            for g in [
+                &p.metrics.lag_messages,
+                &p.metrics.lag_seconds,
+                &p.metrics.in_flight,
+                &p.metrics.buffered_bytes,
+                &p.metrics.paused,
+                &p.metrics.stuck,
+            ] {
+                g.set(0.0);
+            }
+        }
+        self.metrics.assigned.set(map.len() as f64);
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -134,4 +211,10 @@ impl PipelineStats {
             partitions,
         }
     }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

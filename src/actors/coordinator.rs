@@ -102,7 +102,13 @@ impl Actor for Coordinator {
         consumer.context().set_coordinator(me.clone());
         consumer.subscribe(&[&a.spec.topic])?;
         let poll_stop = Arc::new(AtomicBool::new(false));
-        let poll_thread = spawn_poll_thread(&a.spec, consumer.clone(), me, poll_stop.clone())?;
+        let poll_thread = spawn_poll_thread(
+            &a.spec,
+            consumer.clone(),
+            me,
+            poll_stop.clone(),
+            a.stats.clone(),
+        )?;
         info!(pipeline = %a.spec.name, topic = %a.spec.topic, group = %a.spec.group_id, "subscribed");
         Ok(CoordinatorState {
             spec: a.spec,
@@ -321,6 +327,7 @@ fn spawn_poll_thread(
     consumer: Arc<Consumer>,
     coordinator: ActorRef<CoordinatorMsg>,
     stop: Arc<AtomicBool>,
+    stats: Arc<PipelineStats>,
 ) -> std::io::Result<ThreadHandle<()>> {
     let topic: Arc<str> = Arc::from(spec.topic.as_str());
     let name = spec.name.clone();
@@ -330,6 +337,7 @@ fn spawn_poll_thread(
             // Serves rebalance callbacks and client events; messages normally arrive on their
             // partition queues, not here.
             while !stop.load(Ordering::SeqCst) {
+                stats.poll_heartbeat();
                 match consumer.poll(Duration::from_millis(100)) {
                     Some(Ok(m)) => {
                         let _ = coordinator

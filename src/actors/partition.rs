@@ -10,21 +10,22 @@
 //! point (all offsets below it complete) is committed.
 
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::TopicPartitionList;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use super::flow::FlowControl;
 use super::scheduler::KeyScheduler;
 use super::worker::{Worker, WorkerArgs, WorkerMsg};
 use crate::config::PipelineSpec;
+use crate::introspect::{show_key, InFlightDebug, PartitionDebug, WaitingKey, BACKING_OFF};
 use crate::kafka::{offsets, Consumer, KeyflowContext, OffsetTracker};
 use crate::message::Message;
 use crate::pipeline::{Outcome, Pipeline};
@@ -74,6 +75,8 @@ pub enum PartitionMsg {
     Retry(Arc<Message>, u32),
     /// The pipeline gate changed: `true` while it is held (breaker open, DLQ failing).
     Gate(bool),
+    /// `/debug/partitions`: report what the partition holds and why it waits.
+    Inspect(RpcReplyPort<PartitionDebug>),
 }
 
 /// What a drained partition hands back.
@@ -101,6 +104,10 @@ struct Slot {
     attempt: u32,
     /// Times the running message has crashed a worker.
     crashes: u32,
+    /// When the running message started (processing duration).
+    started: Instant,
+    /// The running message's attempt and backoff state, written by the worker.
+    progress: Arc<AtomicU32>,
 }
 
 pub struct PartitionState {
@@ -127,11 +134,18 @@ pub struct PartitionState {
     stats: Arc<PartitionStats>,
     /// Messages waiting out a retry backoff: their keys are held, their workers free.
     retrying: usize,
+    /// Those messages, with the attempt they wait for and since when (for `/debug`).
+    backoffs: Vec<(Arc<Message>, u32, Instant)>,
     /// The pipeline gate is held: take nothing new, keep the partition paused.
     gate_held: bool,
     /// Whether the partition is paused on the consumer (for flow control or the gate).
     consumer_paused: bool,
     gate_watch: Option<JoinHandle<()>>,
+    /// When a message last completed, or when work became pending (stuck watchdog).
+    last_progress: Instant,
+    last_completion: Option<Instant>,
+    /// `partition{pipeline, topic, partition}`: every handler runs inside it.
+    span: tracing::Span,
 }
 
 impl Actor for PartitionSupervisor {
@@ -155,7 +169,12 @@ impl Actor for PartitionSupervisor {
             }
         });
         let spec = a.spec;
+        let _ = a.stats.actor.set(me.clone());
+        let span = tracing::info_span!("partition", pipeline = %spec.name, topic = %a.topic, partition = a.partition);
         Ok(PartitionState {
+            last_progress: Instant::now(),
+            last_completion: None,
+            span,
             topic: a.topic,
             partition: a.partition,
             queue: Some(queue),
@@ -182,6 +201,7 @@ impl Actor for PartitionSupervisor {
             stats: a.stats,
             spec,
             retrying: 0,
+            backoffs: Vec::new(),
             gate_held: false,
             consumer_paused: false,
             gate_watch: None,
@@ -237,19 +257,20 @@ impl Actor for PartitionSupervisor {
         msg: PartitionMsg,
         s: &mut PartitionState,
     ) -> Result<(), ActorProcessingErr> {
+        let span = s.span.clone();
         match msg {
             PartitionMsg::Fetch => {
                 s.fetch_scheduled.store(false, Release);
-                fetch(&me, s).await?;
+                fetch(&me, s).instrument(span).await?;
             }
             PartitionMsg::Deliver(m) => {
                 if s.draining.is_none() {
-                    admit(&me, s, m).await?;
+                    admit(&me, s, m).instrument(span).await?;
                     apply_flow(&me, s);
                 }
             }
             PartitionMsg::Done { worker, outcome } => {
-                on_done(&me, s, worker, outcome).await?;
+                on_done(&me, s, worker, outcome).instrument(span).await?;
             }
             PartitionMsg::FlowCheck => {
                 s.flow_check_scheduled = false;
@@ -261,6 +282,10 @@ impl Actor for PartitionSupervisor {
                 s.stats
                     .buffered_bytes
                     .store(s.flow.bytes() as usize, Relaxed);
+                observe(s);
+            }
+            PartitionMsg::Inspect(reply) => {
+                let _ = reply.send(inspect(s));
             }
             PartitionMsg::Drain { deadline, reply } => {
                 // Messages not yet started are abandoned now: the commit point cannot pass them,
@@ -292,6 +317,7 @@ impl Actor for PartitionSupervisor {
             }
             PartitionMsg::Retry(m, attempt) => {
                 s.retrying -= 1;
+                s.backoffs.retain(|(b, _, _)| b.offset != m.offset);
                 // While draining a waiting retry is abandoned: the commit point cannot pass it.
                 if s.draining.is_none() {
                     start_or_park(&me, s, m, attempt).await?;
@@ -353,7 +379,7 @@ impl Actor for PartitionSupervisor {
             )
             .into());
         }
-        let actor = spawn_worker(&me, s, id).await?;
+        let actor = spawn_worker(&me, s, id, s.workers[id].progress.clone()).await?;
         s.workers[id].actor = actor;
         if let Some(m) = s.workers[id].running.clone() {
             s.workers[id].crashes += 1;
@@ -378,6 +404,7 @@ impl Actor for PartitionSupervisor {
 impl PartitionState {
     fn stats_restart(&self) {
         self.pipeline.stats.worker_restarts.fetch_add(1, Relaxed);
+        self.stats.metrics.pipeline.worker_restarts.increment(1);
     }
 }
 
@@ -385,11 +412,13 @@ async fn spawn_worker(
     me: &ActorRef<PartitionMsg>,
     s: &PartitionState,
     id: usize,
+    progress: Arc<AtomicU32>,
 ) -> Result<ActorRef<WorkerMsg>, ActorProcessingErr> {
     let args = WorkerArgs {
         id,
         pipeline: s.pipeline.clone(),
         parent: me.clone(),
+        progress,
     };
     let (actor, _) = Actor::spawn_linked(None, Worker, args, me.get_cell()).await?;
     Ok(actor)
@@ -483,12 +512,15 @@ async fn acquire_worker(
         return Ok(None);
     }
     let id = s.workers.len();
-    let actor = spawn_worker(me, s, id).await?;
+    let progress = Arc::new(AtomicU32::new(0));
+    let actor = spawn_worker(me, s, id, progress.clone()).await?;
     s.workers.push(Slot {
         actor,
         running: None,
         attempt: 1,
         crashes: 0,
+        started: Instant::now(),
+        progress,
     });
     Ok(Some(id))
 }
@@ -499,10 +531,17 @@ fn start(
     m: Arc<Message>,
     attempt: u32,
 ) -> Result<(), ActorProcessingErr> {
+    let now = Instant::now();
+    s.stats
+        .metrics
+        .pipeline
+        .queue_wait
+        .record(now.saturating_duration_since(m.received));
     let slot = &mut s.workers[id];
     slot.running = Some(m.clone());
     slot.attempt = attempt;
     slot.crashes = 0;
+    slot.started = now;
     s.running += 1;
     slot.actor.cast(WorkerMsg::Run(m, attempt))?;
     Ok(())
@@ -514,15 +553,27 @@ async fn on_done(
     worker: usize,
     outcome: Outcome,
 ) -> Result<(), ActorProcessingErr> {
-    let Some(m) = s.workers.get_mut(worker).and_then(|w| w.running.take()) else {
+    let Some((m, started)) = s
+        .workers
+        .get_mut(worker)
+        .and_then(|w| Some((w.running.take()?, w.started)))
+    else {
         return Ok(());
     };
+    let now = Instant::now();
+    s.last_progress = now;
+    s.last_completion = Some(now);
+    s.stats
+        .metrics
+        .pipeline
+        .process_duration
+        .record(now.saturating_duration_since(started));
     s.running -= 1;
     if let Outcome::Retry { attempt, after } = outcome {
         // The key stays held (the scheduler is not told), the offset stays incomplete and the
-        // budget stays taken; only the worker is freed, for other keys.
+        // budget stays taken; only the worker is freed, for other keys or a parked message.
         match s.ready.pop_front() {
-            Some((next, attempt)) => start(s, worker, next, attempt)?,
+            Some((next, a)) => start(s, worker, next, a)?,
             None => s.idle.push(worker),
         }
         if s.draining.is_some() {
@@ -532,9 +583,20 @@ async fn on_done(
             return Ok(());
         }
         s.retrying += 1;
+        s.backoffs.push((m.clone(), attempt, now));
         me.send_after(after, move || PartitionMsg::Retry(m, attempt));
         return Ok(());
     }
+    let pm = &s.stats.metrics.pipeline;
+    if let Some(ts) = m.timestamp_ms.filter(|&t| t > 0) {
+        pm.end_to_end.record((now_ms() - ts).max(0) as f64 / 1000.0);
+    }
+    match outcome {
+        Outcome::Processed => &pm.processed,
+        Outcome::Filtered => &pm.filtered,
+        Outcome::DeadLettered | Outcome::Retry { .. } => &pm.dead_lettered,
+    }
+    .increment(1);
     s.tracker.completed(m.offset);
     s.flow.release(m.size());
     s.stats.processed.fetch_add(1, Relaxed);
@@ -601,6 +663,7 @@ fn sync_pause(s: &mut PartitionState) {
     tpl.add_partition(&s.topic, s.partition);
     let r = if want {
         s.stats.pauses.fetch_add(1, Relaxed);
+        s.stats.metrics.pauses.increment(1);
         s.consumer.pause(&tpl)
     } else {
         s.stats.resumes.fetch_add(1, Relaxed);
@@ -608,6 +671,7 @@ fn sync_pause(s: &mut PartitionState) {
     };
     s.consumer_paused = want;
     s.stats.paused.store(want, Relaxed);
+    s.stats.metrics.paused.set(if want { 1.0 } else { 0.0 });
     if let Err(e) = r {
         warn!(topic = %s.topic, partition = s.partition, paused = want, error = %e, "pause/resume failed");
     }
@@ -631,6 +695,7 @@ fn commit_progress(s: &mut PartitionState) {
             s.pipeline.stats.commit(true);
             s.committed = Some(next);
             s.stats.committed.store(next, Relaxed);
+            s.stats.metrics.committed.set(next as f64);
         }
         Err(e) => {
             warn!(topic = %s.topic, partition = s.partition, next, error = %e, "commit failed")
@@ -669,4 +734,126 @@ fn finish_drain(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
         abandoned,
     });
     me.stop(None);
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The running message with the lowest offset: the oldest incomplete one (a waiting message
+/// always sits behind a running one with a lower offset).
+fn oldest_running(s: &PartitionState) -> Option<&Arc<Message>> {
+    s.workers
+        .iter()
+        .filter_map(|w| w.running.as_ref())
+        .min_by_key(|m| m.offset)
+}
+
+/// Every tick: lag in messages and seconds, gauges, and the stuck-partition watchdog.
+fn observe(s: &mut PartitionState) {
+    let m = &s.stats.metrics;
+    let next = s.tracker.committable().or(s.committed);
+    // librdkafka's cached high watermark (from fetch responses): no broker round trip.
+    let lag = match (
+        crate::kafka::client::cached_high_watermark(&s.consumer, &s.topic, s.partition),
+        next,
+    ) {
+        (Some(high), Some(n)) => (high - n).max(0),
+        _ => 0,
+    };
+    let lag_seconds = oldest_running(s).map_or(0.0, |o| match o.timestamp_ms {
+        Some(ts) if ts > 0 => (now_ms() - ts).max(0) as f64 / 1000.0,
+        _ => o.received.elapsed().as_secs_f64(),
+    });
+    let now = Instant::now();
+    let pending = lag > 0 || s.flow.count() > 0;
+    if !pending {
+        s.last_progress = now;
+    }
+    let stuck = pending && now.duration_since(s.last_progress) > crate::metrics::stuck_after();
+    if stuck && !s.stats.stuck.load(Relaxed) {
+        warn!(topic = %s.topic, partition = s.partition, lag, in_flight = s.flow.count(), since_progress = ?now.duration_since(s.last_progress), "partition stuck: nothing completed");
+    }
+    s.stats.stuck.store(stuck, Relaxed);
+    s.stats.lag.store(lag, Relaxed);
+    m.lag_messages.set(lag as f64);
+    m.lag_seconds.set(lag_seconds);
+    m.in_flight.set(s.flow.count() as f64);
+    m.buffered_bytes.set(s.flow.bytes() as f64);
+    m.stuck.set(if stuck { 1.0 } else { 0.0 });
+}
+
+/// `/debug/partitions` for this partition.
+fn inspect(s: &PartitionState) -> PartitionDebug {
+    let now = Instant::now();
+    let running_key = |key: &bytes::Bytes| {
+        s.workers
+            .iter()
+            .filter_map(|w| w.running.as_ref().map(|m| (m, w)))
+            .find(|(m, _)| m.key.as_ref() == Some(key))
+    };
+    let waiting_keys = s
+        .scheduler
+        .waiting_keys()
+        .map(|(k, waiting)| {
+            let blocker = running_key(k);
+            let backoff = s.backoffs.iter().find(|(m, _, _)| m.key.as_ref() == Some(k));
+            let running_seconds = blocker
+                .map(|(_, w)| now.duration_since(w.started).as_secs_f64())
+                .or(backoff.map(|(_, _, since)| now.duration_since(*since).as_secs_f64()));
+            let reason = match blocker {
+                None => match backoff {
+                    Some((m, attempt, since)) => format!(
+                        "retry backoff: offset {} failed, attempt {attempt} waits ({:.1}s so far)",
+                        m.offset,
+                        now.duration_since(*since).as_secs_f64()
+                    ),
+                    None => "behind the running message of the key".to_string(),
+                },
+                Some((m, w)) => {
+                    let p = w.progress.load(Relaxed);
+                    let (attempt, backing_off) = (p & !BACKING_OFF, p & BACKING_OFF != 0);
+                    let r = running_seconds.unwrap_or_default();
+                    if backing_off {
+                        format!("retry backoff: offset {} failed, attempt {attempt} waits (running {r:.1}s)", m.offset)
+                    } else if attempt > 1 {
+                        format!("retrying: offset {} on attempt {attempt} (running {r:.1}s)", m.offset)
+                    } else {
+                        format!("slow processor: offset {} running {r:.1}s", m.offset)
+                    }
+                }
+            };
+            WaitingKey {
+                key: show_key(k),
+                waiting,
+                reason,
+                blocked_by_offset: blocker
+                    .map(|(m, _)| m.offset)
+                    .or(backoff.map(|(m, _, _)| m.offset)),
+                running_seconds,
+            }
+        })
+        .collect();
+    PartitionDebug {
+        partition: s.partition,
+        in_flight: s.flow.count(),
+        running: s.running,
+        buffered_bytes: s.flow.bytes(),
+        paused: s.stats.paused.load(Relaxed),
+        stuck: s.stats.stuck.load(Relaxed),
+        lag_messages: s.stats.lag.load(Relaxed),
+        commit_point: s.tracker.committable(),
+        oldest_in_flight: oldest_running(s).map(|m| InFlightDebug {
+            offset: m.offset,
+            key: m.key.as_deref().map(show_key),
+            age_seconds: m.received.elapsed().as_secs_f64(),
+        }),
+        since_last_completion_seconds: s
+            .last_completion
+            .map(|t| now.duration_since(t).as_secs_f64()),
+        waiting_keys,
+        error: None,
+    }
 }

@@ -114,6 +114,15 @@ impl<T: Keyed> KeyScheduler<T> {
         self.waiting
     }
 
+    /// Keys with messages held back behind a running one, and how many (key mode; for
+    /// `/debug/partitions`, not the hot path).
+    pub fn waiting_keys(&self) -> impl Iterator<Item = (&Bytes, usize)> {
+        self.busy
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(k, q)| (k, q.len()))
+    }
+
     /// Keys with a message running (key mode).
     pub fn busy_keys(&self) -> usize {
         self.busy.len()

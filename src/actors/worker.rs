@@ -2,6 +2,7 @@
 //! supervisor. Workers hold no per-message state the supervisor does not also hold, so a worker
 //! that panics is replaced and its message runs again.
 
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -19,12 +20,15 @@ pub struct WorkerArgs {
     pub id: usize,
     pub pipeline: Arc<Pipeline>,
     pub parent: ActorRef<PartitionMsg>,
+    /// The running message's attempt, read by the supervisor for `/debug/partitions`.
+    pub progress: Arc<AtomicU32>,
 }
 
 pub struct WorkerState {
     id: usize,
     pipeline: Arc<Pipeline>,
     parent: ActorRef<PartitionMsg>,
+    progress: Arc<AtomicU32>,
 }
 
 pub enum WorkerMsg {
@@ -48,6 +52,7 @@ impl Actor for Worker {
             id: a.id,
             pipeline: a.pipeline,
             parent: a.parent,
+            progress: a.progress,
         })
     }
 
@@ -59,8 +64,21 @@ impl Actor for Worker {
     ) -> Result<(), ActorProcessingErr> {
         let outcome = match msg {
             WorkerMsg::Run(m, attempt) => {
-                let span = tracing::debug_span!("message", topic = %m.topic, partition = m.partition, offset = m.offset);
-                s.pipeline.execute(&m, attempt).instrument(span).await
+                let span = tracing::debug_span!("message", topic = %m.topic, partition = m.partition, offset = m.offset, trace_id = tracing::field::Empty);
+                // The input's W3C trace id, so logs join the caller's trace (only when the span
+                // is recorded: no cost otherwise).
+                if !span.is_disabled() {
+                    if let Some(t) = m.headers.as_ref().and_then(crate::trace::find_trace_id) {
+                        span.record("trace_id", t.as_str());
+                    }
+                }
+                s.progress.store(1, Relaxed);
+                crate::introspect::PROGRESS
+                    .scope(
+                        s.progress.clone(),
+                        s.pipeline.execute(&m, attempt).instrument(span),
+                    )
+                    .await
             }
             WorkerMsg::DeadLetter(m, e) => {
                 s.pipeline.dead_letter_now(&m, &e).await;

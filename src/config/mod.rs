@@ -17,6 +17,7 @@ pub mod env;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::Deserialize;
@@ -120,12 +121,16 @@ pub struct HttpConfig {
     /// `/metrics` and `/health/*`; `"off"` disables the server.
     #[serde(default = "default_http_address")]
     pub address: String,
+    /// Stuck-partition watchdog: lag > 0 and no message completed for this long.
+    #[serde(default = "default_stuck_after")]
+    pub stuck_after: HumanDuration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             address: default_http_address(),
+            stuck_after: default_stuck_after(),
         }
     }
 }
@@ -140,6 +145,10 @@ fn default_pipelines_dir() -> PathBuf {
 fn default_http_address() -> String {
     "0.0.0.0:9464".into()
 }
+// Long enough for a slow but healthy message, short enough to page before the backlog is hours.
+fn default_stuck_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(120))
+}
 
 /// The validated global settings.
 #[derive(Debug, Clone)]
@@ -147,6 +156,8 @@ pub struct Global {
     pub brokers: String,
     pub pipelines: PathBuf,
     pub http_address: Option<String>,
+    /// `[http] stuck_after`: the stuck-partition watchdog threshold.
+    pub stuck_after: Duration,
     pub kafka: Vec<(String, String)>,
 }
 
@@ -156,6 +167,7 @@ impl Default for Global {
             brokers: default_brokers(),
             pipelines: default_pipelines_dir(),
             http_address: Some(default_http_address()),
+            stuck_after: default_stuck_after().get(),
             kafka: Vec::new(),
         }
     }
@@ -484,6 +496,7 @@ pub fn load_global(path: Option<&Path>, env: &Env) -> Result<Global, ConfigError
         brokers: file.brokers,
         pipelines: file.pipelines,
         http_address,
+        stuck_after: file.http.stuck_after.get(),
         kafka,
     })
 }

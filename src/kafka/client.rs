@@ -104,3 +104,25 @@ pub fn create_consumer(
 pub fn create_producer(brokers: &str, spec: &PipelineSpec) -> KafkaResult<Producer> {
     producer_config(brokers, spec).create()
 }
+
+/// The high watermark librdkafka last saw in a fetch response for this partition: a local
+/// lookup, no broker round trip (unlike `fetch_watermarks`), so metrics can read it every tick.
+/// `None` until a fetch response has arrived.
+pub fn cached_high_watermark(consumer: &Consumer, topic: &str, partition: i32) -> Option<i64> {
+    use rdkafka::consumer::Consumer as _;
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` is borrowed; the topic is a valid
+    // NUL-terminated string for the call; low/high are valid out-pointers.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}

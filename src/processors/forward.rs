@@ -74,7 +74,7 @@ impl Forward {
             record = record.payload(p);
         }
         if let Some(h) = msg.headers.take() {
-            record = record.headers(h);
+            record = record.headers(crate::trace::continue_trace(h));
         }
         if let Some(ts) = msg.timestamp_ms {
             record = record.timestamp(ts);

@@ -19,6 +19,8 @@
 //! (use this tansu binary), `KEYFLOW_TANSU_LOG` (RUST_LOG for tansu; unset =
 //! quiet), `KEYFLOW_TEST_RUST_LOG` (RUST_LOG for keyflow children, default
 //! `info,keyflow=debug`; the `env` argument of the `Keyflow` starters wins).
+//! keyflow children serve their HTTP endpoint on `127.0.0.1:0` unless `env` sets
+//! `KEYFLOW_HTTP__ADDRESS`.
 //!
 //! Every child process (tansu, keyflow) is spawned with
 //! `PR_SET_PDEATHSIG=SIGKILL` from one long-lived thread, so nothing outlives
@@ -191,7 +193,7 @@ struct SpawnRequest {
 /// Spawns `cmd` so the child receives SIGKILL when this test process dies.
 /// PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so all
 /// children are forked by one thread that lives as long as the process.
-fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
+pub fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let parent = std::process::id() as libc::pid_t;
     unsafe {
@@ -597,7 +599,7 @@ pub struct Broker {
     producer: OnceLock<BaseProducer<DeliveryCtx>>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l =
         TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
     l.local_addr().unwrap().port()
@@ -1263,7 +1265,10 @@ impl Keyflow {
                     .unwrap_or_else(|_| "info,keyflow=debug".into()),
             )
             .env("RUST_BACKTRACE", "1")
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            // Several keyflow processes run at once: each serves /metrics on an ephemeral port
+            // unless the test names one (the `env` argument wins).
+            .env("KEYFLOW_HTTP__ADDRESS", "127.0.0.1:0");
         for (k, v) in env {
             cmd.env(k, v);
         }

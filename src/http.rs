@@ -1,0 +1,252 @@
+//! The HTTP endpoint (`[http] address`, default `0.0.0.0:9464`):
+//!
+//! - `/metrics`: Prometheus text format.
+//! - `/health/live`: 200 while every pipeline's poll loop turns and the actors answer.
+//! - `/health/ready`: 200 once every pipeline has joined its group and no partition is stuck;
+//!   503 otherwise, with the reason in the JSON body.
+//! - `/debug/partitions`: JSON, see [`crate::introspect`].
+//!
+//! It runs on the same tokio runtime as the actors, off the hot path: scrapes read atomics and
+//! ask each partition supervisor once (`/debug` only).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+
+use crate::actors::partition::PartitionMsg;
+use crate::introspect::{DebugReport, PartitionDebug, PipelineDebug};
+use crate::stats::PipelineStats;
+
+/// A poll loop that has not turned for this long is not alive (it turns every 100 ms).
+const POLL_STALE: Duration = Duration::from_secs(10);
+/// How long `/debug/partitions` waits for a supervisor (a blocked one is reported as such).
+const INSPECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub prometheus: PrometheusHandle,
+    pub pipelines: Vec<Arc<PipelineStats>>,
+}
+
+/// Binds `address` and serves until the returned task is aborted.
+pub async fn serve(
+    address: &str,
+    state: HttpState,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/debug/partitions", get(debug_partitions))
+        .with_state(state.clone());
+    // Housekeeping for the recorder's histograms, and the ready gauge between scrapes.
+    let upkeep = state.clone();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            t.tick().await;
+            upkeep.prometheus.run_upkeep();
+            let _ = readiness(&upkeep.pipelines);
+        }
+    });
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    tracing::info!(address = %local, "http endpoint serving /metrics /health/live /health/ready /debug/partitions");
+    Ok((local, task))
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    let _ = readiness(&s.pipelines);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.prometheus.render(),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Serialize)]
+struct Health {
+    status: &'static str,
+    reasons: Vec<String>,
+}
+
+fn reply(reasons: Vec<String>, ok: &'static str, bad: &'static str) -> Response {
+    let code = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let status = if reasons.is_empty() { ok } else { bad };
+    (code, Json(Health { status, reasons })).into_response()
+}
+
+async fn live(State(s): State<HttpState>) -> Response {
+    let mut reasons = Vec::new();
+    for p in &s.pipelines {
+        match p.since_poll_ms() {
+            None => reasons.push(format!("pipeline {}: poll loop not started", p.name)),
+            Some(ms) if Duration::from_millis(ms) > POLL_STALE => {
+                reasons.push(format!("pipeline {}: poll loop silent for {ms} ms", p.name))
+            }
+            Some(_) => {}
+        }
+        // The actors answer: a supervisor whose mailbox is dead cannot be asked.
+        for (partition, ps) in p.partitions() {
+            if let Some(a) = ps.actor.get() {
+                if matches!(a.get_status(), ractor::ActorStatus::Stopped) {
+                    reasons.push(format!(
+                        "pipeline {}: partition {partition} actor stopped",
+                        p.name
+                    ));
+                }
+            }
+        }
+    }
+    reply(reasons, "live", "dead")
+}
+
+/// Why this instance is not ready (empty: ready). Also sets the `keyflow_ready` gauge.
+pub fn readiness(pipelines: &[Arc<PipelineStats>]) -> Vec<String> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut reasons = Vec::new();
+    for p in pipelines {
+        if p.assigns.load(Relaxed) == 0 {
+            reasons.push(format!(
+                "pipeline {}: not joined (no assignment yet)",
+                p.name
+            ));
+        }
+        for (partition, ps) in p.partitions() {
+            if ps.stuck.load(Relaxed) {
+                reasons.push(format!(
+                    "pipeline {}: partition {partition} stuck (lag {}, nothing completed for {:?})",
+                    p.name,
+                    ps.lag.load(Relaxed),
+                    crate::metrics::stuck_after()
+                ));
+            }
+        }
+    }
+    metrics::gauge!(crate::metrics::READY).set(if reasons.is_empty() { 1.0 } else { 0.0 });
+    reasons
+}
+
+async fn ready(State(s): State<HttpState>) -> Response {
+    reply(readiness(&s.pipelines), "ready", "not ready")
+}
+
+/// Builds the `/debug/partitions` report by asking every partition supervisor.
+pub async fn debug_report(pipelines: &[Arc<PipelineStats>]) -> DebugReport {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = DebugReport::default();
+    for p in pipelines {
+        let mut partitions = Vec::new();
+        for (partition, ps) in p.partitions() {
+            let answer = match ps.actor.get() {
+                Some(a) => a
+                    .call(PartitionMsg::Inspect, Some(INSPECT_TIMEOUT))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| match r {
+                        ractor::rpc::CallResult::Success(d) => Ok(d),
+                        ractor::rpc::CallResult::Timeout => {
+                            Err("the supervisor did not answer within 2 s".into())
+                        }
+                        ractor::rpc::CallResult::SenderError => {
+                            Err("the supervisor stopped".into())
+                        }
+                    }),
+                None => Err("the supervisor is not started".into()),
+            };
+            partitions.push(answer.unwrap_or_else(|error| PartitionDebug {
+                partition,
+                in_flight: ps.in_flight.load(Relaxed),
+                paused: ps.paused.load(Relaxed),
+                stuck: ps.stuck.load(Relaxed),
+                lag_messages: ps.lag.load(Relaxed),
+                error: Some(error),
+                ..Default::default()
+            }));
+        }
+        out.pipelines.push(PipelineDebug {
+            pipeline: p.name.clone(),
+            topic: p.topic.clone(),
+            joined: p.assigns.load(Relaxed) > 0,
+            partitions,
+        });
+    }
+    out
+}
+
+async fn debug_partitions(State(s): State<HttpState>) -> Json<DebugReport> {
+    Json(debug_report(&s.pipelines).await)
+}
+
+/// A minimal HTTP/1.1 GET (for `keyflow status`; no client library needed): returns the status
+/// code and the body.
+pub fn get_blocking(
+    address: &str,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let addr = address
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("cannot resolve {address}")))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("malformed HTTP response"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("malformed HTTP status line"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}

@@ -1,0 +1,348 @@
+//! Metric names, descriptions, buckets and the Prometheus recorder.
+//!
+//! Every name lives here as a constant, with its unit in the name. Labels are bounded:
+//! `pipeline`, `topic`, `partition`, `outcome`, `kind`, `result` — never a message key.
+//! Histograms have explicit buckets so that they render as Prometheus histograms (summaries
+//! cannot be aggregated across instances).
+//!
+//! The hot path never looks a metric up by name: handles are registered once per pipeline
+//! ([`PipelineMetrics`]) and once per assigned partition ([`PartitionMetrics`]), then
+//! incremented. Without an installed recorder (library use, in-process tests) the handles are
+//! no-ops.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Messages completed or retried, by `outcome` (see the `OUTCOME_*` constants).
+pub const MESSAGES_TOTAL: &str = "keyflow_messages_total";
+/// Time from a message's start on a worker to its completion (all attempts, DLQ write included).
+pub const PROCESS_DURATION_SECONDS: &str = "keyflow_process_duration_seconds";
+/// Time from a message's receipt off the consumer queue to its start on a worker.
+pub const QUEUE_WAIT_SECONDS: &str = "keyflow_queue_wait_seconds";
+/// Time from a message's Kafka timestamp to its completion.
+pub const END_TO_END_LATENCY_SECONDS: &str = "keyflow_end_to_end_latency_seconds";
+/// High watermark minus the commit point, per partition.
+pub const CONSUMER_LAG_MESSAGES: &str = "keyflow_consumer_lag_messages";
+/// Age of the oldest incomplete message (by its Kafka timestamp), per partition.
+pub const CONSUMER_LAG_SECONDS: &str = "keyflow_consumer_lag_seconds";
+/// Messages buffered or running, per partition.
+pub const IN_FLIGHT_MESSAGES: &str = "keyflow_in_flight_messages";
+/// Key + payload bytes buffered or running, per partition.
+pub const BUFFERED_BYTES: &str = "keyflow_buffered_bytes";
+/// 1 while the partition is paused on the consumer (flow control).
+pub const PARTITION_PAUSED: &str = "keyflow_partition_paused";
+/// Times the partition was paused.
+pub const PARTITION_PAUSES_TOTAL: &str = "keyflow_partition_pauses_total";
+/// 1 while the stuck-partition watchdog flags the partition.
+pub const PARTITION_STUCK: &str = "keyflow_partition_stuck";
+/// Partitions currently assigned to this instance.
+pub const ASSIGNED_PARTITIONS: &str = "keyflow_assigned_partitions";
+/// Rebalance events by `kind` (assign, revoke, lost).
+pub const REBALANCES_TOTAL: &str = "keyflow_rebalances_total";
+/// Offset commits by `result` (ok, failed).
+pub const COMMITS_TOTAL: &str = "keyflow_commits_total";
+/// The last committed offset (the next offset to consume), per partition.
+pub const COMMITTED_OFFSET: &str = "keyflow_committed_offset";
+/// Workers restarted after a crash.
+pub const WORKER_RESTARTS_TOTAL: &str = "keyflow_worker_restarts_total";
+/// Circuit-breaker state: 0 closed, 1 half-open, 2 open.
+pub const CIRCUIT_BREAKER_STATE: &str = "keyflow_circuit_breaker_state";
+/// Dead-letter topic writes by `result` (ok, failed).
+pub const DEAD_LETTER_WRITES_TOTAL: &str = "keyflow_dead_letter_writes_total";
+/// 1 while this instance is ready (joined, nothing stuck); 0 otherwise.
+pub const READY: &str = "keyflow_ready";
+/// Always 1; the labels carry the version.
+pub const BUILD_INFO: &str = "keyflow_build_info";
+
+pub const OUTCOME_PROCESSED: &str = "processed";
+pub const OUTCOME_RETRIED: &str = "retried";
+pub const OUTCOME_DEAD_LETTERED: &str = "dead_lettered";
+pub const OUTCOME_FILTERED: &str = "filtered";
+/// No built-in processor deduplicates yet; the series exists (at 0) for dashboards and alerts.
+pub const OUTCOME_DEDUPLICATED: &str = "deduplicated";
+
+/// Processing and queue-wait buckets: 1 ms … 60 s.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// End-to-end buckets reach further: a backlog is hours old.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0, 14400.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+/// The stuck-partition watchdog threshold in milliseconds (process-wide; `[http] stuck_after`).
+static STUCK_AFTER_MS: AtomicU64 = AtomicU64::new(60_000);
+
+/// Installs the Prometheus recorder once per process and returns its handle (later calls return
+/// the same handle). Call it before the runtime starts so that every handle registers.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(PROCESS_DURATION_SECONDS.into()),
+                    DURATION_BUCKETS,
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(QUEUE_WAIT_SECONDS.into()),
+                        DURATION_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(END_TO_END_LATENCY_SECONDS.into()),
+                        LATENCY_BUCKETS,
+                    )
+                })
+                .expect("bucket lists are non-empty");
+            let handle = builder
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe();
+            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+/// The installed recorder's handle, if any.
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE.get()
+}
+
+pub fn set_stuck_after(d: Duration) {
+    STUCK_AFTER_MS.store(d.as_millis() as u64, Relaxed);
+}
+
+pub fn stuck_after() -> Duration {
+    Duration::from_millis(STUCK_AFTER_MS.load(Relaxed))
+}
+
+fn describe() {
+    describe_counter!(
+        MESSAGES_TOTAL,
+        "Messages by outcome: processed, retried, dead_lettered, filtered, deduplicated"
+    );
+    describe_histogram!(
+        PROCESS_DURATION_SECONDS,
+        Unit::Seconds,
+        "Start on a worker to completion, retries included"
+    );
+    describe_histogram!(
+        QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "Receipt off the consumer queue to start on a worker"
+    );
+    describe_histogram!(
+        END_TO_END_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Kafka message timestamp to completion"
+    );
+    describe_gauge!(
+        CONSUMER_LAG_MESSAGES,
+        "High watermark minus the commit point"
+    );
+    describe_gauge!(
+        CONSUMER_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest incomplete message"
+    );
+    describe_gauge!(IN_FLIGHT_MESSAGES, "Messages buffered or running");
+    describe_gauge!(
+        BUFFERED_BYTES,
+        Unit::Bytes,
+        "Key and payload bytes buffered or running"
+    );
+    describe_gauge!(PARTITION_PAUSED, "1 while paused by flow control");
+    describe_counter!(PARTITION_PAUSES_TOTAL, "Pauses by flow control");
+    describe_gauge!(
+        PARTITION_STUCK,
+        "1 while lag > 0 and nothing completed for stuck_after"
+    );
+    describe_gauge!(ASSIGNED_PARTITIONS, "Partitions assigned to this instance");
+    describe_counter!(REBALANCES_TOTAL, "Rebalance events by kind");
+    describe_counter!(COMMITS_TOTAL, "Offset commits by result");
+    describe_gauge!(COMMITTED_OFFSET, "Last committed offset (next to consume)");
+    describe_counter!(WORKER_RESTARTS_TOTAL, "Workers restarted after a crash");
+    describe_gauge!(
+        CIRCUIT_BREAKER_STATE,
+        "Circuit breaker: 0 closed, 1 half-open, 2 open"
+    );
+    describe_counter!(DEAD_LETTER_WRITES_TOTAL, "Dead-letter writes by result");
+    describe_gauge!(READY, "1 while ready: joined, no partition stuck");
+    describe_gauge!(BUILD_INFO, "Build information");
+}
+
+/// Handles of one pipeline (labels `pipeline`, `topic`), registered once.
+#[derive(Debug, Clone)]
+pub struct PipelineMetrics {
+    pub processed: Counter,
+    pub retried: Counter,
+    pub dead_lettered: Counter,
+    pub filtered: Counter,
+    pub deduplicated: Counter,
+    pub process_duration: Histogram,
+    pub queue_wait: Histogram,
+    pub end_to_end: Histogram,
+    pub assigned: Gauge,
+    pub rebalance_assign: Counter,
+    pub rebalance_revoke: Counter,
+    pub rebalance_lost: Counter,
+    pub commits_ok: Counter,
+    pub commits_failed: Counter,
+    pub worker_restarts: Counter,
+    pub breaker_state: Gauge,
+    pub dlq_ok: Counter,
+    pub dlq_failed: Counter,
+    pub labels: (String, String),
+}
+
+impl Default for PipelineMetrics {
+    fn default() -> Self {
+        PipelineMetrics {
+            processed: Counter::noop(),
+            retried: Counter::noop(),
+            dead_lettered: Counter::noop(),
+            filtered: Counter::noop(),
+            deduplicated: Counter::noop(),
+            process_duration: Histogram::noop(),
+            queue_wait: Histogram::noop(),
+            end_to_end: Histogram::noop(),
+            assigned: Gauge::noop(),
+            rebalance_assign: Counter::noop(),
+            rebalance_revoke: Counter::noop(),
+            rebalance_lost: Counter::noop(),
+            commits_ok: Counter::noop(),
+            commits_failed: Counter::noop(),
+            worker_restarts: Counter::noop(),
+            breaker_state: Gauge::noop(),
+            dlq_ok: Counter::noop(),
+            dlq_failed: Counter::noop(),
+            labels: Default::default(),
+        }
+    }
+}
+
+impl PipelineMetrics {
+    pub fn new(pipeline: &str, topic: &str) -> Self {
+        let (p, t) = (pipeline.to_string(), topic.to_string());
+        let msgs = |outcome: &'static str| counter!(MESSAGES_TOTAL, "pipeline" => p.clone(), "topic" => t.clone(), "outcome" => outcome);
+        let rebalance = |kind: &'static str| counter!(REBALANCES_TOTAL, "pipeline" => p.clone(), "topic" => t.clone(), "kind" => kind);
+        let commits = |result: &'static str| counter!(COMMITS_TOTAL, "pipeline" => p.clone(), "topic" => t.clone(), "result" => result);
+        let dlq = |result: &'static str| counter!(DEAD_LETTER_WRITES_TOTAL, "pipeline" => p.clone(), "topic" => t.clone(), "result" => result);
+        let m = PipelineMetrics {
+            processed: msgs(OUTCOME_PROCESSED),
+            retried: msgs(OUTCOME_RETRIED),
+            dead_lettered: msgs(OUTCOME_DEAD_LETTERED),
+            filtered: msgs(OUTCOME_FILTERED),
+            deduplicated: msgs(OUTCOME_DEDUPLICATED),
+            process_duration: histogram!(PROCESS_DURATION_SECONDS, "pipeline" => p.clone(), "topic" => t.clone()),
+            queue_wait: histogram!(QUEUE_WAIT_SECONDS, "pipeline" => p.clone(), "topic" => t.clone()),
+            end_to_end: histogram!(END_TO_END_LATENCY_SECONDS, "pipeline" => p.clone(), "topic" => t.clone()),
+            assigned: gauge!(ASSIGNED_PARTITIONS, "pipeline" => p.clone(), "topic" => t.clone()),
+            rebalance_assign: rebalance("assign"),
+            rebalance_revoke: rebalance("revoke"),
+            rebalance_lost: rebalance("lost"),
+            commits_ok: commits("ok"),
+            commits_failed: commits("failed"),
+            worker_restarts: counter!(WORKER_RESTARTS_TOTAL, "pipeline" => p.clone(), "topic" => t.clone()),
+            breaker_state: gauge!(CIRCUIT_BREAKER_STATE, "pipeline" => p.clone(), "topic" => t.clone()),
+            dlq_ok: dlq("ok"),
+            dlq_failed: dlq("failed"),
+            labels: (p, t),
+        };
+        // Register every series at zero so that dashboards and alerts see them from the start.
+        for c in [
+            &m.processed,
+            &m.retried,
+            &m.dead_lettered,
+            &m.filtered,
+            &m.deduplicated,
+            &m.rebalance_assign,
+            &m.rebalance_revoke,
+            &m.rebalance_lost,
+            &m.commits_ok,
+            &m.commits_failed,
+            &m.worker_restarts,
+            &m.dlq_ok,
+            &m.dlq_failed,
+        ] {
+            c.increment(0);
+        }
+        m.assigned.set(0.0);
+        // No circuit breaker is implemented yet: the breaker stays closed.
+        m.breaker_state.set(0.0);
+        m
+    }
+
+    /// Handles of one assigned partition of this pipeline.
+    pub fn partition(&self, partition: i32) -> PartitionMetrics {
+        let (p, t) = (self.labels.0.clone(), self.labels.1.clone());
+        let n = partition.to_string();
+        let g = |name: &'static str| gauge!(name, "pipeline" => p.clone(), "topic" => t.clone(), "partition" => n.clone());
+        let m = PartitionMetrics {
+            lag_messages: g(CONSUMER_LAG_MESSAGES),
+            lag_seconds: g(CONSUMER_LAG_SECONDS),
+            in_flight: g(IN_FLIGHT_MESSAGES),
+            buffered_bytes: g(BUFFERED_BYTES),
+            paused: g(PARTITION_PAUSED),
+            stuck: g(PARTITION_STUCK),
+            committed: g(COMMITTED_OFFSET),
+            pauses: counter!(PARTITION_PAUSES_TOTAL, "pipeline" => p.clone(), "topic" => t.clone(), "partition" => n.clone()),
+            pipeline: self.clone(),
+        };
+        for gauge in [
+            &m.lag_messages,
+            &m.lag_seconds,
+            &m.in_flight,
+            &m.buffered_bytes,
+            &m.paused,
+            &m.stuck,
+        ] {
+            gauge.set(0.0);
+        }
+        m.pauses.increment(0);
+        m
+    }
+}
+
+/// Handles of one assigned partition (labels `pipeline`, `topic`, `partition`), registered once
+/// on assignment; the per-message ones are the pipeline's.
+#[derive(Debug, Clone)]
+pub struct PartitionMetrics {
+    pub lag_messages: Gauge,
+    pub lag_seconds: Gauge,
+    pub in_flight: Gauge,
+    pub buffered_bytes: Gauge,
+    pub paused: Gauge,
+    pub stuck: Gauge,
+    pub committed: Gauge,
+    pub pauses: Counter,
+    pub pipeline: PipelineMetrics,
+}
+
+impl Default for PartitionMetrics {
+    fn default() -> Self {
+        PartitionMetrics {
+            lag_messages: Gauge::noop(),
+            lag_seconds: Gauge::noop(),
+            in_flight: Gauge::noop(),
+            buffered_bytes: Gauge::noop(),
+            paused: Gauge::noop(),
+            stuck: Gauge::noop(),
+            committed: Gauge::noop(),
+            pauses: Counter::noop(),
+            pipeline: PipelineMetrics::default(),
+        }
+    }
+}
