@@ -564,7 +564,9 @@ topic = "{output}"
             "keyflow_process_duration_seconds_count",
             &[("pipeline", &name)]
         ),
-        Some((OK + DROP + RETRY + BAD + 2) as f64)
+        // One sample per attempt: the supervisor re-runs a retried message (issue 3), and each
+        // RETRY message takes two attempts.
+        Some((OK + DROP + 2 * RETRY + BAD + 2) as f64)
     );
     assert_eq!(
         sample(
