@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use keyflow::config::{self, Env, Global};
+use keyflow::config;
 use keyflow::stats::PipelineStats;
 use keyflow::{Flow, Message, ProcessError, Processor, Runtime};
 use support::{unique, Broker, OutMsg};
@@ -23,33 +23,11 @@ fn pipeline(broker: &Broker, toml: &str) -> config::Config {
             .with_test_writer()
             .try_init();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("p.toml");
-    std::fs::write(&path, toml).unwrap();
-    let global = Global {
-        brokers: broker.bootstrap.clone(),
-        ..Global::default()
-    };
-    let spec =
-        config::load_pipeline(&path, &global, &Env::default()).unwrap_or_else(|e| panic!("{e}"));
-    config::Config {
-        global,
-        pipelines: vec![spec],
-    }
+    support::inline_config(&broker.bootstrap, toml)
 }
 
 fn header(topic: &str, group: &str, extra: &str) -> String {
-    format!(
-        r#"
-topic = "{topic}"
-group_id = "{group}"
-auto_offset_reset = "earliest"
-session_timeout = "4s"
-drain_timeout = "3s"
-commit_interval = "200ms"
-{extra}
-"#
-    )
+    support::pipeline_header(topic, group, extra)
 }
 
 async fn wait_processed(stats: &PipelineStats, n: u64, timeout: Duration) {

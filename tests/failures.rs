@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use keyflow::config::{self, Env, Global};
+use keyflow::config;
 use keyflow::stats::PipelineStats;
 use keyflow::{Flow, Message, ProcessError, Processor, Runtime};
 use support::{unique, Broker, ConsumedMsg, Keyflow, OutMsg};
@@ -29,33 +29,11 @@ fn init_logs() {
 /// Loads a pipeline written inline, against `brokers`.
 fn pipeline(brokers: &str, toml: &str) -> config::Config {
     init_logs();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("p.toml");
-    std::fs::write(&path, toml).unwrap();
-    let global = Global {
-        brokers: brokers.to_string(),
-        ..Global::default()
-    };
-    let spec =
-        config::load_pipeline(&path, &global, &Env::default()).unwrap_or_else(|e| panic!("{e}"));
-    config::Config {
-        global,
-        pipelines: vec![spec],
-    }
+    support::inline_config(brokers, toml)
 }
 
 fn header(topic: &str, group: &str, extra: &str) -> String {
-    format!(
-        r#"
-topic = "{topic}"
-group_id = "{group}"
-auto_offset_reset = "earliest"
-session_timeout = "4s"
-drain_timeout = "3s"
-commit_interval = "200ms"
-{extra}
-"#
-    )
+    support::pipeline_header(topic, group, extra)
 }
 
 async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use keyflow::config::{self, Env, Global};
+use keyflow::config;
 use keyflow::http::{get_blocking, HttpState};
 use keyflow::{Flow, Message, ProcessError, Processor, Runtime};
 use support::{free_port, spawn_tied, temp_dir, unique, wait_until, Broker, Keyflow, OutMsg};
@@ -346,19 +346,7 @@ impl Processor for Outcomes {
 }
 
 fn config(broker: &Broker, toml: &str) -> config::Config {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("p.toml");
-    std::fs::write(&path, toml).unwrap();
-    let global = Global {
-        brokers: broker.bootstrap.clone(),
-        ..Global::default()
-    };
-    let spec =
-        config::load_pipeline(&path, &global, &Env::default()).unwrap_or_else(|e| panic!("{e}"));
-    config::Config {
-        global,
-        pipelines: vec![spec],
-    }
+    support::inline_config(&broker.bootstrap, toml)
 }
 
 fn msg(key: &str, payload: &str, traceparent: bool) -> OutMsg {

@@ -1414,3 +1414,40 @@ impl Drop for Keyflow {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// in-process pipelines
+// ---------------------------------------------------------------------------
+
+/// Loads a pipeline written inline (as a file would be), against `brokers`.
+pub fn inline_config(brokers: &str, toml: &str) -> keyflow::config::Config {
+    use keyflow::config::{self, Env, Global};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, toml).unwrap();
+    let global = Global {
+        brokers: brokers.to_string(),
+        ..Global::default()
+    };
+    let spec =
+        config::load_pipeline(&path, &global, &Env::default()).unwrap_or_else(|e| panic!("{e}"));
+    config::Config {
+        global,
+        pipelines: vec![spec],
+    }
+}
+
+/// The head of a test pipeline file: short session and drain, frequent commits.
+pub fn pipeline_header(topic: &str, group: &str, extra: &str) -> String {
+    format!(
+        r#"
+topic = "{topic}"
+group_id = "{group}"
+auto_offset_reset = "earliest"
+session_timeout = "4s"
+drain_timeout = "3s"
+commit_interval = "200ms"
+{extra}
+"#
+    )
+}
