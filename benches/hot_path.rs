@@ -126,6 +126,7 @@ fn dispatch(c: &mut Criterion) {
             })
         })
     });
+    g.throughput(Throughput::Elements(1));
     g.bench_function("message_copy_from_fetch_100b", |b| {
         b.iter(|| Message::new("t", 0, 0, Some(b"customer-1"), &[b'x'; 100]))
     });
