@@ -9,17 +9,30 @@ use tokio::sync::watch;
 #[derive(Debug)]
 pub struct Gate {
     holds: watch::Sender<u32>,
+    /// `keyflow_circuit_breaker_state` of the pipeline (0 closed, 1 half-open, 2 open), set by
+    /// its breakers; with several breakers the latest transition shows.
+    breaker_state: metrics::Gauge,
 }
 
 impl Default for Gate {
     fn default() -> Self {
-        Gate {
-            holds: watch::Sender::new(0),
-        }
+        Gate::with_breaker_gauge(metrics::Gauge::noop())
     }
 }
 
 impl Gate {
+    pub fn with_breaker_gauge(breaker_state: metrics::Gauge) -> Self {
+        Gate {
+            holds: watch::Sender::new(0),
+            breaker_state,
+        }
+    }
+
+    /// A breaker of this pipeline changed state: 0 closed, 1 half-open, 2 open.
+    pub fn breaker_state(&self, state: f64) {
+        self.breaker_state.set(state);
+    }
+
     /// Adds a hold: the pipeline's partitions pause until every hold is released.
     pub fn hold(&self) {
         self.holds.send_modify(|n| *n += 1);

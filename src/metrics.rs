@@ -280,7 +280,7 @@ impl PipelineMetrics {
             c.increment(0);
         }
         m.assigned.set(0.0);
-        // No circuit breaker is implemented yet: the breaker stays closed.
+        // Closed until a breaker of the pipeline opens (see `Gate::breaker_state`).
         m.breaker_state.set(0.0);
         m
     }

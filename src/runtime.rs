@@ -73,7 +73,10 @@ impl Runtime {
                     source,
                 })?;
             let custom = |n: &str| self.custom.get(n).cloned();
-            let gate = Arc::new(crate::gate::Gate::default());
+            let pstats = PipelineStats::with_topic(&name, &spec.topic);
+            let gate = Arc::new(crate::gate::Gate::with_breaker_gauge(
+                pstats.metrics.breaker_state.clone(),
+            ));
             let chain = build_chain(
                 &spec.processors,
                 &BuildContext {
@@ -87,7 +90,6 @@ impl Runtime {
                 pipeline: name.clone(),
                 message,
             })?;
-            let pstats = PipelineStats::with_topic(&name, &spec.topic);
             let pipeline = Arc::new(Pipeline::new(&spec, chain, producer, pstats.clone(), gate));
             let args = CoordinatorArgs {
                 spec: Arc::new(spec),

@@ -133,6 +133,7 @@ impl Breaker {
             (State::HalfOpen { .. }, false) if probe => {
                 info!(breaker = %self.0.name, "probe succeeded; circuit closed");
                 *st = State::Closed { failures: 0 };
+                self.0.gate.breaker_state(0.0);
             }
             (State::HalfOpen { .. }, true) if probe => self.open(&mut st),
             (State::Closed { .. }, false) => *st = State::Closed { failures: 0 },
@@ -156,6 +157,7 @@ impl Breaker {
         *st = State::Open {
             until: Instant::now() + cool,
         };
+        self.0.gate.breaker_state(2.0);
         self.0.gate.hold();
         let me = self.clone();
         tokio::spawn(async move {
@@ -170,6 +172,7 @@ impl Breaker {
         if let State::Open { until } = *st {
             if Instant::now() >= until {
                 *st = State::HalfOpen { probing: false };
+                self.0.gate.breaker_state(1.0);
                 self.0.gate.release();
                 info!(breaker = %self.0.name, "cool-down over; half-open, resuming for one probe");
             }
@@ -201,17 +204,25 @@ mod tests {
 
     #[tokio::test]
     async fn opens_holds_the_gate_and_closes_through_a_probe() {
-        let gate = Arc::new(Gate::default());
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        // The pipeline's keyflow_circuit_breaker_state gauge, read back directly.
+        let cell = Arc::new(AtomicU64::new(0));
+        let state = || f64::from_bits(cell.load(Relaxed));
+        let gate = Arc::new(Gate::with_breaker_gauge(metrics::Gauge::from_arc(
+            cell.clone(),
+        )));
         let b = Breaker::new(cfg(50), "t".into(), gate.clone());
         let fail = || async { Err::<(), _>(ProcessError::retryable("http", "503")) };
         assert!(b.call("http", fail()).await.is_err());
         assert!(!gate.is_held(), "one failure of two");
         assert!(b.call("http", fail()).await.is_err());
         assert!(b.is_open() && gate.is_held(), "two in a row: open");
+        assert_eq!(state(), 2.0, "gauge: open");
         let e = b.call("http", async { Ok(()) }).await.unwrap_err();
         assert!(e.not_attempted_wait().is_some(), "open: not attempted");
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert!(!gate.is_held(), "cool-down over: half-open");
+        assert_eq!(state(), 1.0, "gauge: half-open");
         // The probe fails: open again, and the probing message loses no attempt.
         let e = b.call("http", fail()).await.unwrap_err();
         assert!(e.not_attempted_wait().is_some());
@@ -219,6 +230,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(80)).await;
         b.call("http", async { Ok(()) }).await.unwrap();
         assert!(!b.is_open() && !gate.is_held(), "probe succeeded: closed");
+        assert_eq!(state(), 0.0, "gauge: closed");
     }
 
     #[test]
