@@ -234,6 +234,28 @@ fn kill_9_at_three_moments_loses_nothing() {
     );
 }
 
+/// Waits until `more` output records beyond the current count have been written.
+fn wait_progress(broker: &Broker, output: &str, more: i64, timeout: Duration, what: &str) {
+    let before = output_progress(broker, output);
+    support::wait_until(
+        timeout,
+        Duration::from_millis(50),
+        || output_progress(broker, output) > before + more,
+        what,
+    );
+}
+
+/// Starts a member and waits until it processes and the group is stable with `members`.
+/// Returns it with the time from its start to its first partition supervisor.
+fn join_member(broker: &Broker, toml: &str, group: &str, members: usize) -> (Keyflow, Duration) {
+    let t = Instant::now();
+    let mut k = Keyflow::start(&broker.bootstrap, toml);
+    k.wait_for_log("partition supervisor started", Duration::from_secs(60));
+    let joined = t.elapsed();
+    broker.wait_group_stable(group, members, Duration::from_secs(60));
+    (k, joined)
+}
+
 #[test]
 fn members_join_leave_and_die_without_loss_or_reordering() {
     const KEYS: usize = 100;
@@ -288,16 +310,12 @@ fn members_join_leave_and_die_without_loss_or_reordering() {
     );
 
     // B joins mid-stream.
-    let t = Instant::now();
-    let mut b = Keyflow::start(&broker.bootstrap, &toml);
-    b.wait_for_log("partition supervisor started", Duration::from_secs(60));
-    let join_b = t.elapsed();
-    broker.wait_group_stable(&group, 2, Duration::from_secs(60));
-    let before = output_progress(&broker, &output);
-    support::wait_until(
+    let (mut b, join_b) = join_member(&broker, &toml, &group, 2);
+    wait_progress(
+        &broker,
+        &output,
+        300,
         Duration::from_secs(30),
-        Duration::from_millis(50),
-        || output_progress(&broker, &output) > before + 300,
         "progress with two members",
     );
 
@@ -309,28 +327,24 @@ fn members_join_leave_and_die_without_loss_or_reordering() {
         b.log_tail(30)
     );
     broker.wait_group_stable(&group, 1, Duration::from_secs(60));
-    let before = output_progress(&broker, &output);
-    support::wait_until(
+    wait_progress(
+        &broker,
+        &output,
+        300,
         Duration::from_secs(30),
-        Duration::from_millis(50),
-        || output_progress(&broker, &output) > before + 300,
         "progress after B left",
     );
 
     // C joins, then dies.
-    let t = Instant::now();
-    let mut c = Keyflow::start(&broker.bootstrap, &toml);
-    c.wait_for_log("partition supervisor started", Duration::from_secs(60));
-    let join_c = t.elapsed();
-    broker.wait_group_stable(&group, 2, Duration::from_secs(60));
+    let (mut c, join_c) = join_member(&broker, &toml, &group, 2);
     c.kill9();
     let t = Instant::now();
     broker.wait_group_stable(&group, 1, Duration::from_secs(60));
-    let before = output_progress(&broker, &output);
-    support::wait_until(
+    wait_progress(
+        &broker,
+        &output,
+        300,
         Duration::from_secs(60),
-        Duration::from_millis(50),
-        || output_progress(&broker, &output) > before + 300,
         "progress after C died",
     );
     let recover_c = t.elapsed();

@@ -125,6 +125,8 @@ pub struct PartitionState {
     idle: Vec<usize>,
     /// Free to start (their key is not busy) but every worker is taken.
     ready: VecDeque<(Arc<Message>, u32)>,
+    /// The most messages buffered or running at once (mirrored in the stats when it rises).
+    high_water: usize,
     running: usize,
     restarts: VecDeque<Instant>,
     committed: Option<i64>,
@@ -192,6 +194,7 @@ impl Actor for PartitionSupervisor {
             workers: Vec::new(),
             idle: Vec::new(),
             ready: VecDeque::new(),
+            high_water: 0,
             running: 0,
             restarts: VecDeque::new(),
             committed: None,
@@ -475,9 +478,11 @@ async fn admit(
         return Ok(());
     }
     s.flow.admit(m.size());
-    s.stats
-        .in_flight_high_water
-        .fetch_max(s.flow.count(), Relaxed);
+    // An atomic store only when the high water rises, not a read-modify-write per message.
+    if s.flow.count() > s.high_water {
+        s.high_water = s.flow.count();
+        s.stats.in_flight_high_water.store(s.high_water, Relaxed);
+    }
     if let Some(m) = s.scheduler.admit(Arc::new(m)) {
         start_or_park(me, s, m, 1).await?;
     }
