@@ -1,4 +1,4 @@
-//! Smoke test of the integration-test support module against a real tansu broker.
+//! Smoke test of the integration-test support module against a real Apache Kafka broker.
 
 mod support;
 
@@ -25,7 +25,7 @@ fn broker_produce_consume_commit() {
     let t0 = Instant::now();
     let broker = Broker::start();
     eprintln!(
-        "broker (incl. tansu install if needed) ready in {:?}",
+        "broker (incl. the Kafka download if needed) ready in {:?}",
         t0.elapsed()
     );
 

@@ -1,5 +1,5 @@
 //! Observability, proven against real tools: keyflow (in process and as the binary) against a
-//! tansu broker, scraped by a real Prometheus (Debian's `prometheus` package) which evaluates
+//! Apache Kafka broker, scraped by a real Prometheus (Debian's `prometheus` package) which evaluates
 //! every PromQL expression of the dashboards and alert rules; `promtool` checks and unit tests;
 //! the compose file parsed by docker-compose; exact metric values; health and the stuck
 //! watchdog; `keyflow status`; the `traceparent` trace id on output and DLQ messages.
@@ -26,15 +26,22 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A tool the tests need; `.ci/run` installs it (Debian's `prometheus` package). Never skipped.
+/// A tool the tests need: `prometheus` and `promtool` come with Debian's `prometheus` package,
+/// `docker-compose` with its own. Installed on first use when missing (see
+/// `support::ensure_command`); never skipped.
 fn tool(name: &str) -> PathBuf {
+    let package = match name {
+        "prometheus" | "promtool" => "prometheus",
+        other => other,
+    };
+    support::ensure_command(name, package);
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
         let p = Path::new(dir).join(name);
         if p.is_file() {
             return p;
         }
     }
-    panic!("{name} is not installed: `apt-get install -y prometheus` (see .ci/run)");
+    panic!("{name} is not on PATH after installing {package}");
 }
 
 fn run_tool(cmd: &mut Command) -> String {
@@ -407,7 +414,7 @@ async fn exact_metrics_lag_dashboards_and_alerts_through_real_prometheus() {
     }
     broker.produce(&input, msgs);
     // A trailing marker per partition: the delivery reports are the truth for "the end",
-    // not tansu's high watermark (which can trail).
+    // not a high watermark read at some moment.
     let end = broker.produce(
         &input,
         (0..2).map(|p| OutMsg {

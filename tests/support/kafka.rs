@@ -66,6 +66,12 @@ pub const TEST_BROKER_SETTINGS: &[(&str, &str, &str)] = &[
     ),
     ("share.coordinator.state.topic.min.isr", "1", "single node"),
     (
+        "group.min.session.timeout.ms",
+        "3000",
+        "classic groups: the tests' 4 s sessions (a killed member's partitions move sooner) are \
+         below the default minimum of 6 s, which the broker refuses with INVALID_SESSION_TIMEOUT",
+    ),
+    (
         "group.consumer.min.session.timeout.ms",
         "3000",
         "KIP-848 groups: allow the short session timeouts tests use (default minimum 45 s)",
