@@ -273,6 +273,58 @@ fn promtool_checks_config_and_rules_and_runs_rule_tests() {
     assert!(out.contains("SUCCESS"), "{out}");
 }
 
+/// Every topic a shipped pipeline reads or writes: input, dead-letter topic (as keyflow resolves
+/// its default), and the `topic` of every processor and route.
+fn topics_of_shipped_pipelines() -> std::collections::BTreeSet<String> {
+    let mut topics = std::collections::BTreeSet::new();
+    let global = keyflow::config::Global::default();
+    for entry in std::fs::read_dir(repo().join("pipelines")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let spec = keyflow::config::load_pipeline(&path, &global, &keyflow::config::Env::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        topics.insert(spec.topic.clone());
+        topics.insert(spec.dead_letter_topic.clone());
+        let raw: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let processors = raw.get("processors").and_then(|p| p.as_array());
+        for p in processors.into_iter().flatten() {
+            let routes = p.get("routes").and_then(|r| r.as_array());
+            for t in std::iter::once(p).chain(routes.into_iter().flatten()) {
+                if let Some(topic) = t.get("topic").and_then(|t| t.as_str()) {
+                    topics.insert(topic.to_string());
+                }
+            }
+        }
+    }
+    topics
+}
+
+#[test]
+fn compose_creates_every_topic_of_the_shipped_pipelines() {
+    let compose = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let init = compose
+        .split("kafka-init:")
+        .nth(1)
+        .and_then(|rest| rest.split("\n  keyflow:").next())
+        .expect("a kafka-init service before keyflow");
+    let created: std::collections::BTreeSet<&str> = init
+        .split(|c: char| c.is_whitespace() || c == '\\')
+        .filter(|w| w.contains('.') && !w.contains('/') && !w.contains(':'))
+        .collect();
+    let needed = topics_of_shipped_pipelines();
+    let missing: Vec<&String> = needed
+        .iter()
+        .filter(|t| !created.contains(t.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docker-compose.yml's kafka-init does not create {missing:?} (it creates {created:?})"
+    );
+    assert!(needed.len() >= 10, "{needed:?}");
+}
+
 #[test]
 fn compose_file_is_valid_for_a_real_compose_parser() {
     // docker-compose (Debian's package) parses and validates the file against the compose
@@ -313,6 +365,7 @@ fn compose_file_is_valid_for_a_real_compose_parser() {
     for needle in [
         "cargo build --release --locked --bin keyflow",
         "USER 10001",
+        "libssl3",
         "HEALTHCHECK",
         "/health/live",
     ] {

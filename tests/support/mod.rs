@@ -360,11 +360,13 @@ pub struct Produced {
 pub struct GroupDesc {
     /// Kafka error code for this group (0 = none).
     pub error_code: i16,
-    /// As the broker spells it, e.g. "Stable", "Empty", "PreparingRebalance",
-    /// "CompletingRebalance", "Dead" (compare case-insensitively).
+    /// As librdkafka names it, e.g. "Stable", "Empty", "PreparingRebalance",
+    /// "CompletingRebalance", "Dead", "Reconciling"/"Assigning" (KIP-848; compare
+    /// case-insensitively).
     pub state: String,
+    /// The group protocol: "Classic" or "Consumer".
     pub protocol_type: String,
-    /// Assignor name, e.g. "range" or "cooperative-sticky".
+    /// Assignor name, e.g. "cooperative-sticky" (classic) or "uniform" (KIP-848, broker-side).
     pub protocol: String,
     pub members: usize,
     pub member_ids: Vec<String>,
@@ -374,6 +376,94 @@ pub struct GroupDesc {
 impl GroupDesc {
     pub fn is_stable(&self) -> bool {
         self.error_code == 0 && self.state.eq_ignore_ascii_case("stable")
+    }
+}
+
+/// `rd_kafka_DescribeConsumerGroups` for one group (rust-rdkafka does not wrap it).
+fn describe_consumer_group(
+    admin: &AdminClient<DefaultClientContext>,
+    group: &str,
+) -> Result<GroupDesc, String> {
+    use rdkafka::bindings as rd;
+    use std::ffi::{CStr, CString};
+    let text = |p: *const std::os::raw::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: librdkafka returns NUL-terminated strings valid while the event lives.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    let name = CString::new(group).map_err(|e| e.to_string())?;
+    let rk = admin.inner().native_ptr();
+    // SAFETY: every pointer passed is valid for the call; the result event is read before it is
+    // destroyed, and every object created here is destroyed on every path.
+    unsafe {
+        let queue = rd::rd_kafka_queue_new(rk);
+        let options = rd::rd_kafka_AdminOptions_new(
+            rk,
+            rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBECONSUMERGROUPS,
+        );
+        let mut groups = [name.as_ptr()];
+        rd::rd_kafka_DescribeConsumerGroups(rk, groups.as_mut_ptr(), 1, options, queue);
+        let event = rd::rd_kafka_queue_poll(queue, 10_000);
+        let result = if event.is_null() {
+            Err("DescribeConsumerGroups: no answer in 10 s".to_string())
+        } else if rd::rd_kafka_event_error(event) as i32 != 0 {
+            Err(text(rd::rd_kafka_event_error_string(event)))
+        } else {
+            let res = rd::rd_kafka_event_DescribeConsumerGroups_result(event);
+            let mut n = 0usize;
+            let descs = rd::rd_kafka_DescribeConsumerGroups_result_groups(res, &mut n);
+            if n == 0 {
+                Err("DescribeConsumerGroups: empty result".to_string())
+            } else {
+                let d = *descs;
+                let err = rd::rd_kafka_ConsumerGroupDescription_error(d);
+                if !err.is_null()
+                    && rd::rd_kafka_error_code(err)
+                        == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_GROUP_ID_NOT_FOUND
+                {
+                    Ok(GroupDesc {
+                        error_code: 0,
+                        state: "Dead".into(),
+                        protocol_type: String::new(),
+                        protocol: String::new(),
+                        members: 0,
+                        member_ids: vec![],
+                        client_ids: vec![],
+                    })
+                } else if !err.is_null() {
+                    Err(text(rd::rd_kafka_error_string(err)))
+                } else {
+                    let members = rd::rd_kafka_ConsumerGroupDescription_member_count(d);
+                    let member = |i| rd::rd_kafka_ConsumerGroupDescription_member(d, i);
+                    Ok(GroupDesc {
+                        error_code: 0,
+                        state: text(rd::rd_kafka_consumer_group_state_name(
+                            rd::rd_kafka_ConsumerGroupDescription_state(d),
+                        )),
+                        protocol_type: text(rd::rd_kafka_consumer_group_type_name(
+                            rd::rd_kafka_ConsumerGroupDescription_type(d),
+                        )),
+                        protocol: text(rd::rd_kafka_ConsumerGroupDescription_partition_assignor(d)),
+                        members,
+                        member_ids: (0..members)
+                            .map(|i| text(rd::rd_kafka_MemberDescription_consumer_id(member(i))))
+                            .collect(),
+                        client_ids: (0..members)
+                            .map(|i| text(rd::rd_kafka_MemberDescription_client_id(member(i))))
+                            .collect(),
+                    })
+                }
+            }
+        };
+        if !event.is_null() {
+            rd::rd_kafka_event_destroy(event);
+        }
+        rd::rd_kafka_AdminOptions_destroy(options);
+        rd::rd_kafka_queue_destroy(queue);
+        result
     }
 }
 
@@ -979,44 +1069,20 @@ impl Broker {
             .unwrap_or_else(|e| panic!("commit_offsets({group}, {topic}) failed: {e}"));
     }
 
-    /// The group as the broker describes it (librdkafka's DescribeGroups). An unknown group
-    /// reports state "Dead" (or "Empty") with no members.
+    /// The group as the broker describes it, under either group protocol: librdkafka's
+    /// DescribeConsumerGroups admin call (ConsumerGroupDescribe for KIP-848 groups, whose classic
+    /// DescribeGroups answer is "not found"; DescribeGroups for classic ones). An unknown group
+    /// reports state "Dead" with no members.
     pub fn describe_group(&self, group: &str) -> GroupDesc {
-        let consumer = self.group_consumer(&unique("support-describe"));
-        let mut last = None;
+        let mut last = String::new();
         for _ in 0..5 {
-            match consumer.fetch_group_list(Some(group), Duration::from_secs(10)) {
-                Ok(list) => {
-                    let Some(g) = list.groups().iter().find(|g| g.name() == group) else {
-                        return GroupDesc {
-                            error_code: 0,
-                            state: "Dead".into(),
-                            protocol_type: String::new(),
-                            protocol: String::new(),
-                            members: 0,
-                            member_ids: vec![],
-                            client_ids: vec![],
-                        };
-                    };
-                    return GroupDesc {
-                        error_code: 0,
-                        state: g.state().to_string(),
-                        protocol_type: g.protocol_type().to_string(),
-                        protocol: g.protocol().to_string(),
-                        members: g.members().len(),
-                        member_ids: g.members().iter().map(|m| m.id().to_string()).collect(),
-                        client_ids: g
-                            .members()
-                            .iter()
-                            .map(|m| m.client_id().to_string())
-                            .collect(),
-                    };
-                }
-                Err(e) => last = Some(e),
+            match describe_consumer_group(self.admin(), group) {
+                Ok(desc) => return desc,
+                Err(e) => last = e,
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("describe_group({group}) failed: {}", last.unwrap());
+        panic!("describe_group({group}) failed: {last}");
     }
 
     /// Waits until `group` is Stable with exactly `members` members, e.g.
