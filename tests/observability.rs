@@ -310,8 +310,8 @@ fn compose_creates_every_topic_of_the_shipped_pipelines() {
         .and_then(|rest| rest.split("\n  keyflow:").next())
         .expect("a kafka-init service before keyflow");
     let created: std::collections::BTreeSet<&str> = init
-        .split(|c: char| c.is_whitespace() || c == '\\')
-        .filter(|w| w.contains('.') && !w.contains('/') && !w.contains(':'))
+        .split(|c: char| c.is_whitespace() || c == '\\' || c == ';')
+        .filter(|w| w.contains('.') && !w.ends_with('.') && !w.contains('/') && !w.contains(':'))
         .collect();
     let needed = topics_of_shipped_pipelines();
     let missing: Vec<&String> = needed

@@ -713,12 +713,15 @@ impl Broker {
                 Err((t, code)) => panic!("creating topic {t} failed: {code:?} ({code})"),
             }
         }
+        // Kafka answers CreateTopics before every partition's leader is known to metadata.
         let mut last = 0;
-        for _ in 0..50 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
             last = self.try_partition_count(name).unwrap_or(0);
             if last >= partitions as usize {
                 return;
             }
+            std::thread::sleep(Duration::from_millis(50));
         }
         panic!("topic {name} created but metadata shows {last} of {partitions} partitions");
     }
@@ -736,7 +739,11 @@ impl Broker {
             .fetch_metadata(Some(topic), Duration::from_secs(2))
             .ok()?;
         let t = md.topics().iter().find(|t| t.name() == topic)?;
-        if t.error().is_some() || t.partitions().is_empty() {
+        // A partition without a leader yet cannot be written: not ready.
+        if t.error().is_some()
+            || t.partitions().is_empty()
+            || t.partitions().iter().any(|p| p.leader() < 0)
+        {
             return None;
         }
         Some(t.partitions().len())
