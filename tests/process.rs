@@ -1,5 +1,8 @@
 //! keyflow as a separate process against a real Apache Kafka broker: graceful shutdown, kill -9 at
-//! three moments, rebalances between members, the CLI (`validate`, `demo`).
+//! three moments, rebalances between members, the CLI (`validate`, `demo`). The shutdown, crash
+//! and rebalance tests run under both consumer group protocols: `classic` and `consumer`
+//! (KIP-848, where the broker owns the session timeout: `group.consumer.session.timeout.ms`,
+//! 6 s on the test broker).
 
 mod support;
 
@@ -10,16 +13,45 @@ use std::time::{Duration, Instant};
 
 use support::{unique, Broker, ConsumedMsg, Keyflow};
 
-fn pipeline(input: &str, output: &str, group: &str, extra: &str, latency: &str) -> String {
+/// The consumer group protocol a test runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Classic,
+    Consumer,
+}
+
+impl Protocol {
+    /// The pipeline lines that choose the protocol. Under `consumer` the session timeout is the
+    /// broker's, so the pipeline sets none.
+    fn settings(self, session: &str) -> String {
+        match self {
+            Protocol::Classic => format!("group_protocol = \"classic\"\nsession_timeout = \"{session}\"\n"),
+            Protocol::Consumer => "group_protocol = \"consumer\"\n".to_string(),
+        }
+    }
+}
+
+fn pipeline(
+    protocol: Protocol,
+    input: &str,
+    output: &str,
+    group: &str,
+    extra: &str,
+    latency: &str,
+) -> String {
+    let drain = if extra.contains("drain_timeout") {
+        ""
+    } else {
+        "drain_timeout = \"2s\"\n"
+    };
+    let settings = protocol.settings("4s");
     format!(
         r#"
 name = "p"
 topic = "{input}"
 group_id = "{group}"
 auto_offset_reset = "earliest"
-session_timeout = "4s"
-drain_timeout = "2s"
-{extra}
+{settings}{drain}{extra}
 
 [[processors]]
 type = "simulate"
@@ -104,13 +136,23 @@ fn four_partitions_loaded(
 }
 
 #[test]
-fn sigterm_drains_commits_and_exits_zero() {
+fn sigterm_drains_commits_and_exits_zero_classic() {
+    sigterm_drains_commits_and_exits_zero(Protocol::Classic);
+}
+
+#[test]
+fn sigterm_drains_commits_and_exits_zero_consumer_protocol() {
+    sigterm_drains_commits_and_exits_zero(Protocol::Consumer);
+}
+
+fn sigterm_drains_commits_and_exits_zero(protocol: Protocol) {
     let broker = Broker::start();
     // Part 1: everything processed, then SIGTERM: committed = last offset + 1 everywhere.
     let (input, output, group, produced) = four_partitions_loaded(&broker, "sd");
     let mut kf = Keyflow::start(
         &broker.bootstrap,
         &pipeline(
+            protocol,
             &input,
             &output,
             &group,
@@ -140,6 +182,7 @@ fn sigterm_drains_commits_and_exits_zero() {
     let mut kf = Keyflow::start(
         &broker.bootstrap,
         &pipeline(
+            protocol,
             &input,
             &output,
             &group,
@@ -173,11 +216,20 @@ fn sigterm_drains_commits_and_exits_zero() {
         per_source[p[1..].parse::<usize>().unwrap()] += 1;
     }
     assert_eq!(per_source.to_vec(), committed, "processed per partition == committed offset (no message lost or processed past the commit)");
-    println!("shutdown: full run committed {want:?}; mid-stream committed {committed:?}");
+    println!("shutdown ({protocol:?}): full run committed {want:?}; mid-stream committed {committed:?}");
 }
 
 #[test]
-fn kill_9_at_three_moments_loses_nothing() {
+fn kill_9_at_three_moments_loses_nothing_classic() {
+    kill_9_at_three_moments_loses_nothing(Protocol::Classic);
+}
+
+#[test]
+fn kill_9_at_three_moments_loses_nothing_consumer_protocol() {
+    kill_9_at_three_moments_loses_nothing(Protocol::Consumer);
+}
+
+fn kill_9_at_three_moments_loses_nothing(protocol: Protocol) {
     const N: usize = 10_000;
     const KEYS: usize = 200;
     const PARTITIONS: i32 = 4;
@@ -202,6 +254,7 @@ fn kill_9_at_three_moments_loses_nothing() {
     // 20 ms per message and 20 in flight per partition: ~4,000 msg/s, slow enough to be killed
     // mid-stream; commits every 10 ms keep the redelivered window small.
     let toml = pipeline(
+        protocol,
         &input,
         &output,
         &group,
@@ -227,7 +280,7 @@ fn kill_9_at_three_moments_loses_nothing() {
     assert!(kf.wait_exit(Duration::from_secs(30)).success());
     let dups = check_output(&out, &expected);
     let bound = MAX_IN_FLIGHT * PARTITIONS as usize;
-    println!("crash: killed at output counts {kills:?}; {} output records for {N} inputs: {dups} duplicates over 3 crashes ({:.1} per crash; in-flight bound {bound})", out.len(), dups as f64 / 3.0);
+    println!("crash ({protocol:?}): killed at output counts {kills:?}; {} output records for {N} inputs: {dups} duplicates over 3 crashes ({:.1} per crash; in-flight bound {bound})", out.len(), dups as f64 / 3.0);
     assert!(
         dups <= 3 * bound,
         "{dups} duplicates for 3 crashes exceeds 3 × the in-flight bound {bound}"
@@ -257,7 +310,16 @@ fn join_member(broker: &Broker, toml: &str, group: &str, members: usize) -> (Key
 }
 
 #[test]
-fn members_join_leave_and_die_without_loss_or_reordering() {
+fn members_join_leave_and_die_without_loss_or_reordering_classic() {
+    members_join_leave_and_die_without_loss_or_reordering(Protocol::Classic);
+}
+
+#[test]
+fn members_join_leave_and_die_without_loss_or_reordering_consumer_protocol() {
+    members_join_leave_and_die_without_loss_or_reordering(Protocol::Consumer);
+}
+
+fn members_join_leave_and_die_without_loss_or_reordering(protocol: Protocol) {
     const KEYS: usize = 100;
     const PARTITIONS: i32 = 8;
     let broker = Arc::new(Broker::start());
@@ -265,13 +327,14 @@ fn members_join_leave_and_die_without_loss_or_reordering() {
     broker.create_topic_blocking(&input, PARTITIONS);
     broker.create_topic_blocking(&output, PARTITIONS);
     let toml = pipeline(
+        protocol,
         &input,
         &output,
         &group,
-        "session_timeout = \"6s\"\ndrain_timeout = \"3s\"\ncommit_interval = \"100ms\"",
+        "drain_timeout = \"3s\"\ncommit_interval = \"100ms\"",
         r#"{ distribution = "uniform", min = "1ms", max = "3ms" }"#,
     )
-    .replacen("session_timeout = \"4s\"\ndrain_timeout = \"2s\"\n", "", 1);
+    .replace("session_timeout = \"4s\"", "session_timeout = \"6s\"");
 
     // A producer writes 300 msg/s for the whole test.
     let stop = Arc::new(AtomicBool::new(false));
@@ -365,7 +428,7 @@ fn members_join_leave_and_die_without_loss_or_reordering() {
         a.log_tail(30)
     );
     let dups = check_output(&out, &expected);
-    println!("rebalance: {total} inputs, {} outputs, {dups} redelivered duplicates; join→processing: B {join_b:?}, C {join_c:?}; C killed → progress again after {recover_c:?}", out.len());
+    println!("rebalance ({protocol:?}): {total} inputs, {} outputs, {dups} redelivered duplicates; join→processing: B {join_b:?}, C {join_c:?}; C killed → progress again after {recover_c:?}", out.len());
 }
 
 #[test]
