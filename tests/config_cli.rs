@@ -57,3 +57,48 @@ fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
         log.escape_debug()
     );
 }
+
+/// `keyflow validate` lists, with file and field, topic names Kafka would refuse, producer
+/// settings that would void the no-loss and per-key-order promises, and settings that do not
+/// apply under the KIP-848 consumer protocol; exit code 2.
+#[test]
+fn validate_explains_topic_names_producer_safety_and_consumer_protocol() {
+    let dir = temp_dir("keyflow-validate-");
+    let p = dir.path().join("orders.toml");
+    std::fs::write(
+        &p,
+        r#"
+topic = "orders"
+auto_offset_reset = "earliest"
+group_protocol = "consumer"
+session_timeout = "20s"
+dead_letter_topic = "orders dlq"
+[[processors]]
+type = "forward"
+topic = "out!"
+[kafka]
+acks = 1
+"partition.assignment.strategy" = "range"
+"#,
+    )
+    .unwrap();
+    let out = Command::new(Keyflow::bin())
+        .arg("validate")
+        .arg(&p)
+        .env_remove("KEYFLOW_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let file = p.display().to_string();
+    for want in [
+        "5 configuration error(s)".to_string(),
+        format!("{file}: field `session_timeout`: does not apply under group_protocol = \"consumer\""),
+        format!("{file}: field `processors[0].topic`: \"out!\" is not a valid topic name: '!' at byte 3; a Kafka topic name is 1 to 249 characters from [A-Za-z0-9._-]"),
+        format!("{file}: field `dead_letter_topic`: \"orders dlq\" is not a valid topic name"),
+        format!("{file}: field `kafka.\"acks\"`: \"1\" is unsafe"),
+        format!("{file}: field `kafka.\"partition.assignment.strategy\"`: does not apply under group_protocol = \"consumer\": the broker assigns partitions"),
+    ] {
+        assert!(err.contains(&want), "missing {want:?} in:\n{err}");
+    }
+}
