@@ -13,6 +13,7 @@
 
 pub mod duration;
 pub mod env;
+pub mod kafka;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -24,6 +25,7 @@ use serde::Deserialize;
 
 pub use duration::HumanDuration;
 pub use env::Env;
+pub use kafka::{topic_name_error, TOPIC_NAME_RULE};
 
 use crate::processors::ProcessorConfig;
 
@@ -98,6 +100,33 @@ impl OffsetReset {
         }
     }
 }
+
+/// The consumer group protocol (`group.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupProtocol {
+    /// The classic protocol: the group leader assigns (keyflow uses `cooperative-sticky`), the
+    /// session and heartbeat are client settings (`session_timeout`).
+    #[default]
+    Classic,
+    /// KIP-848 (Kafka 4.0+): the broker assigns partitions incrementally and owns the session
+    /// timeout, heartbeat interval and assignor settings.
+    Consumer,
+}
+
+impl GroupProtocol {
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            GroupProtocol::Classic => "classic",
+            GroupProtocol::Consumer => "consumer",
+        }
+    }
+}
+
+/// Under `group_protocol = "consumer"` the session timeout is the broker's
+/// `group.consumer.session.timeout.ms`, which a client cannot read; keyflow assumes Kafka's
+/// default (also its default minimum) for the checks that depend on it.
+pub const CONSUMER_PROTOCOL_SESSION_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// The global file, as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -184,6 +213,9 @@ pub struct PipelineFile {
     /// Defaults to `keyflow-<name>`.
     pub group_id: Option<String>,
     pub auto_offset_reset: OffsetReset,
+    /// `classic` (default) or `consumer` (KIP-848).
+    #[serde(default)]
+    pub group_protocol: GroupProtocol,
     #[serde(default)]
     pub ordering: Ordering,
     /// Messages buffered or running per partition; at the bound the partition is paused.
@@ -206,8 +238,9 @@ pub struct PipelineFile {
     pub commit_interval: HumanDuration,
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: HumanDuration,
-    #[serde(default = "default_session_timeout")]
-    pub session_timeout: HumanDuration,
+    /// Classic protocol only (default [`default_session_timeout`]); under `consumer` the broker
+    /// sets it, so writing it is an error rather than a setting silently ignored.
+    pub session_timeout: Option<HumanDuration>,
     #[serde(default)]
     pub worker_restarts: RestartBudget,
     #[serde(default)]
@@ -314,6 +347,7 @@ pub struct PipelineSpec {
     pub topic: String,
     pub group_id: String,
     pub auto_offset_reset: OffsetReset,
+    pub group_protocol: GroupProtocol,
     pub ordering: Ordering,
     pub max_in_flight: usize,
     pub max_buffered_bytes: u64,
@@ -322,6 +356,8 @@ pub struct PipelineSpec {
     pub pause_after: std::time::Duration,
     pub commit_interval: std::time::Duration,
     pub drain_timeout: std::time::Duration,
+    /// The client's `session.timeout.ms` under `classic`; under `consumer` the broker's, assumed
+    /// to be [`CONSUMER_PROTOCOL_SESSION_TIMEOUT`] (not sent to librdkafka).
     pub session_timeout: std::time::Duration,
     pub worker_restarts: RestartBudget,
     pub retry: RetryPolicy,
@@ -330,23 +366,6 @@ pub struct PipelineSpec {
     /// Global `[kafka]` then the pipeline's, as librdkafka strings.
     pub kafka: Vec<(String, String)>,
 }
-
-/// librdkafka properties keyflow sets itself; setting them in `[kafka]` would break its
-/// guarantees, so they are refused with the field to use instead.
-const MANAGED_KAFKA_KEYS: &[(&str, &str)] = &[
-    ("group.id", "group_id"),
-    (
-        "enable.auto.commit",
-        "commit_interval (keyflow commits on completion)",
-    ),
-    (
-        "enable.auto.offset.store",
-        "nothing: keyflow stores offsets on completion",
-    ),
-    ("auto.offset.reset", "auto_offset_reset"),
-    ("session.timeout.ms", "session_timeout"),
-    ("bootstrap.servers", "brokers (or KEYFLOW_BROKERS)"),
-];
 
 /// Everything `keyflow run` needs.
 #[derive(Debug, Clone)]
@@ -428,14 +447,6 @@ fn kafka_strings(
     let mut out = Vec::new();
     for (k, v) in table {
         let field = format!("kafka.\"{k}\"");
-        if let Some((_, instead)) = MANAGED_KAFKA_KEYS.iter().find(|(m, _)| m == k) {
-            errs.push(err(
-                src,
-                field,
-                format!("is managed by keyflow: set {instead}"),
-            ));
-            continue;
-        }
         let s = match v {
             toml::Value::String(s) => s.clone(),
             toml::Value::Integer(i) => i.to_string(),
@@ -453,6 +464,10 @@ fn kafka_strings(
                 continue;
             }
         };
+        if let Some(why) = kafka::refusal(k, &s) {
+            errs.push(err(src, field, why));
+            continue;
+        }
         out.push((k.clone(), s));
     }
     out
@@ -548,9 +563,13 @@ fn validate_pipeline(
     if name.trim().is_empty() {
         e(errs, "name", "expected a non-empty name, found \"\"".into());
     }
-    if f.topic.trim().is_empty() {
-        e(errs, "topic", "expected a topic name, found \"\"".into());
-    }
+    let topic_ok = match topic_name_error(&f.topic) {
+        Some(why) => {
+            e(errs, "topic", why);
+            false
+        }
+        None => true,
+    };
     if f.max_in_flight == 0 {
         e(errs, "max_in_flight", "expected at least 1, found 0".into());
     }
@@ -581,23 +600,54 @@ fn validate_pipeline(
             "expected a positive duration, found \"0s\"".into(),
         );
     }
-    if f.session_timeout.get() < std::time::Duration::from_secs(1) {
-        e(
-            errs,
-            "session_timeout",
-            format!("expected at least \"1s\", found \"{}\"", f.session_timeout),
-        );
-    }
-    if f.drain_timeout >= f.session_timeout {
-        e(
-            errs,
-            "drain_timeout",
-            format!(
-                "\"{}\" must be below session_timeout (\"{}\"): a member that drains longer than its session is expelled while it drains",
-                f.drain_timeout, f.session_timeout
-            ),
-        );
-    }
+    let session_timeout = match (f.group_protocol, f.session_timeout) {
+        (GroupProtocol::Classic, t) => {
+            let t = t.unwrap_or_else(default_session_timeout);
+            if t.get() < std::time::Duration::from_secs(1) {
+                e(
+                    errs,
+                    "session_timeout",
+                    format!("expected at least \"1s\", found \"{t}\""),
+                );
+            }
+            if f.drain_timeout >= t {
+                e(
+                    errs,
+                    "drain_timeout",
+                    format!(
+                        "\"{}\" must be below session_timeout (\"{t}\"): a member that drains longer than its session is expelled while it drains",
+                        f.drain_timeout
+                    ),
+                );
+            }
+            t.get()
+        }
+        (GroupProtocol::Consumer, set) => {
+            let t = CONSUMER_PROTOCOL_SESSION_TIMEOUT;
+            if set.is_some() {
+                e(
+                    errs,
+                    "session_timeout",
+                    format!(
+                        "does not apply under group_protocol = \"consumer\": the session timeout is set on the broker (group.consumer.session.timeout.ms, {} by default); remove it",
+                        HumanDuration(t)
+                    ),
+                );
+            }
+            if f.drain_timeout.get() >= t {
+                e(
+                    errs,
+                    "drain_timeout",
+                    format!(
+                        "\"{}\" must be below the broker's session timeout (group.consumer.session.timeout.ms, assumed \"{}\", Kafka's default and minimum): a member that drains longer than its session is expelled while it drains",
+                        f.drain_timeout,
+                        HumanDuration(t)
+                    ),
+                );
+            }
+            t
+        }
+    };
     if f.retry.max_attempts == 0 {
         e(
             errs,
@@ -628,10 +678,35 @@ fn validate_pipeline(
         for (field, msg) in p.validate(&f.topic, base) {
             e(errs, &format!("processors[{i}].{field}"), msg);
         }
+        for (field, topic) in output_topics(p) {
+            // An empty name is already reported by the processor's own validation.
+            if topic.trim().is_empty() {
+                continue;
+            }
+            if let Some(why) = topic_name_error(topic) {
+                e(errs, &format!("processors[{i}].{field}"), why);
+            }
+        }
     }
-    let dead_letter_topic = f
-        .dead_letter_topic
-        .unwrap_or_else(|| format!("{}.dlq", f.topic));
+    let (dead_letter_topic, dlq_default) = match f.dead_letter_topic {
+        Some(t) => (t, false),
+        None => (format!("{}.dlq", f.topic), true),
+    };
+    // A refused name would surface only at the first poison message, and pause the pipeline.
+    if !dlq_default || topic_ok {
+        if let Some(why) = topic_name_error(&dead_letter_topic) {
+            let why = if dlq_default {
+                why.replacen(
+                    " is not a valid",
+                    " (the default, <topic>.dlq) is not a valid",
+                    1,
+                )
+            } else {
+                why
+            };
+            e(errs, "dead_letter_topic", why);
+        }
+    }
     if dead_letter_topic == f.topic {
         e(
             errs,
@@ -643,6 +718,16 @@ fn validate_pipeline(
     }
     let mut kafka = global.kafka.clone();
     kafka.extend(kafka_strings(&src, &f.kafka, errs));
+    for (k, _) in &kafka {
+        if let Some(why) = kafka::protocol_refusal(k, f.group_protocol) {
+            let origin = if f.kafka.contains_key(k) {
+                ""
+            } else {
+                "set in the global [kafka], which every pipeline inherits: "
+            };
+            e(errs, &format!("kafka.\"{k}\""), format!("{origin}{why}"));
+        }
+    }
     let group_id = f.group_id.unwrap_or_else(|| format!("keyflow-{name}"));
     PipelineSpec {
         file: path.to_path_buf(),
@@ -650,6 +735,7 @@ fn validate_pipeline(
         topic: f.topic,
         group_id,
         auto_offset_reset: f.auto_offset_reset,
+        group_protocol: f.group_protocol,
         ordering: f.ordering,
         max_in_flight: f.max_in_flight,
         max_buffered_bytes: f.max_buffered_bytes.as_u64(),
@@ -658,12 +744,31 @@ fn validate_pipeline(
         max_workers: f.max_workers.min(f.max_in_flight).max(1),
         commit_interval: f.commit_interval.get(),
         drain_timeout: f.drain_timeout.get(),
-        session_timeout: f.session_timeout.get(),
+        session_timeout,
         worker_restarts: f.worker_restarts,
         retry: f.retry,
         dead_letter_topic,
         processors: f.processors,
         kafka,
+    }
+}
+
+/// The topics a processor writes to, with their field paths.
+fn output_topics(p: &ProcessorConfig) -> Vec<(String, &str)> {
+    match p {
+        ProcessorConfig::Forward(c) => vec![("topic".to_string(), c.topic.as_str())],
+        ProcessorConfig::Route(c) => c
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("routes[{i}].topic"), r.topic.as_str()))
+            .chain(
+                c.default
+                    .iter()
+                    .map(|t| ("default".to_string(), t.as_str())),
+            )
+            .collect(),
+        _ => Vec::new(),
     }
 }
 

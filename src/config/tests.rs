@@ -198,3 +198,193 @@ fn shipped_pipelines_are_valid() {
     let c = load(Global::default(), &[dir], &Env::default()).unwrap();
     assert!(c.pipelines.len() >= 2);
 }
+
+#[test]
+fn unsafe_producer_settings_are_refused_with_the_reason() {
+    let e = errors(
+        &format!(
+            "{MINIMAL}\n[kafka]\nacks = 1\n\"enable.idempotence\" = false\n\"max.in.flight\" = 10\nretries = 0\n\"delivery.report.only.error\" = true\n"
+        ),
+        &Env::default(),
+    );
+    assert_eq!(e.len(), 5, "{e:#?}");
+    for (field, why) in [
+        ("acks", "\"1\" is unsafe: keyflow completes a message, and commits past it, only once its forward and dead-letter writes are acknowledged, which loses nothing only with acks=all"),
+        ("enable.idempotence", "false is unsafe: without the idempotent producer"),
+        ("max.in.flight", "10 is unsafe: expected 1 to 5"),
+        ("retries", "0 is unsafe: expected at least 1"),
+        ("delivery.report.only.error", "true is unsafe:"),
+    ] {
+        let want = format!("FILE: field `kafka.\"{field}\"`: {why}");
+        assert!(e.iter().any(|l| l.starts_with(&want)), "missing {want:?} in {e:#?}");
+    }
+}
+
+#[test]
+fn safe_producer_settings_are_accepted() {
+    let e = errors(
+        &format!("{MINIMAL}\n[kafka]\nacks = \"all\"\n\"enable.idempotence\" = true\n\"max.in.flight.requests.per.connection\" = 5\nretries = 10\n\"enable.gapless.guarantee\" = true\n\"isolation.level\" = \"read_committed\"\n"),
+        &Env::default(),
+    );
+    assert_eq!(e, Vec::<String>::new());
+}
+
+#[test]
+fn unsafe_settings_in_the_global_file_name_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        &dir,
+        "keyflow.toml",
+        "[kafka]\n\"request.required.acks\" = \"1\"\n\"metadata.broker.list\" = \"x:9092\"\n",
+    );
+    let err = load_global(Some(&p), &Env::default())
+        .unwrap_err()
+        .to_string();
+    let file = p.display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{file}: field `kafka.\"request.required.acks\"`: \"1\" is unsafe"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{file}: field `kafka.\"metadata.broker.list\"`: is managed by keyflow: set brokers"
+        )),
+        "{err}"
+    );
+    // The environment reaches the same check.
+    let err = load_global(
+        None,
+        &env(&[("KEYFLOW_KAFKA__ENABLE_IDEMPOTENCE", "false")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("field `kafka.\"enable.idempotence\"`: false is unsafe"),
+        "{err}"
+    );
+}
+
+const TOPIC_RULE: &str =
+    "a Kafka topic name is 1 to 249 characters from [A-Za-z0-9._-], and not \".\" or \"..\"";
+
+#[test]
+fn topic_names_kafka_refuses_fail_validate() {
+    let long = "x".repeat(250);
+    let text = format!(
+        r#"
+topic = "orders in"
+auto_offset_reset = "earliest"
+dead_letter_topic = "orders!dlq"
+[[processors]]
+type = "forward"
+topic = "\u0000"
+[[processors]]
+type = "route"
+default = ".."
+routes = [{{ when = "`true`", topic = "{long}" }}]
+"#
+    );
+    let e = errors(&text, &Env::default());
+    assert_eq!(
+        e,
+        vec![
+            format!("FILE: field `topic`: \"orders in\" is not a valid topic name: ' ' at byte 6; {TOPIC_RULE}"),
+            format!("FILE: field `processors[0].topic`: \"\\0\" is not a valid topic name: '\\0' at byte 0; {TOPIC_RULE}"),
+            format!("FILE: field `processors[1].routes[0].topic`: \"{long}\" is not a valid topic name: 250 characters; {TOPIC_RULE}"),
+            format!("FILE: field `processors[1].default`: \"..\" is not a valid topic name: {TOPIC_RULE}"),
+            format!("FILE: field `dead_letter_topic`: \"orders!dlq\" is not a valid topic name: '!' at byte 6; {TOPIC_RULE}"),
+        ]
+    );
+}
+
+#[test]
+fn default_dead_letter_topic_must_be_a_valid_name_too() {
+    let topic = "t".repeat(247);
+    let e = errors(
+        &MINIMAL.replace("\"orders\"", &format!("\"{topic}\"")),
+        &Env::default(),
+    );
+    assert_eq!(
+        e,
+        vec![format!(
+            "FILE: field `dead_letter_topic`: \"{topic}.dlq\" (the default, <topic>.dlq) is not a valid topic name: 251 characters; {TOPIC_RULE}"
+        )]
+    );
+}
+
+#[test]
+fn group_protocol_defaults_to_classic_and_accepts_consumer() {
+    assert_eq!(errors(MINIMAL, &Env::default()), Vec::<String>::new());
+    assert_eq!(
+        errors(
+            &format!("group_protocol = \"consumer\"\n{MINIMAL}"),
+            &Env::default()
+        ),
+        Vec::<String>::new()
+    );
+    let e = errors(
+        &format!("group_protocol = \"kip848\"\n{MINIMAL}"),
+        &Env::default(),
+    );
+    assert_eq!(e, vec!["FILE: field `group_protocol`: unknown variant `kip848`, expected `classic` or `consumer`"]);
+}
+
+#[test]
+fn consumer_protocol_explains_what_does_not_apply() {
+    let text = format!(
+        "group_protocol = \"consumer\"\nsession_timeout = \"20s\"\n{MINIMAL}\n[kafka]\n\"heartbeat.interval.ms\" = 1000\n\"partition.assignment.strategy\" = \"range\"\n\"group.remote.assignor\" = \"uniform\"\n"
+    );
+    let e = errors(&text, &Env::default());
+    assert_eq!(
+        e,
+        vec![
+            "FILE: field `session_timeout`: does not apply under group_protocol = \"consumer\": the session timeout is set on the broker (group.consumer.session.timeout.ms, 45s by default); remove it",
+            "FILE: field `kafka.\"heartbeat.interval.ms\"`: does not apply under group_protocol = \"consumer\": the heartbeat interval is set on the broker (group.consumer.heartbeat.interval.ms), and librdkafka refuses it",
+            "FILE: field `kafka.\"partition.assignment.strategy\"`: does not apply under group_protocol = \"consumer\": the broker assigns partitions; choose its assignor with \"group.remote.assignor\" (uniform or range)",
+        ]
+    );
+    // The same keys are fine under classic.
+    let e = errors(
+        &text.replace("group_protocol = \"consumer\"\n", ""),
+        &Env::default(),
+    );
+    assert_eq!(e, Vec::<String>::new());
+}
+
+#[test]
+fn consumer_protocol_refuses_global_kafka_keys_naming_their_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        &dir,
+        "orders.toml",
+        &format!("group_protocol = \"consumer\"\n{MINIMAL}"),
+    );
+    let global = Global {
+        kafka: vec![("heartbeat.interval.ms".into(), "500".into())],
+        ..Global::default()
+    };
+    let err = load_pipeline(&p, &global, &Env::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("field `kafka.\"heartbeat.interval.ms\"`: set in the global [kafka], which every pipeline inherits: does not apply under group_protocol = \"consumer\""),
+        "{err}"
+    );
+}
+#[test]
+fn group_protocol_env_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(&dir, "orders.toml", MINIMAL);
+    let e = env(&[("KEYFLOW_PIPELINE_ORDERS__GROUP_PROTOCOL", "consumer")]);
+    let s = load_pipeline(&p, &Global::default(), &e).unwrap();
+    assert_eq!(s.group_protocol, GroupProtocol::Consumer);
+    let s = load_pipeline(&p, &Global::default(), &Env::default()).unwrap();
+    assert_eq!(s.group_protocol, GroupProtocol::Classic);
+    let e = env(&[("KEYFLOW_PIPELINE_ORDERS__GROUP_PROTOCOL", "new")]);
+    let err = load_pipeline(&p, &Global::default(), &e)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, "env KEYFLOW_PIPELINE_ORDERS__GROUP_PROTOCOL: field `group_protocol`: unknown variant `new`, expected `classic` or `consumer`");
+}

@@ -8,7 +8,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 
 use super::context::KeyflowContext;
-use crate::config::PipelineSpec;
+use crate::config::{GroupProtocol, PipelineSpec};
 
 /// The consumer: a `BaseConsumer`, polled on a dedicated thread (see `actors::coordinator`) so
 /// that the rebalance callback may block while partitions drain without stalling the runtime.
@@ -24,23 +24,31 @@ fn apply_user(cfg: &mut ClientConfig, kafka: &[(String, String)]) {
 
 pub fn consumer_config(brokers: &str, spec: &PipelineSpec) -> ClientConfig {
     let mut cfg = ClientConfig::new();
-    let session_ms = spec.session_timeout.as_millis().max(1);
     cfg.set("bootstrap.servers", brokers)
         .set("group.id", &spec.group_id)
         .set("client.id", format!("keyflow-{}", spec.name))
         .set("auto.offset.reset", spec.auto_offset_reset.as_librdkafka())
-        .set("session.timeout.ms", session_ms.to_string())
-        // Heartbeat well within the session even when tests set it low.
-        .set(
-            "heartbeat.interval.ms",
-            (session_ms / 3).clamp(100, 3000).to_string(),
-        )
-        // keyflow commits explicitly: only offsets whose messages (and all before) completed.
-        .set("enable.auto.commit", "false")
+        .set("group.protocol", spec.group_protocol.as_librdkafka());
+    match spec.group_protocol {
+        GroupProtocol::Classic => {
+            let session_ms = spec.session_timeout.as_millis().max(1);
+            cfg.set("session.timeout.ms", session_ms.to_string())
+                // Heartbeat well within the session even when tests set it low.
+                .set(
+                    "heartbeat.interval.ms",
+                    (session_ms / 3).clamp(100, 3000).to_string(),
+                )
+                // Cooperative: a rebalance moves only the partitions that change owner.
+                .set("partition.assignment.strategy", "cooperative-sticky");
+        }
+        // KIP-848: the broker owns the session, the heartbeat and the assignment (always
+        // incremental), and librdkafka refuses a consumer that sets any of the three.
+        GroupProtocol::Consumer => {}
+    }
+    // keyflow commits explicitly: only offsets whose messages (and all before) completed.
+    cfg.set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
-        // Cooperative: a rebalance moves only the partitions that change owner.
-        .set("partition.assignment.strategy", "cooperative-sticky")
         // librdkafka's prefetch per partition, capped at keyflow's own byte budget: together
         // they bound a partition's memory at about twice `max_buffered_bytes`.
         .set(
@@ -85,6 +93,7 @@ fn is_consumer_only(key: &str) -> bool {
             | "queued.min.messages"
             | "queued.max.messages.kbytes"
             | "isolation.level"
+            | "group.remote.assignor"
             | "group.instance.id"
             | "check.crcs"
     )
@@ -125,4 +134,85 @@ pub fn cached_high_watermark(consumer: &Consumer, topic: &str, partition: i32) -
     };
     (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
         .then_some(high)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load_pipeline, Env, Global};
+
+    /// A pipeline with `top` fields and a `[kafka]` table of `kafka` lines.
+    fn spec(top: &str, kafka: &str) -> PipelineSpec {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("orders.toml");
+        std::fs::write(
+            &p,
+            format!("{top}\ntopic = \"orders\"\nauto_offset_reset = \"earliest\"\n[[processors]]\ntype = \"log\"\n[kafka]\n{kafka}\n"),
+        )
+        .unwrap();
+        load_pipeline(&p, &Global::default(), &Env::default()).unwrap()
+    }
+
+    const CLASSIC_ONLY: [&str; 3] = [
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "partition.assignment.strategy",
+    ];
+
+    #[test]
+    fn classic_consumer_sets_session_heartbeat_and_cooperative_assignor() {
+        let cfg = consumer_config(
+            "b:9092",
+            &spec("session_timeout = \"6s\"\ndrain_timeout = \"2s\"", ""),
+        );
+        assert_eq!(cfg.get("group.protocol"), Some("classic"));
+        assert_eq!(cfg.get("session.timeout.ms"), Some("6000"));
+        assert_eq!(cfg.get("heartbeat.interval.ms"), Some("2000"));
+        assert_eq!(
+            cfg.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+        assert_eq!(cfg.get("enable.auto.commit"), Some("false"));
+        let c: rdkafka::error::KafkaResult<BaseConsumer> = cfg.create();
+        assert!(c.is_ok(), "{:?}", c.err());
+    }
+
+    #[test]
+    fn consumer_protocol_sets_none_of_what_librdkafka_refuses() {
+        let s = spec("group_protocol = \"consumer\"", "");
+        let cfg = consumer_config("b:9092", &s);
+        assert_eq!(cfg.get("group.protocol"), Some("consumer"));
+        for k in CLASSIC_ONLY {
+            assert_eq!(cfg.get(k), None, "{k} is set under the consumer protocol");
+        }
+        assert_eq!(cfg.get("enable.auto.commit"), Some("false"));
+        assert_eq!(cfg.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(cfg.get("group.id"), Some("keyflow-orders"));
+        // librdkafka agrees: the configuration creates a consumer (no broker needed)...
+        let c: rdkafka::error::KafkaResult<BaseConsumer> = cfg.create();
+        assert!(c.is_ok(), "{:?}", c.err());
+        // ...and would not with any of the classic-only settings.
+        for k in CLASSIC_ONLY {
+            let mut bad = cfg.clone();
+            bad.set(k, if k.ends_with(".ms") { "3000" } else { "range" });
+            let c: rdkafka::error::KafkaResult<BaseConsumer> = bad.create();
+            assert!(
+                c.is_err(),
+                "librdkafka accepted {k} under the consumer protocol"
+            );
+        }
+    }
+
+    #[test]
+    fn producer_keeps_idempotence_and_acks_all() {
+        let s = spec(
+            "",
+            "\"group.remote.assignor\" = \"uniform\"\n\"max.in.flight\" = 5",
+        );
+        let cfg = producer_config("b:9092", &s);
+        assert_eq!(cfg.get("enable.idempotence"), Some("true"));
+        assert_eq!(cfg.get("acks"), Some("all"));
+        assert_eq!(cfg.get("max.in.flight"), Some("5"));
+        assert_eq!(cfg.get("group.remote.assignor"), None);
+    }
 }
