@@ -49,13 +49,12 @@ pub async fn serve(
         .route("/health/ready", get(ready))
         .route("/debug/partitions", get(debug_partitions))
         .with_state(state.clone());
-    // Housekeeping for the recorder's histograms, and the ready gauge between scrapes.
+    // The ready gauge between scrapes (histogram upkeep runs in `metrics::install`).
     let upkeep = state.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(5));
         loop {
             t.tick().await;
-            upkeep.prometheus.run_upkeep();
             let _ = readiness(&upkeep.pipelines);
         }
     });

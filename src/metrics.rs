@@ -9,6 +9,12 @@
 //! ([`PipelineMetrics`]) and once per assigned partition ([`PartitionMetrics`]), then
 //! incremented. Without an installed recorder (library use, in-process tests) the handles are
 //! no-ops.
+//!
+//! The recorder keeps each histogram sample until upkeep folds it into the buckets (about 8
+//! bytes per sample, three samples per message). [`install`] therefore starts its own upkeep
+//! thread, independent of the HTTP endpoint: with `[http] address = "off"` the recorder stays
+//! installed (a library user or an embedding application can still render it through
+//! [`handle`]) and its memory stays bounded.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
@@ -22,7 +28,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Messages completed or retried, by `outcome` (see the `OUTCOME_*` constants).
 pub const MESSAGES_TOTAL: &str = "keyflow_messages_total";
-/// Time from a message's start on a worker to its completion (all attempts, DLQ write included).
+/// Time of one attempt: from its start on a worker to its completion or failure (the DLQ write
+/// included for the last attempt; retry backoffs are not part of it).
 pub const PROCESS_DURATION_SECONDS: &str = "keyflow_process_duration_seconds";
 /// Time from a message's receipt off the consumer queue to its start on a worker.
 pub const QUEUE_WAIT_SECONDS: &str = "keyflow_queue_wait_seconds";
@@ -65,7 +72,7 @@ pub const OUTCOME_PROCESSED: &str = "processed";
 pub const OUTCOME_RETRIED: &str = "retried";
 pub const OUTCOME_DEAD_LETTERED: &str = "dead_lettered";
 pub const OUTCOME_FILTERED: &str = "filtered";
-/// No built-in processor deduplicates yet; the series exists (at 0) for dashboards and alerts.
+/// Dropped by `dedup`: its business id already completed within the TTL.
 pub const OUTCOME_DEDUPLICATED: &str = "deduplicated";
 
 /// Processing and queue-wait buckets: 1 ms … 60 s.
@@ -79,11 +86,14 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+/// How often the upkeep thread folds histogram samples into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// The stuck-partition watchdog threshold in milliseconds (process-wide; `[http] stuck_after`).
 static STUCK_AFTER_MS: AtomicU64 = AtomicU64::new(60_000);
 
 /// Installs the Prometheus recorder once per process and returns its handle (later calls return
-/// the same handle). Call it before the runtime starts so that every handle registers.
+/// the same handle), and starts the upkeep thread that keeps its memory bounded. Call it before
+/// the runtime starts so that every handle registers.
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
@@ -110,9 +120,24 @@ pub fn install() -> PrometheusHandle {
                 .expect("no other metrics recorder is installed");
             describe();
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            spawn_upkeep(handle.clone());
             handle
         })
         .clone()
+}
+
+/// Runs the recorder's upkeep every [`UPKEEP_INTERVAL`] for the life of the process. A thread,
+/// not a task: `install` may run outside a tokio runtime, and upkeep must outlive any of them.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let started = std::thread::Builder::new()
+        .name("keyflow-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            handle.run_upkeep();
+        });
+    if let Err(e) = started {
+        tracing::error!(error = %e, "cannot start the metrics upkeep thread: histogram samples will accumulate until /metrics is scraped");
+    }
 }
 
 /// The installed recorder's handle, if any.
@@ -136,7 +161,7 @@ fn describe() {
     describe_histogram!(
         PROCESS_DURATION_SECONDS,
         Unit::Seconds,
-        "Start on a worker to completion, retries included"
+        "One attempt: start on a worker to completion or failure"
     );
     describe_histogram!(
         QUEUE_WAIT_SECONDS,

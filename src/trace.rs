@@ -1,8 +1,10 @@
 //! W3C trace context: a `traceparent` header on an input message is continued on every message
-//! keyflow writes for it (output and dead letter): same trace id and flags, a new parent (span)
-//! id naming keyflow's step. Messages without one are written as they came.
+//! keyflow writes for it (`forward`, `route`, the dead letter) and on every `http` request made
+//! for it: same trace id and flags, a new parent (span) id naming keyflow's step. Messages
+//! without one are written as they came, and no `traceparent` is invented.
 //!
-//! Only messages that carry headers pay anything: the header list is scanned once.
+//! Only messages that carry headers pay anything: the header list is scanned once, and the new
+//! value is built on the stack.
 
 use rand::Rng;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -35,37 +37,70 @@ pub fn find_trace_id(headers: &OwnedHeaders) -> Option<String> {
         .map(str::to_string)
 }
 
-/// `headers` with a valid `traceparent` replaced by its continuation (same trace id and flags,
-/// a fresh span id); returned unchanged when there is none.
-pub fn continue_trace(headers: OwnedHeaders) -> OwnedHeaders {
-    let Some(tp) = headers
+/// The value of a valid `traceparent` header, if these headers carry one.
+pub fn traceparent(headers: &OwnedHeaders) -> Option<&[u8]> {
+    headers
         .iter()
         .find(|h| h.key == TRACEPARENT)
         .and_then(|h| h.value)
         .filter(|v| trace_id(v).is_some())
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-    else {
-        return headers;
-    };
+}
+
+/// The length of a version-00 `traceparent` value.
+pub const TRACEPARENT_LEN: usize = 55;
+
+/// The continuation of a valid `traceparent`: same trace id and flags, a fresh random span
+/// (parent) id. Built on the stack: no allocation. `None` if `traceparent` is not valid.
+pub fn continued(traceparent: &[u8]) -> Option<[u8; TRACEPARENT_LEN]> {
+    trace_id(traceparent)?;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut span = [0u8; 8];
     rand::rng().fill(&mut span);
     if span == [0; 8] {
         span[7] = 1;
     }
-    let span: String = span.iter().map(|b| format!("{b:02x}")).collect();
-    let continued = format!("00-{}-{}-{}", &tp[3..35], span, &tp[53..55]);
+    let mut out = [0u8; TRACEPARENT_LEN];
+    out[..3].copy_from_slice(b"00-");
+    // Validated above: ASCII hex at fixed positions.
+    out[3..35].copy_from_slice(&traceparent[3..35]);
+    out[35] = b'-';
+    for (i, b) in span.iter().enumerate() {
+        out[36 + 2 * i] = HEX[usize::from(b >> 4)];
+        out[37 + 2 * i] = HEX[usize::from(b & 0xf)];
+    }
+    out[52] = b'-';
+    out[53..55].copy_from_slice(&traceparent[53..55]);
+    Some(out)
+}
+
+/// A copy of `headers` for a message keyflow writes, with a valid `traceparent` replaced by its
+/// continuation (see [`continued`]). The message's own headers stay as they are, for the
+/// processors after this one.
+pub fn continue_trace(headers: &OwnedHeaders) -> OwnedHeaders {
+    let Some(next) = traceparent(headers).and_then(continued) else {
+        return headers.clone();
+    };
     let mut out = OwnedHeaders::new_with_capacity(headers.count());
     for h in headers.iter() {
         out = out.insert(Header {
             key: h.key,
             value: if h.key == TRACEPARENT {
-                Some(continued.as_bytes())
+                Some(&next[..])
             } else {
                 h.value
             },
         });
     }
     out
+}
+
+/// [`continue_trace`] for headers the caller gives away: returned as they are (no copy) when
+/// they carry no valid `traceparent`.
+pub fn continue_trace_owned(headers: OwnedHeaders) -> OwnedHeaders {
+    if traceparent(&headers).is_none() {
+        return headers;
+    }
+    continue_trace(&headers)
 }
 
 #[cfg(test)]
@@ -84,7 +119,12 @@ mod tests {
                 key: TRACEPARENT,
                 value: Some(tp),
             });
-        let out = continue_trace(h);
+        let out = continue_trace(&h);
+        assert_eq!(
+            traceparent(&h),
+            Some(tp.as_bytes()),
+            "the input is left as it was"
+        );
         let v = out
             .iter()
             .find(|h| h.key == TRACEPARENT)

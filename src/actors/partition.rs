@@ -599,6 +599,7 @@ async fn on_done(
     match outcome {
         Outcome::Processed => &pm.processed,
         Outcome::Filtered => &pm.filtered,
+        Outcome::Deduplicated => &pm.deduplicated,
         Outcome::DeadLettered | Outcome::Retry { .. } => &pm.dead_lettered,
     }
     .increment(1);
@@ -608,7 +609,10 @@ async fn on_done(
     // Dead letters are counted by the writer, once acknowledged.
     match outcome {
         Outcome::Processed => s.pipeline.stats.processed.fetch_add(1, Relaxed),
-        Outcome::Filtered => s.pipeline.stats.filtered.fetch_add(1, Relaxed),
+        // The in-process snapshot counts every processor drop (filter or dedup) as filtered.
+        Outcome::Filtered | Outcome::Deduplicated => {
+            s.pipeline.stats.filtered.fetch_add(1, Relaxed)
+        }
         Outcome::DeadLettered | Outcome::Retry { .. } => 0,
     };
     if s.draining.is_some() {

@@ -9,6 +9,12 @@
 //! outage of any length costs each message at most the attempts it used before the breaker
 //! opened, and nothing is dead-lettered because of it.
 //!
+//! Cancellation: a probe whose future is dropped mid-await (its worker killed, a drain deadline)
+//! gives its probe slot back on drop, so the next call probes. It records no failure: nothing
+//! was learnt about the downstream, and re-opening would pause the pipeline for another
+//! cool-down without cause. The gate hold of an open breaker is a [`HoldGuard`] kept in the
+//! breaker's state, released with the state change that ends it.
+//!
 //! ```toml
 //! circuit_breaker = { failures = 5, cool_down = "30s" }
 //! ```
@@ -23,7 +29,7 @@ use tracing::{info, warn};
 
 use super::ProcessError;
 use crate::config::HumanDuration;
-use crate::gate::Gate;
+use crate::gate::{Gate, HoldGuard};
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,8 +69,28 @@ enum State {
 struct Inner {
     cfg: BreakerConfig,
     name: String,
-    state: Mutex<State>,
+    state: Mutex<Shared>,
     gate: Arc<Gate>,
+}
+
+struct Shared {
+    state: State,
+    /// `Some` exactly while `state` is `Open`: the pipeline's partitions are paused.
+    hold: Option<HoldGuard>,
+}
+
+/// Gives the half-open probe slot back if the probe's future is dropped before it finished.
+struct ProbeSlot<'a> {
+    breaker: &'a Breaker,
+    armed: bool,
+}
+
+impl Drop for ProbeSlot<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.breaker.abandon_probe();
+        }
+    }
 }
 
 /// Cheap to clone; one per processor instance.
@@ -76,7 +102,10 @@ impl Breaker {
         Breaker(Arc::new(Inner {
             cfg,
             name,
-            state: Mutex::new(State::Closed { failures: 0 }),
+            state: Mutex::new(Shared {
+                state: State::Closed { failures: 0 },
+                hold: None,
+            }),
             gate,
         }))
     }
@@ -90,7 +119,12 @@ impl Breaker {
         let probe = self
             .admit()
             .map_err(|wait| ProcessError::not_attempted(kind, wait))?;
+        let mut slot = ProbeSlot {
+            breaker: self,
+            armed: probe,
+        };
         let r = call.await;
+        slot.armed = false;
         let failed = matches!(&r, Err(e) if e.is_retryable());
         self.record(failed, probe);
         match r {
@@ -108,17 +142,17 @@ impl Breaker {
     /// `Ok(is_probe)` if the call may go ahead, else how long to wait.
     fn admit(&self) -> Result<bool, Duration> {
         let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let State::Open { until } = *st {
+        if let State::Open { until } = st.state {
             let now = Instant::now();
             if now < until {
                 return Err(jitter(until - now));
             }
             self.half_open(&mut st);
         }
-        match *st {
+        match st.state {
             State::Closed { .. } => Ok(false),
             State::HalfOpen { probing: false } => {
-                *st = State::HalfOpen { probing: true };
+                st.state = State::HalfOpen { probing: true };
                 Ok(true)
             }
             _ => Err(jitter(
@@ -127,21 +161,30 @@ impl Breaker {
         }
     }
 
+    /// The probe's future was dropped before it finished: the next call probes.
+    fn abandon_probe(&self) {
+        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.state == (State::HalfOpen { probing: true }) {
+            st.state = State::HalfOpen { probing: false };
+            info!(breaker = %self.0.name, "half-open probe cancelled; the next call probes");
+        }
+    }
+
     fn record(&self, failed: bool, probe: bool) {
         let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
-        match (*st, failed) {
+        match (st.state, failed) {
             (State::HalfOpen { .. }, false) if probe => {
                 info!(breaker = %self.0.name, "probe succeeded; circuit closed");
-                *st = State::Closed { failures: 0 };
+                st.state = State::Closed { failures: 0 };
                 self.0.gate.breaker_state(0.0);
             }
             (State::HalfOpen { .. }, true) if probe => self.open(&mut st),
-            (State::Closed { .. }, false) => *st = State::Closed { failures: 0 },
+            (State::Closed { .. }, false) => st.state = State::Closed { failures: 0 },
             (State::Closed { failures }, true) => {
                 if failures + 1 >= self.0.cfg.failures {
                     self.open(&mut st);
                 } else {
-                    *st = State::Closed {
+                    st.state = State::Closed {
                         failures: failures + 1,
                     };
                 }
@@ -151,14 +194,16 @@ impl Breaker {
         }
     }
 
-    fn open(&self, st: &mut State) {
+    fn open(&self, st: &mut Shared) {
         let cool = self.0.cfg.cool_down.get();
         warn!(breaker = %self.0.name, cool_down = ?cool, "circuit open; pausing the pipeline's partitions");
-        *st = State::Open {
+        st.state = State::Open {
             until: Instant::now() + cool,
         };
         self.0.gate.breaker_state(2.0);
-        self.0.gate.hold();
+        if st.hold.is_none() {
+            st.hold = Some(self.0.gate.hold());
+        }
         let me = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(cool).await;
@@ -168,12 +213,12 @@ impl Breaker {
     }
 
     /// Open → half-open (once, whoever comes first: the timer or a late caller).
-    fn half_open(&self, st: &mut State) {
-        if let State::Open { until } = *st {
+    fn half_open(&self, st: &mut Shared) {
+        if let State::Open { until } = st.state {
             if Instant::now() >= until {
-                *st = State::HalfOpen { probing: false };
+                st.state = State::HalfOpen { probing: false };
                 self.0.gate.breaker_state(1.0);
-                self.0.gate.release();
+                st.hold = None;
                 info!(breaker = %self.0.name, "cool-down over; half-open, resuming for one probe");
             }
         }
@@ -181,7 +226,7 @@ impl Breaker {
 
     pub fn is_open(&self) -> bool {
         matches!(
-            *self.0.state.lock().unwrap_or_else(|p| p.into_inner()),
+            self.0.state.lock().unwrap_or_else(|p| p.into_inner()).state,
             State::Open { .. }
         )
     }
@@ -231,6 +276,41 @@ mod tests {
         b.call("http", async { Ok(()) }).await.unwrap();
         assert!(!b.is_open() && !gate.is_held(), "probe succeeded: closed");
         assert_eq!(state(), 0.0, "gauge: closed");
+    }
+
+    // Real time (50 ms cool-down): tokio's paused clock needs its `test-util` feature, which
+    // this crate does not enable.
+    #[tokio::test]
+    async fn a_cancelled_probe_does_not_leave_the_breaker_half_open() {
+        let gate = Arc::new(Gate::default());
+        let b = Breaker::new(cfg(50), "t".into(), gate.clone());
+        let fail = || async { Err::<(), _>(ProcessError::retryable("http", "503")) };
+        let _ = b.call("http", fail()).await;
+        let _ = b.call("http", fail()).await;
+        assert!(b.is_open());
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(!gate.is_held(), "cool-down over: half-open");
+        // The probe hangs and is dropped mid-await (a drain deadline, a killed worker).
+        let probe = b.call("http", std::future::pending::<Result<(), ProcessError>>());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), probe)
+                .await
+                .is_err(),
+            "the probe hangs"
+        );
+        // The downstream answers again: a later call must reach it (and close the breaker).
+        let attempted = std::sync::atomic::AtomicBool::new(false);
+        let r = b
+            .call("http", async {
+                attempted.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            })
+            .await;
+        assert!(
+            attempted.load(std::sync::atomic::Ordering::Relaxed),
+            "the call after a cancelled probe was not attempted: {r:?}"
+        );
+        assert!(r.is_ok() && !b.is_open() && !gate.is_held());
     }
 
     #[test]

@@ -142,7 +142,11 @@ impl Processor for Dedup {
             .ids
             .get(&id)
             .is_some_and(|at| now.duration_since(*at) <= ttl);
-        Ok(if seen { Flow::Drop } else { Flow::Continue })
+        Ok(if seen {
+            Flow::Duplicate
+        } else {
+            Flow::Continue
+        })
     }
 
     fn completed(&self, msg: &Message) {
@@ -181,7 +185,7 @@ mod tests {
             "not completed yet: a retry is not a duplicate"
         );
         d.completed(&m);
-        assert_eq!(d.process(&mut m).await.unwrap(), Flow::Drop);
+        assert_eq!(d.process(&mut m).await.unwrap(), Flow::Duplicate);
     }
 
     #[tokio::test]

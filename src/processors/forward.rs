@@ -48,17 +48,30 @@ impl ForwardConfig {
 /// Writes through the pipeline's idempotent producer (`acks=all`); the input message completes
 /// only when the broker has acknowledged the write, so a crash can duplicate but never lose it.
 /// The key is kept, so the output partition (and per-key order) follows the key.
+///
+/// The written headers continue the input's trace (see [`crate::trace`]). The message keeps its
+/// headers for the processors after this one; when none of them reads headers
+/// (`keep_headers` false, decided when the chain is built) the list is given to the producer
+/// instead of copied.
 pub struct Forward {
     topic: String,
     producer: Producer,
     breaker: Option<Breaker>,
+    keep_headers: bool,
 }
 
 impl Forward {
-    pub fn new(cfg: &ForwardConfig, producer: Producer, gate: &Arc<Gate>, pipeline: &str) -> Self {
+    pub fn new(
+        cfg: &ForwardConfig,
+        producer: Producer,
+        gate: &Arc<Gate>,
+        pipeline: &str,
+        keep_headers: bool,
+    ) -> Self {
         Forward {
             topic: cfg.topic.clone(),
             producer,
+            keep_headers,
             breaker: cfg.circuit_breaker.map(|b| {
                 Breaker::new(b, format!("{pipeline}/forward {}", cfg.topic), gate.clone())
             }),
@@ -73,8 +86,13 @@ impl Forward {
         if let Some(p) = msg.payload.as_deref() {
             record = record.payload(p);
         }
-        if let Some(h) = msg.headers.take() {
-            record = record.headers(crate::trace::continue_trace(h));
+        if self.keep_headers {
+            if let Some(h) = &msg.headers {
+                record = record.headers(crate::trace::continue_trace(h));
+            }
+        } else if let Some(h) = msg.headers.take() {
+            // Nothing after this step reads headers: hand the list over, no copy.
+            record = record.headers(crate::trace::continue_trace_owned(h));
         }
         if let Some(ts) = msg.timestamp_ms {
             record = record.timestamp(ts);

@@ -15,7 +15,8 @@
 //! ```
 //!
 //! The message key and offset go along as `x-keyflow-key` and `x-keyflow-offset`, so the
-//! downstream can deduplicate (delivery is at-least-once).
+//! downstream can deduplicate (delivery is at-least-once). A valid W3C `traceparent` header on
+//! the message is continued as the request's `traceparent` (same trace id, new span id).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -139,6 +140,16 @@ impl Http {
                 req = req.header("x-keyflow-key", v);
             }
         }
+        if let Some(tp) = msg
+            .headers
+            .as_ref()
+            .and_then(crate::trace::traceparent)
+            .and_then(crate::trace::continued)
+        {
+            if let Ok(v) = reqwest::header::HeaderValue::from_bytes(&tp) {
+                req = req.header(crate::trace::TRACEPARENT, v);
+            }
+        }
         if let Some(p) = &msg.payload {
             req = req.body(p.clone());
         }
@@ -191,6 +202,48 @@ mod tests {
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
         addr
+    }
+
+    #[tokio::test]
+    async fn sends_a_continued_traceparent() {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+        let app = Router::new().route(
+            "/",
+            post(move |h: axum::http::HeaderMap| async move {
+                let _ = tx.send(
+                    h.get("traceparent")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string),
+                );
+                StatusCode::OK
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        let cfg: HttpConfig = toml::from_str(&format!("url = \"http://{addr}/\"")).unwrap();
+        let h = Http::new(&cfg, &Arc::new(Gate::default()), "p").unwrap();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut m = Message::new("t", 0, 0, Some(b"k"), b"{}");
+        m.headers = Some(OwnedHeaders::new().insert(Header {
+            key: "traceparent",
+            value: Some(tp),
+        }));
+        assert_eq!(h.process(&mut m).await.unwrap(), Flow::Continue);
+        let got = rx.recv().await.unwrap().expect("a traceparent header");
+        assert_eq!(
+            crate::trace::trace_id(got.as_bytes()),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+            "{got}"
+        );
+        assert_ne!(got, tp, "a new span id");
+        assert!(got.ends_with("-01"));
+        // Without a traceparent none is invented.
+        h.process(&mut Message::new("t", 0, 1, None, b"{}"))
+            .await
+            .unwrap();
+        assert_eq!(rx.recv().await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -28,6 +28,9 @@ pub enum Flow {
     Continue,
     /// Stop here: the message is complete and nothing further runs (a filter).
     Drop,
+    /// Stop here: the message duplicates one already completed (`dedup`). Like `Drop`, but
+    /// counted as `deduplicated`.
+    Duplicate,
 }
 
 /// A processing failure. Retryable errors (a timeout, a 5xx) are retried with backoff; the others
@@ -153,6 +156,24 @@ impl ProcessorConfig {
         }
     }
 
+    /// Whether this processor may read a message's headers (so an earlier `forward` must leave
+    /// them on the message). Custom processors may.
+    pub fn reads_headers(&self) -> bool {
+        match self {
+            ProcessorConfig::Forward(_)
+            | ProcessorConfig::Route(_)
+            | ProcessorConfig::Http(_)
+            | ProcessorConfig::Filter(_)
+            | ProcessorConfig::Custom(_) => true,
+            ProcessorConfig::Dedup(c) => c.header.is_some(),
+            ProcessorConfig::Log(_)
+            | ProcessorConfig::Simulate(_)
+            | ProcessorConfig::Decode(_)
+            | ProcessorConfig::Validate(_)
+            | ProcessorConfig::Transform(_) => false,
+        }
+    }
+
     pub fn type_name(&self) -> &'static str {
         match self {
             ProcessorConfig::Forward(_) => "forward",
@@ -195,6 +216,7 @@ pub fn build_chain(
                     ctx.producer.clone(),
                     ctx.gate,
                     ctx.pipeline,
+                    configs[i + 1..].iter().any(ProcessorConfig::reads_headers),
                 )),
                 ProcessorConfig::Log(l) => Arc::new(log::Log::new(l)),
                 ProcessorConfig::Simulate(s) => Arc::new(simulate::Simulate::new(s)),

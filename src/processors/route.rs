@@ -121,8 +121,9 @@ impl Processor for Route {
             if let Some(p) = msg.payload.as_deref() {
                 record = record.payload(p);
             }
+            // Each written message continues the input's trace under its own span id.
             if let Some(h) = &msg.headers {
-                record = record.headers(h.clone());
+                record = record.headers(crate::trace::continue_trace(h));
             }
             self.producer
                 .send(record, Duration::from_secs(30))

@@ -1,0 +1,153 @@
+//! `[http] address = "off"`: the metrics recorder is still installed, so its histogram samples
+//! must still be folded into buckets (upkeep), or memory grows by ~24 bytes per message.
+
+mod support;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use support::{pipeline_header, unique, wait_until, Broker, Keyflow};
+
+/// Live heap bytes of this test process, exactly.
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+struct Counting;
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only sizes are counted.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            LIVE.fetch_add(l.size() as isize, Relaxed);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            LIVE.fetch_add(l.size() as isize, Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size() as isize, Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            LIVE.fetch_add(new as isize - l.size() as isize, Relaxed);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// The heap measurement must not see the other test's allocations.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const MB: isize = 1024 * 1024;
+
+#[test]
+fn histogram_samples_are_folded_without_the_http_endpoint() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // What `keyflow run` does with the HTTP endpoint off: install, never serve.
+    let _handle = keyflow::metrics::install();
+    let m = keyflow::metrics::PipelineMetrics::new("mem", "t");
+    let base = LIVE.load(Relaxed);
+    // 1M messages' worth: the three per-message histograms of the hot path.
+    for i in 0..1_000_000u32 {
+        let s = f64::from(i % 1000) / 1000.0;
+        m.process_duration.record(s);
+        m.queue_wait.record(s / 10.0);
+        m.end_to_end.record(s * 10.0);
+    }
+    let grown = LIVE.load(Relaxed) - base;
+    println!(
+        "1M messages recorded: heap +{:.1} MB before upkeep",
+        grown as f64 / MB as f64
+    );
+    assert!(
+        grown > 10 * MB,
+        "the samples are buffered first: +{grown} B"
+    );
+    // The pipeline keeps running (1,000 messages per 100 ms): the folded samples' blocks are
+    // freed by the epoch collector, which the recording threads drive.
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            for _ in 0..1000 {
+                m.process_duration.record(0.001);
+                m.queue_wait.record(0.0001);
+                m.end_to_end.record(0.01);
+            }
+            LIVE.load(Relaxed) - base < 2 * MB
+        },
+        "histogram samples folded into buckets with no HTTP endpoint (heap back within 2 MB)",
+    );
+    println!(
+        "after upkeep: heap +{:.2} MB",
+        (LIVE.load(Relaxed) - base) as f64 / MB as f64
+    );
+}
+
+#[test]
+fn rss_stays_flat_over_a_million_messages_with_http_off() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const N: usize = 1_000_000;
+    const PARTITIONS: i32 = 4;
+    let broker = Broker::shared();
+    let topic = unique("mem-http-off");
+    let group = unique("mem-http-off-g");
+    broker.create_topic_blocking(&topic, PARTITIONS);
+    broker.create_topic_blocking(&format!("{topic}.dlq"), 1);
+    broker.produce_keyed(
+        &topic,
+        (0..N).map(|i| (Some(format!("k{}", i % 1000).into_bytes()), b"{}".to_vec())),
+    );
+    let k = Keyflow::start_many(
+        &broker.bootstrap,
+        &[&format!(
+            "{}\n[[processors]]\ntype = \"log\"\nlevel = \"debug\"\n",
+            pipeline_header(&topic, &group, "max_buffered_bytes = 1048576")
+        )],
+        &[("KEYFLOW_HTTP__ADDRESS", "off"), ("RUST_LOG", "warn")],
+    );
+    let done = || -> i64 {
+        broker
+            .committed_offsets(&group, &topic, PARTITIONS)
+            .iter()
+            .map(|o| (*o).max(0))
+            .sum()
+    };
+    // Warm-up: buffers, librdkafka queues and allocator arenas reach their working size.
+    wait_until(
+        Duration::from_secs(600),
+        Duration::from_millis(200),
+        || done() >= N as i64 / 5,
+        "a fifth of the messages committed",
+    );
+    let warm = k.rss_kib();
+    wait_until(
+        Duration::from_secs(900),
+        Duration::from_millis(200),
+        || done() >= N as i64,
+        "every message committed",
+    );
+    let end = k.rss_kib();
+    let growth = end as i64 - warm as i64;
+    println!(
+        "{N} messages, http off: RSS {warm} KiB after {} → {end} KiB at the end ({growth:+} KiB)",
+        N / 5
+    );
+    // Without upkeep the remaining 800k messages leave 2.4M samples (~19 MB) behind.
+    assert!(
+        growth < 6 * 1024,
+        "RSS grew by {growth} KiB over 800k messages with the HTTP endpoint off"
+    );
+}
