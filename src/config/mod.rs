@@ -208,6 +208,9 @@ pub struct PipelineFile {
     pub drain_timeout: HumanDuration,
     #[serde(default = "default_session_timeout")]
     pub session_timeout: HumanDuration,
+    /// How long start waits for a broker to answer before exiting with the cause.
+    #[serde(default = "default_startup_timeout")]
+    pub startup_timeout: HumanDuration,
     #[serde(default)]
     pub worker_restarts: RestartBudget,
     #[serde(default)]
@@ -249,6 +252,12 @@ fn default_drain_timeout() -> HumanDuration {
 }
 // librdkafka's default is 45 s; 30 s moves a dead member's partitions sooner.
 fn default_session_timeout() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+
+// Long enough for a broker that is restarting alongside keyflow (a compose stack, a rolling
+// restart); short enough that a wrong address or credentials fail the start visibly.
+fn default_startup_timeout() -> HumanDuration {
     HumanDuration::from_secs(30)
 }
 
@@ -323,6 +332,7 @@ pub struct PipelineSpec {
     pub commit_interval: std::time::Duration,
     pub drain_timeout: std::time::Duration,
     pub session_timeout: std::time::Duration,
+    pub startup_timeout: std::time::Duration,
     pub worker_restarts: RestartBudget,
     pub retry: RetryPolicy,
     pub dead_letter_topic: String,
@@ -659,6 +669,7 @@ fn validate_pipeline(
         commit_interval: f.commit_interval.get(),
         drain_timeout: f.drain_timeout.get(),
         session_timeout: f.session_timeout.get(),
+        startup_timeout: f.startup_timeout.get(),
         worker_restarts: f.worker_restarts,
         retry: f.retry,
         dead_letter_topic,

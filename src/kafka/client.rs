@@ -39,6 +39,8 @@ pub fn consumer_config(brokers: &str, spec: &PipelineSpec) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
+        // Broker connection states for readiness: a broker UP again ends an outage.
+        .set("statistics.interval.ms", "2000")
         // Cooperative: a rebalance moves only the partitions that change owner.
         .set("partition.assignment.strategy", "cooperative-sticky")
         // librdkafka's prefetch per partition, capped at keyflow's own byte budget: together
