@@ -2,9 +2,11 @@
 #
 #   docker build -t keyflow .
 #
-# The builder compiles the same binary the tests use (`cargo build --release --locked`, the
-# bundled librdkafka of rdkafka's default features). Not built here: this machine runs no
-# Docker engine (see README "Operating keyflow").
+# The builder compiles the same binary the tests use (`cargo build --release --locked`: the
+# bundled librdkafka, linked against the system OpenSSL for SSL/SASL_SSL and SCRAM; libssl-dev
+# comes with the rust image). The runtime image carries libssl3 and the CA bundle, so keyflow
+# connects to TLS clusters (Confluent Cloud, MSK, Aiven, Strimzi). Not built here: this machine
+# runs no Docker engine (see README "Operating keyflow").
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends cmake \
@@ -16,9 +18,9 @@ RUN cargo build --release --locked --bin keyflow \
     && strip target/release/keyflow
 
 FROM debian:bookworm-slim AS runtime
-# ca-certificates for TLS to brokers; curl for the health check.
+# libssl3 and ca-certificates for TLS to brokers; curl for the health check.
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates curl \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libssl3 ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin keyflow
 COPY --from=build /src/target/release/keyflow /usr/local/bin/keyflow

@@ -1,5 +1,5 @@
 //! End-to-end benchmark: keyflow against a minimal rdkafka consumer loop, in the same run, on a
-//! real broker (tansu, installed and started the way the tests do it).
+//! real broker (Apache Kafka, installed and started the way the tests do it).
 //!
 //! `cargo bench --bench e2e` runs every scenario 3 times per side and prints a table of medians;
 //! `-- --scenario io --runs 1`, `-- --smoke` (tiny sizes, what CI runs) and size flags adjust it.

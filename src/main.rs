@@ -105,7 +105,12 @@ enum DlqCommand {
         /// Count what would be sent; send nothing.
         #[arg(long)]
         dry_run: bool,
-        /// A librdkafka property for both clients (security settings), NAME=VALUE; repeatable.
+        /// Global settings file: its `[kafka]` table (and `KEYFLOW_KAFKA__*` variables) give the
+        /// security settings, as for `run`; defaults to ./keyflow.toml if present.
+        #[arg(long, env = "KEYFLOW_CONFIG")]
+        config: Option<PathBuf>,
+        /// A librdkafka property for both clients, NAME=VALUE; repeatable; wins over the global
+        /// file. Keep secrets out of the command line: use `KEYFLOW_KAFKA__SASL_PASSWORD`.
         #[arg(long = "kafka", value_name = "NAME=VALUE")]
         kafka: Vec<String>,
         /// Quiet time after the end of every partition before stopping.
@@ -210,21 +215,34 @@ fn dlq(command: DlqCommand) -> ExitCode {
         until,
         key,
         dry_run,
+        config: config_path,
         kafka,
         idle,
     } = command;
+    // The same [kafka] settings as `run` (global file, KEYFLOW_KAFKA__* variables), then --kafka.
+    let config_path =
+        config_path.or_else(|| Some(PathBuf::from("keyflow.toml")).filter(|p| p.exists()));
+    let global = match config::load_global(config_path.as_deref(), &Env::from_process()) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     let time = |s: Option<String>, name: &str| match s.as_deref().map(keyflow::dlq::parse_time) {
         Some(Err(e)) => Err(format!("--{name} {e}")),
         Some(Ok(t)) => Ok(Some(t)),
         None => Ok(None),
     };
-    let kafka: Result<Vec<(String, String)>, String> = kafka
-        .iter()
-        .map(|kv| {
+    let kafka: Result<Vec<(String, String)>, String> = global
+        .kafka
+        .into_iter()
+        .map(Ok)
+        .chain(kafka.iter().map(|kv| {
             kv.split_once('=')
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .ok_or_else(|| format!("--kafka {kv:?}: expected NAME=VALUE"))
-        })
+        }))
         .collect();
     let opts = match (time(since, "since"), time(until, "until"), kafka) {
         (Ok(since_ms), Ok(until_ms), Ok(kafka)) => keyflow::dlq::ReplayOptions {

@@ -1,4 +1,4 @@
-//! Smoke test of the integration-test support module against a real tansu broker.
+//! Smoke test of the integration-test support module against a real Apache Kafka broker.
 
 mod support;
 
@@ -25,7 +25,7 @@ fn broker_produce_consume_commit() {
     let t0 = Instant::now();
     let broker = Broker::start();
     eprintln!(
-        "broker (incl. tansu install if needed) ready in {:?}",
+        "broker (incl. the Kafka download if needed) ready in {:?}",
         t0.elapsed()
     );
 
@@ -206,4 +206,55 @@ fn keyflow_process_harness() {
         k.log_tail(50)
     );
     assert!(!k.is_running());
+}
+
+/// Apache Kafka 4 serves the KIP-848 consumer group protocol (`group.protocol=consumer`):
+/// a member gets its assignment, reads and commits, and the support's `describe_group` sees the
+/// group as Stable with one member of type Consumer (classic DescribeGroups says "not found").
+#[test]
+fn consumer_group_protocol_kip848_is_served() {
+    let broker = Broker::shared();
+    let topic = support::unique("smoke-848");
+    broker.create_topic_blocking(&topic, 3);
+    let produced = broker.produce_keyed(
+        &topic,
+        (0..300).map(|i| (Some(format!("k{i}").into_bytes()), b"v".to_vec())),
+    );
+    let group = support::unique("smoke-848-g");
+    let t = Instant::now();
+    let consumer: rdkafka::consumer::BaseConsumer = broker
+        .client_config()
+        .set("group.id", &group)
+        .set("group.protocol", "consumer")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("a consumer under group.protocol=consumer");
+    consumer.subscribe(&[&topic]).unwrap();
+    let mut n = 0;
+    let mut first = None;
+    while n < 300 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "read only {n} of 300"
+        );
+        if let Some(r) = consumer.poll(Duration::from_millis(100)) {
+            r.expect("consumer error");
+            first.get_or_insert(t.elapsed());
+            n += 1;
+        }
+    }
+    consumer.commit_consumer_state(CommitMode::Sync).unwrap();
+    let desc = broker.describe_group(&group);
+    eprintln!(
+        "KIP-848: first message {:?} after subscribe; DescribeGroups says {desc:?}",
+        first.unwrap()
+    );
+    assert!(
+        desc.is_stable() && desc.members == 1 && desc.protocol_type == "Consumer",
+        "{desc:?}"
+    );
+    let committed = broker.committed_offsets(&group, &topic, 3);
+    let want: Vec<i64> = (0..3).map(|p| produced.next_offsets[&p]).collect();
+    assert_eq!(committed, want);
 }

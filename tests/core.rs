@@ -1,4 +1,4 @@
-//! The core semantics, in process, against a real tansu broker: per-key ordering, concurrency
+//! The core semantics, in process, against a real Apache Kafka broker: per-key ordering, concurrency
 //! beyond the partition count, a slow key, backpressure, worker restarts.
 
 mod support;

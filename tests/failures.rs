@@ -1,4 +1,4 @@
-//! Failures without loss (issue 3), against a real tansu broker (and librdkafka's mock cluster
+//! Failures without loss (issue 3), against a real Apache Kafka broker (and librdkafka's mock cluster
 //! for DLQ fault injection): poison messages, retries, no head-of-line blocking, a downstream
 //! outage behind a circuit breaker, an unwritable DLQ, replay, dedup, panics, and the example
 //! pipelines end to end.
@@ -963,7 +963,7 @@ async fn example_pipelines_validate_and_run_end_to_end() {
         ("KEYFLOW_BROKERS".into(), broker.bootstrap.clone()),
         ("WELCOME_MAIL_URL".into(), url.clone()),
     ];
-    // tansu assigns after half the session timeout: keep it short here.
+    // A short session: a killed member is noticed in seconds.
     for n in ["WELCOME_MAIL", "ORDERS", "SAGA_SHIP"] {
         env.push((
             format!("KEYFLOW_PIPELINE_{n}__SESSION_TIMEOUT"),

@@ -1,5 +1,5 @@
 //! Observability, proven against real tools: keyflow (in process and as the binary) against a
-//! tansu broker, scraped by a real Prometheus (Debian's `prometheus` package) which evaluates
+//! Apache Kafka broker, scraped by a real Prometheus (Debian's `prometheus` package) which evaluates
 //! every PromQL expression of the dashboards and alert rules; `promtool` checks and unit tests;
 //! the compose file parsed by docker-compose; exact metric values; health and the stuck
 //! watchdog; `keyflow status`; the `traceparent` trace id on output and DLQ messages.
@@ -26,15 +26,22 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A tool the tests need; `.ci/run` installs it (Debian's `prometheus` package). Never skipped.
+/// A tool the tests need: `prometheus` and `promtool` come with Debian's `prometheus` package,
+/// `docker-compose` with its own. Installed on first use when missing (see
+/// `support::ensure_command`); never skipped.
 fn tool(name: &str) -> PathBuf {
+    let package = match name {
+        "prometheus" | "promtool" => "prometheus",
+        other => other,
+    };
+    support::ensure_command(name, package);
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
         let p = Path::new(dir).join(name);
         if p.is_file() {
             return p;
         }
     }
-    panic!("{name} is not installed: `apt-get install -y prometheus` (see .ci/run)");
+    panic!("{name} is not on PATH after installing {package}");
 }
 
 fn run_tool(cmd: &mut Command) -> String {
@@ -266,6 +273,58 @@ fn promtool_checks_config_and_rules_and_runs_rule_tests() {
     assert!(out.contains("SUCCESS"), "{out}");
 }
 
+/// Every topic a shipped pipeline reads or writes: input, dead-letter topic (as keyflow resolves
+/// its default), and the `topic` of every processor and route.
+fn topics_of_shipped_pipelines() -> std::collections::BTreeSet<String> {
+    let mut topics = std::collections::BTreeSet::new();
+    let global = keyflow::config::Global::default();
+    for entry in std::fs::read_dir(repo().join("pipelines")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let spec = keyflow::config::load_pipeline(&path, &global, &keyflow::config::Env::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        topics.insert(spec.topic.clone());
+        topics.insert(spec.dead_letter_topic.clone());
+        let raw: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let processors = raw.get("processors").and_then(|p| p.as_array());
+        for p in processors.into_iter().flatten() {
+            let routes = p.get("routes").and_then(|r| r.as_array());
+            for t in std::iter::once(p).chain(routes.into_iter().flatten()) {
+                if let Some(topic) = t.get("topic").and_then(|t| t.as_str()) {
+                    topics.insert(topic.to_string());
+                }
+            }
+        }
+    }
+    topics
+}
+
+#[test]
+fn compose_creates_every_topic_of_the_shipped_pipelines() {
+    let compose = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let init = compose
+        .split("kafka-init:")
+        .nth(1)
+        .and_then(|rest| rest.split("\n  keyflow:").next())
+        .expect("a kafka-init service before keyflow");
+    let created: std::collections::BTreeSet<&str> = init
+        .split(|c: char| c.is_whitespace() || c == '\\')
+        .filter(|w| w.contains('.') && !w.contains('/') && !w.contains(':'))
+        .collect();
+    let needed = topics_of_shipped_pipelines();
+    let missing: Vec<&String> = needed
+        .iter()
+        .filter(|t| !created.contains(t.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docker-compose.yml's kafka-init does not create {missing:?} (it creates {created:?})"
+    );
+    assert!(needed.len() >= 10, "{needed:?}");
+}
+
 #[test]
 fn compose_file_is_valid_for_a_real_compose_parser() {
     // docker-compose (Debian's package) parses and validates the file against the compose
@@ -306,6 +365,7 @@ fn compose_file_is_valid_for_a_real_compose_parser() {
     for needle in [
         "cargo build --release --locked --bin keyflow",
         "USER 10001",
+        "libssl3",
         "HEALTHCHECK",
         "/health/live",
     ] {
@@ -407,7 +467,7 @@ async fn exact_metrics_lag_dashboards_and_alerts_through_real_prometheus() {
     }
     broker.produce(&input, msgs);
     // A trailing marker per partition: the delivery reports are the truth for "the end",
-    // not tansu's high watermark (which can trail).
+    // not a high watermark read at some moment.
     let end = broker.produce(
         &input,
         (0..2).map(|p| OutMsg {

@@ -1,4 +1,4 @@
-//! keyflow as a separate process against a real tansu broker: graceful shutdown, kill -9 at
+//! keyflow as a separate process against a real Apache Kafka broker: graceful shutdown, kill -9 at
 //! three moments, rebalances between members, the CLI (`validate`, `demo`).
 
 mod support;
@@ -319,7 +319,7 @@ fn members_join_leave_and_die_without_loss_or_reordering() {
         "progress with two members",
     );
 
-    // B leaves gracefully (the group is stable: see BROKER.md on tansu's wedge).
+    // B leaves gracefully once the group is stable (one rebalance at a time).
     b.sigterm();
     assert!(
         b.wait_exit(Duration::from_secs(30)).success(),

