@@ -91,6 +91,17 @@ pub struct CoordinatorState {
     revoking: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Sets the poll thread's stop flag when dropped (unless disarmed by taking the flag out).
+struct PollStopGuard(Option<Arc<AtomicBool>>);
+
+impl Drop for PollStopGuard {
+    fn drop(&mut self) {
+        if let Some(stop) = self.0.take() {
+            stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 /// The brokers could not be reached at start (or refused keyflow's credentials).
 #[derive(Debug, thiserror::Error)]
 #[error("brokers unreachable at start (waited {waited:.1?}): {cause}")]
@@ -169,13 +180,16 @@ impl Actor for Coordinator {
             poll_stop.clone(),
             a.stats.clone(),
         )?;
+        // Stops the poll thread if start fails or this future is dropped mid-await.
+        let mut stop_guard = PollStopGuard(Some(poll_stop.clone()));
         let reached = wait_reachable(&consumer, &a.spec, &a.stats).await;
         if let Err(e) = reached.and_then(|()| Ok(consumer.subscribe(&[&a.spec.topic])?)) {
-            poll_stop.store(true, Ordering::SeqCst);
+            drop(stop_guard);
             drop(consumer);
             let _ = tokio::task::spawn_blocking(move || poll_thread.join()).await;
             return Err(e);
         }
+        stop_guard.0 = None;
         info!(pipeline = %a.spec.name, topic = %a.spec.topic, group = %a.spec.group_id, "subscribed");
         Ok(CoordinatorState {
             spec: a.spec,
@@ -257,13 +271,12 @@ impl Actor for Coordinator {
                     s.stats.remove_partition(*p);
                 }
             }
-            CoordinatorMsg::Stray(m) => match s.partitions.get(&m.partition) {
-                Some(sup) => {
+            CoordinatorMsg::Stray(m) => {
+                // Not ours (any more): not committed, so its owner receives it.
+                if let Some(sup) = s.partitions.get(&m.partition) {
                     let _ = sup.cast(PartitionMsg::Deliver(m));
                 }
-                // Not ours (any more): not committed, so its owner receives it.
-                None => {}
-            },
+            }
             CoordinatorMsg::Shutdown(reply) => {
                 let report = shutdown(s).await;
                 let _ = reply.send(report);
@@ -425,4 +438,27 @@ fn spawn_poll_thread(
             // Dropping the last reference closes the consumer (LeaveGroup), polling as it goes.
             drop(consumer);
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_poll_stop_guard_stops_the_thread_unless_disarmed() {
+        let flag = Arc::new(AtomicBool::new(false));
+        drop(PollStopGuard(Some(flag.clone())));
+        assert!(
+            flag.load(Ordering::SeqCst),
+            "dropped: the poll thread is told to stop"
+        );
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut g = PollStopGuard(Some(flag.clone()));
+        g.0 = None;
+        drop(g);
+        assert!(
+            !flag.load(Ordering::SeqCst),
+            "disarmed: the poll thread runs on"
+        );
+    }
 }

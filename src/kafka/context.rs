@@ -264,3 +264,36 @@ impl ConsumerContext for KeyflowContext {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_blanked_out_of_reasons() {
+        let kafka = vec![
+            ("security.protocol".to_string(), "SASL_SSL".to_string()),
+            ("sasl.password".to_string(), "hunter2".to_string()),
+            ("ssl.key.password".to_string(), "k3y".to_string()),
+            ("sasl.oauthbearer.client.secret".to_string(), "".to_string()),
+        ];
+        let secrets = secret_values(&kafka);
+        assert_eq!(secrets, vec!["hunter2".to_string(), "k3y".to_string()]);
+        assert_eq!(
+            redact("auth as u:hunter2 with k3y failed (SASL_SSL)", &secrets),
+            "auth as u:*** with *** failed (SASL_SSL)"
+        );
+    }
+
+    #[test]
+    fn the_rendezvous_mark_is_cleared_however_the_wait_ends() {
+        let stats = PipelineStats::new("p");
+        {
+            let _g = stats.rendezvous(now_ms() + 60_000);
+            assert!(stats.rendezvous_left_ms().is_some_and(|l| l > 50_000));
+        }
+        assert_eq!(stats.rendezvous_left_ms(), None);
+        let _past = stats.rendezvous(now_ms().saturating_sub(1));
+        assert_eq!(stats.rendezvous_left_ms(), None, "past its deadline");
+    }
+}
