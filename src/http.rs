@@ -1,9 +1,10 @@
 //! The HTTP endpoint (`[http] address`, default `0.0.0.0:9464`):
 //!
 //! - `/metrics`: Prometheus text format.
-//! - `/health/live`: 200 while every pipeline's poll loop turns and the actors answer.
-//! - `/health/ready`: 200 once every pipeline has joined its group and no partition is stuck;
-//!   503 otherwise, with the reason in the JSON body.
+//! - `/health/live`: 200 while every pipeline's poll loop turns (or waits in a revoke
+//!   rendezvous, until its deadline) and the actors answer.
+//! - `/health/ready`: 200 once every pipeline has joined its group, reaches its brokers and no
+//!   partition is stuck; 503 otherwise, with the reasons in the JSON body.
 //! - `/debug/partitions`: JSON, see [`crate::introspect`].
 //!
 //! It runs on the same tokio runtime as the actors, off the hot path: scrapes read atomics and
@@ -95,12 +96,13 @@ fn reply(reasons: Vec<String>, ok: &'static str, bad: &'static str) -> Response 
 async fn live(State(s): State<HttpState>) -> Response {
     let mut reasons = Vec::new();
     for p in &s.pipelines {
-        match p.since_poll_ms() {
-            None => reasons.push(format!("pipeline {}: poll loop not started", p.name)),
-            Some(ms) if Duration::from_millis(ms) > POLL_STALE => {
+        match (p.since_poll_ms(), p.rendezvous_left_ms()) {
+            (None, _) => reasons.push(format!("pipeline {}: poll loop not started", p.name)),
+            // Waiting in a revoke rendezvous (a clean drain) is alive until its deadline.
+            (Some(ms), None) if Duration::from_millis(ms) > POLL_STALE => {
                 reasons.push(format!("pipeline {}: poll loop silent for {ms} ms", p.name))
             }
-            Some(_) => {}
+            (Some(_), _) => {}
         }
         // The actors answer: a supervisor whose mailbox is dead cannot be asked.
         for (partition, ps) in p.partitions() {
@@ -122,6 +124,14 @@ pub fn readiness(pipelines: &[Arc<PipelineStats>]) -> Vec<String> {
     use std::sync::atomic::Ordering::Relaxed;
     let mut reasons = Vec::new();
     for p in pipelines {
+        if let Some(down) = p.brokers_unreachable_for() {
+            let cause = p.client_error().map(|e| e.reason).unwrap_or_default();
+            reasons.push(format!(
+                "pipeline {}: brokers unreachable for {}s: {cause}",
+                p.name,
+                down.as_secs()
+            ));
+        }
         if p.assigns.load(Relaxed) == 0 {
             reasons.push(format!(
                 "pipeline {}: not joined (no assignment yet)",

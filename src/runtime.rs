@@ -44,6 +44,33 @@ pub enum StartError {
     Build { pipeline: String, message: String },
     #[error("pipeline {pipeline}: coordinator did not start: {message}")]
     Spawn { pipeline: String, message: String },
+    /// No broker answered within `startup_timeout`, or they refused the credentials or the
+    /// certificate: the cause is librdkafka's last error, secrets redacted.
+    #[error("pipeline {pipeline}: {source}")]
+    Unreachable {
+        pipeline: String,
+        source: crate::actors::coordinator::Unreachable,
+    },
+}
+
+impl StartError {
+    fn spawn(pipeline: &str, e: ractor::SpawnErr) -> Self {
+        if let ractor::SpawnErr::StartupFailed(inner) = &e {
+            if let Some(u) = inner.downcast_ref::<crate::actors::coordinator::Unreachable>() {
+                return StartError::Unreachable {
+                    pipeline: pipeline.to_string(),
+                    source: crate::actors::coordinator::Unreachable {
+                        waited: u.waited,
+                        cause: u.cause.clone(),
+                    },
+                };
+            }
+        }
+        StartError::Spawn {
+            pipeline: pipeline.to_string(),
+            message: e.to_string(),
+        }
+    }
 }
 
 impl Runtime {
@@ -98,13 +125,19 @@ impl Runtime {
                 stats: pstats.clone(),
                 fatal: fatal_tx.clone(),
             };
-            let (actor, handle) =
-                Actor::spawn(None, Coordinator, args)
-                    .await
-                    .map_err(|e| StartError::Spawn {
-                        pipeline: name.clone(),
-                        message: e.to_string(),
-                    })?;
+            let (actor, handle) = match Actor::spawn(None, Coordinator, args).await {
+                Ok(started) => started,
+                Err(e) => {
+                    // Pipelines started before this one leave their groups.
+                    let started = Running {
+                        coordinators,
+                        stats,
+                        fatal,
+                    };
+                    started.shutdown().await;
+                    return Err(StartError::spawn(&name, e));
+                }
+            };
             coordinators.push((name, actor, handle));
             stats.push(pstats);
         }

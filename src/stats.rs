@@ -31,6 +31,14 @@ pub struct PipelineStats {
     pub metrics: PipelineMetrics,
     /// Wall-clock milliseconds of the poll loop's last turn (liveness).
     pub poll_heartbeat_ms: AtomicU64,
+    /// While the poll thread waits in a revoke rendezvous: the wall-clock milliseconds until
+    /// which it may (0: not waiting). Liveness accepts a silent poll loop until then.
+    pub rendezvous_until_ms: AtomicU64,
+    /// Wall-clock milliseconds since when no broker is reachable (0: reachable).
+    pub brokers_down_since_ms: AtomicU64,
+    /// The last error the Kafka client reported (secrets redacted): the cause given by
+    /// readiness and by a failed start. Written on client errors only, never per message.
+    pub last_client_error: Mutex<Option<ClientError>>,
     /// Per assigned partition; entries come and go with the assignment.
     partitions: Mutex<BTreeMap<i32, Arc<PartitionStats>>>,
 }
@@ -54,6 +62,16 @@ pub struct PartitionStats {
     pub metrics: PartitionMetrics,
     /// The partition's supervisor, asked for `/debug/partitions`.
     pub actor: OnceLock<ActorRef<PartitionMsg>>,
+}
+
+/// A Kafka client error, as reported through the client context.
+#[derive(Debug, Clone)]
+pub struct ClientError {
+    /// librdkafka's reason, secrets redacted.
+    pub reason: String,
+    /// Authentication or TLS certificate failures: configuration, not an outage; retrying at
+    /// start does not help.
+    pub fatal_at_start: bool,
 }
 
 /// A copy of the counters at one moment.
@@ -111,6 +129,57 @@ impl PipelineStats {
             0 => None,
             t => Some(now_ms().saturating_sub(t)),
         }
+    }
+
+    /// Marks the poll thread as waiting in a revoke rendezvous until `until_ms` (wall clock);
+    /// the returned guard clears the mark when dropped, however the wait ends.
+    pub fn rendezvous(&self, until_ms: u64) -> RendezvousGuard<'_> {
+        self.rendezvous_until_ms.store(until_ms, Relaxed);
+        RendezvousGuard(self)
+    }
+
+    /// How long the current revoke rendezvous may still last (`None`: not in one, or past its
+    /// deadline).
+    pub fn rendezvous_left_ms(&self) -> Option<u64> {
+        match self.rendezvous_until_ms.load(Relaxed) {
+            0 => None,
+            until => until.checked_sub(now_ms()),
+        }
+    }
+
+    /// No broker is reachable (librdkafka's "all brokers down", or no broker up in its
+    /// statistics). Keeps the earliest time.
+    pub fn brokers_down(&self) {
+        let _ = self
+            .brokers_down_since_ms
+            .compare_exchange(0, now_ms(), Relaxed, Relaxed);
+    }
+
+    /// A broker is reachable again.
+    pub fn brokers_up(&self) {
+        self.brokers_down_since_ms.store(0, Relaxed);
+    }
+
+    /// How long no broker has been reachable (`None`: reachable).
+    pub fn brokers_unreachable_for(&self) -> Option<std::time::Duration> {
+        match self.brokers_down_since_ms.load(Relaxed) {
+            0 => None,
+            since => Some(std::time::Duration::from_millis(
+                now_ms().saturating_sub(since),
+            )),
+        }
+    }
+
+    pub fn set_client_error(&self, e: ClientError) {
+        *self.last_client_error.lock().unwrap() = Some(e);
+    }
+
+    pub fn clear_client_error(&self) {
+        *self.last_client_error.lock().unwrap() = None;
+    }
+
+    pub fn client_error(&self) -> Option<ClientError> {
+        self.last_client_error.lock().unwrap().clone()
     }
 
     /// Every assigned partition's stats.
@@ -213,7 +282,17 @@ impl PipelineStats {
     }
 }
 
-fn now_ms() -> u64 {
+/// Clears [`PipelineStats::rendezvous_until_ms`] on drop.
+#[derive(Debug)]
+pub struct RendezvousGuard<'a>(&'a PipelineStats);
+
+impl Drop for RendezvousGuard<'_> {
+    fn drop(&mut self) {
+        self.0.rendezvous_until_ms.store(0, Relaxed);
+    }
+}
+
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use super::partition::{Abandoned, DrainReport, PartitionArgs, PartitionMsg, PartitionSupervisor};
 use crate::config::PipelineSpec;
+use crate::kafka::context::secret_values;
 use crate::kafka::{client, offsets, Consumer, KeyflowContext};
 use crate::message::Message;
 use crate::pipeline::Pipeline;
@@ -85,6 +86,70 @@ pub struct CoordinatorState {
     partitions: HashMap<i32, ActorRef<PartitionMsg>>,
     fatal: UnboundedSender<String>,
     shutting_down: bool,
+    /// Revoke drains in progress (each bounded by the drain deadline): shutdown waits for them
+    /// so that their commits happen before the consumer closes.
+    revoking: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Sets the poll thread's stop flag when dropped (unless disarmed by taking the flag out).
+struct PollStopGuard(Option<Arc<AtomicBool>>);
+
+impl Drop for PollStopGuard {
+    fn drop(&mut self) {
+        if let Some(stop) = self.0.take() {
+            stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The brokers could not be reached at start (or refused keyflow's credentials).
+#[derive(Debug, thiserror::Error)]
+#[error("brokers unreachable at start (waited {waited:.1?}): {cause}")]
+pub struct Unreachable {
+    pub waited: Duration,
+    /// The client's last error, secrets redacted.
+    pub cause: String,
+}
+
+/// Waits until a broker answers a metadata request for the input topic, up to
+/// `startup_timeout`; fails at once on an authentication or certificate failure (configuration,
+/// not an outage). Runs once at start.
+async fn wait_reachable(
+    consumer: &Arc<Consumer>,
+    spec: &PipelineSpec,
+    stats: &Arc<PipelineStats>,
+) -> Result<(), ActorProcessingErr> {
+    let (consumer, stats) = (consumer.clone(), stats.clone());
+    let (topic, timeout) = (spec.topic.clone(), spec.startup_timeout);
+    let res = tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            let slice = left.min(Duration::from_millis(500));
+            let metadata = consumer.fetch_metadata(Some(&topic), slice);
+            if metadata.is_ok() {
+                stats.brokers_up();
+                stats.clear_client_error();
+                return Ok(());
+            }
+            let error = stats.client_error();
+            if error.as_ref().is_some_and(|e| e.fatal_at_start) || start.elapsed() >= timeout {
+                let cause = error.map_or_else(
+                    || match metadata {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "no answer".to_string(),
+                    },
+                    |e| e.reason,
+                );
+                return Err(Unreachable {
+                    waited: start.elapsed(),
+                    cause,
+                });
+            }
+        }
+    })
+    .await?;
+    Ok(res?)
 }
 
 impl Actor for Coordinator {
@@ -97,11 +162,17 @@ impl Actor for Coordinator {
         me: ActorRef<CoordinatorMsg>,
         a: CoordinatorArgs,
     ) -> Result<CoordinatorState, ActorProcessingErr> {
-        let ctx = KeyflowContext::new(&a.spec.name, a.spec.drain_timeout, a.stats.clone());
+        let ctx = KeyflowContext::new(
+            &a.spec.name,
+            a.spec.drain_timeout,
+            a.stats.clone(),
+            secret_values(&a.spec.kafka),
+        );
         let consumer = client::create_consumer(&a.brokers, &a.spec, ctx)?;
         consumer.context().set_coordinator(me.clone());
-        consumer.subscribe(&[&a.spec.topic])?;
         let poll_stop = Arc::new(AtomicBool::new(false));
+        // Polling from the start serves the client's error events, which name the cause if the
+        // brokers cannot be reached.
         let poll_thread = spawn_poll_thread(
             &a.spec,
             consumer.clone(),
@@ -109,6 +180,16 @@ impl Actor for Coordinator {
             poll_stop.clone(),
             a.stats.clone(),
         )?;
+        // Stops the poll thread if start fails or this future is dropped mid-await.
+        let mut stop_guard = PollStopGuard(Some(poll_stop.clone()));
+        let reached = wait_reachable(&consumer, &a.spec, &a.stats).await;
+        if let Err(e) = reached.and_then(|()| Ok(consumer.subscribe(&[&a.spec.topic])?)) {
+            drop(stop_guard);
+            drop(consumer);
+            let _ = tokio::task::spawn_blocking(move || poll_thread.join()).await;
+            return Err(e);
+        }
+        stop_guard.0 = None;
         info!(pipeline = %a.spec.name, topic = %a.spec.topic, group = %a.spec.group_id, "subscribed");
         Ok(CoordinatorState {
             spec: a.spec,
@@ -120,6 +201,7 @@ impl Actor for Coordinator {
             partitions: HashMap::new(),
             fatal: a.fatal,
             shutting_down: false,
+            revoking: Vec::new(),
         })
     }
 
@@ -170,7 +252,8 @@ impl Actor for Coordinator {
                     s.spec.drain_timeout
                 };
                 // Drain off the coordinator's mailbox so it keeps serving (e.g. stray messages).
-                tokio::spawn(async move {
+                s.revoking.retain(|h| !h.is_finished());
+                s.revoking.push(tokio::spawn(async move {
                     let reports = drain_all(sups, deadline).await;
                     let offsets = reports
                         .into_iter()
@@ -183,18 +266,17 @@ impl Actor for Coordinator {
                         })
                         .collect();
                     let _ = reply.send(offsets);
-                });
+                }));
                 for (_, p) in &partitions {
                     s.stats.remove_partition(*p);
                 }
             }
-            CoordinatorMsg::Stray(m) => match s.partitions.get(&m.partition) {
-                Some(sup) => {
+            CoordinatorMsg::Stray(m) => {
+                // Not ours (any more): not committed, so its owner receives it.
+                if let Some(sup) = s.partitions.get(&m.partition) {
                     let _ = sup.cast(PartitionMsg::Deliver(m));
                 }
-                // Not ours (any more): not committed, so its owner receives it.
-                None => {}
-            },
+            }
             CoordinatorMsg::Shutdown(reply) => {
                 let report = shutdown(s).await;
                 let _ = reply.send(report);
@@ -279,6 +361,11 @@ async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
     let sups: Vec<_> = s.partitions.drain().map(|(_, a)| a).collect();
     info!(pipeline = %s.spec.name, partitions = sups.len(), "shutting down: draining");
     let reports = drain_all(sups, s.spec.drain_timeout).await;
+    // Revokes that began before the shutdown end by their own (earlier) deadline; their
+    // rendezvous commits before the consumer closes.
+    for h in s.revoking.drain(..) {
+        let _ = h.await;
+    }
     let mut final_offsets = Vec::new();
     for r in reports {
         if let Some(n) = r.next_offset {
@@ -351,4 +438,27 @@ fn spawn_poll_thread(
             // Dropping the last reference closes the consumer (LeaveGroup), polling as it goes.
             drop(consumer);
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_poll_stop_guard_stops_the_thread_unless_disarmed() {
+        let flag = Arc::new(AtomicBool::new(false));
+        drop(PollStopGuard(Some(flag.clone())));
+        assert!(
+            flag.load(Ordering::SeqCst),
+            "dropped: the poll thread is told to stop"
+        );
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut g = PollStopGuard(Some(flag.clone()));
+        g.0 = None;
+        drop(g);
+        assert!(
+            !flag.load(Ordering::SeqCst),
+            "disarmed: the poll thread runs on"
+        );
+    }
 }

@@ -172,6 +172,7 @@ impl Actor for PartitionSupervisor {
         });
         let spec = a.spec;
         let _ = a.stats.actor.set(me.clone());
+        resume_on_start(&a.consumer, &a.topic, a.partition);
         let span = tracing::info_span!("partition", pipeline = %spec.name, topic = %a.topic, partition = a.partition);
         Ok(PartitionState {
             last_progress: Instant::now(),
@@ -686,6 +687,19 @@ fn sync_pause(s: &mut PartitionState) {
     }
 }
 
+/// A supervisor starts with the partition resumed, and makes it so on the consumer (STYLE 15).
+/// librdkafka keeps the application's pause flag across a revoke and a later reassignment (it
+/// clears only its own flag): a partition paused by an earlier supervisor of this process and
+/// given back to it would otherwise never be fetched again. Runs once per assignment, not per
+/// message.
+fn resume_on_start(consumer: &Consumer, topic: &str, partition: i32) {
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    tpl.add_partition(topic, partition);
+    if let Err(e) = consumer.resume(&tpl) {
+        warn!(topic, partition, error = %e, "resume on start failed");
+    }
+}
+
 /// Commits the commit point if it moved (asynchronously; revoke and shutdown commit
 /// synchronously through the coordinator).
 fn commit_progress(s: &mut PartitionState) {
@@ -751,12 +765,16 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// The running message with the lowest offset: the oldest incomplete one (a waiting message
-/// always sits behind a running one with a lower offset).
-fn oldest_running(s: &PartitionState) -> Option<&Arc<Message>> {
+/// The oldest incomplete message: the lowest offset among those running, waiting out a retry
+/// backoff, or ready and waiting for a worker. A message parked behind its key always sits
+/// behind one of those with a lower offset, so it is never the oldest. Called per tick and per
+/// `/debug` request, not per message.
+fn oldest_incomplete(s: &PartitionState) -> Option<&Arc<Message>> {
     s.workers
         .iter()
         .filter_map(|w| w.running.as_ref())
+        .chain(s.backoffs.iter().map(|(m, _, _)| m))
+        .chain(s.ready.iter().map(|(m, _)| m))
         .min_by_key(|m| m.offset)
 }
 
@@ -772,7 +790,7 @@ fn observe(s: &mut PartitionState) {
         (Some(high), Some(n)) => (high - n).max(0),
         _ => 0,
     };
-    let lag_seconds = oldest_running(s).map_or(0.0, |o| match o.timestamp_ms {
+    let lag_seconds = oldest_incomplete(s).map_or(0.0, |o| match o.timestamp_ms {
         Some(ts) if ts > 0 => (now_ms() - ts).max(0) as f64 / 1000.0,
         _ => o.received.elapsed().as_secs_f64(),
     });
@@ -854,7 +872,7 @@ fn inspect(s: &PartitionState) -> PartitionDebug {
         stuck: s.stats.stuck.load(Relaxed),
         lag_messages: s.stats.lag.load(Relaxed),
         commit_point: s.tracker.committable(),
-        oldest_in_flight: oldest_running(s).map(|m| InFlightDebug {
+        oldest_in_flight: oldest_incomplete(s).map(|m| InFlightDebug {
             offset: m.offset,
             key: m.key.as_deref().map(show_key),
             age_seconds: m.received.elapsed().as_secs_f64(),

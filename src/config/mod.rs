@@ -241,6 +241,9 @@ pub struct PipelineFile {
     /// Classic protocol only (default [`default_session_timeout`]); under `consumer` the broker
     /// sets it, so writing it is an error rather than a setting silently ignored.
     pub session_timeout: Option<HumanDuration>,
+    /// How long start waits for a broker to answer before exiting with the cause.
+    #[serde(default = "default_startup_timeout")]
+    pub startup_timeout: HumanDuration,
     #[serde(default)]
     pub worker_restarts: RestartBudget,
     #[serde(default)]
@@ -282,6 +285,12 @@ fn default_drain_timeout() -> HumanDuration {
 }
 // librdkafka's default is 45 s; 30 s moves a dead member's partitions sooner.
 fn default_session_timeout() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+
+// Long enough for a broker that is restarting alongside keyflow (a compose stack, a rolling
+// restart); short enough that a wrong address or credentials fail the start visibly.
+fn default_startup_timeout() -> HumanDuration {
     HumanDuration::from_secs(30)
 }
 
@@ -359,6 +368,7 @@ pub struct PipelineSpec {
     /// The client's `session.timeout.ms` under `classic`; under `consumer` the broker's, assumed
     /// to be [`CONSUMER_PROTOCOL_SESSION_TIMEOUT`] (not sent to librdkafka).
     pub session_timeout: std::time::Duration,
+    pub startup_timeout: std::time::Duration,
     pub worker_restarts: RestartBudget,
     pub retry: RetryPolicy,
     pub dead_letter_topic: String,
@@ -745,6 +755,7 @@ fn validate_pipeline(
         commit_interval: f.commit_interval.get(),
         drain_timeout: f.drain_timeout.get(),
         session_timeout,
+        startup_timeout: f.startup_timeout.get(),
         worker_restarts: f.worker_restarts,
         retry: f.retry,
         dead_letter_topic,

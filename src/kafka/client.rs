@@ -49,6 +49,8 @@ pub fn consumer_config(brokers: &str, spec: &PipelineSpec) -> ClientConfig {
     cfg.set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
+        // Broker connection states for readiness: a broker UP again ends an outage.
+        .set("statistics.interval.ms", "2000")
         // librdkafka's prefetch per partition, capped at keyflow's own byte budget: together
         // they bound a partition's memory at about twice `max_buffered_bytes`.
         .set(

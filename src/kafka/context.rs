@@ -8,17 +8,17 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::ActorRef;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientContext, TopicPartitionList};
 use tracing::{error, info, warn};
 
 use super::offsets;
 use crate::actors::coordinator::{AssignedPartition, CoordinatorMsg, DrainedOffset};
-use crate::stats::PipelineStats;
+use crate::stats::{now_ms, ClientError, PipelineStats};
 
 pub struct KeyflowContext {
     pipeline: String,
@@ -30,10 +30,50 @@ pub struct KeyflowContext {
     /// rendezvous.
     closing: AtomicBool,
     stats: Arc<PipelineStats>,
+    /// Configured secret values (passwords), blanked out of every error reason kept or shown.
+    secrets: Vec<String>,
+}
+
+/// How often a waiting revoke looks up from the rendezvous (to notice that shutdown has taken
+/// over the drain).
+const RENDEZVOUS_SLICE: Duration = Duration::from_millis(50);
+
+/// The values of `[kafka]` properties that hold secrets (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, …).
+pub fn secret_values(kafka: &[(String, String)]) -> Vec<String> {
+    kafka
+        .iter()
+        .filter(|(k, v)| (k.contains("password") || k.contains("secret")) && !v.is_empty())
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// `text` with every secret value replaced by `***`.
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .fold(text.to_string(), |t, s| t.replace(s.as_str(), "***"))
+}
+
+/// librdkafka's statistics, reduced to what keyflow reads: the brokers' connection states.
+#[derive(serde::Deserialize)]
+struct BrokerStates {
+    #[serde(default)]
+    brokers: std::collections::HashMap<String, BrokerState>,
+}
+
+#[derive(serde::Deserialize)]
+struct BrokerState {
+    state: String,
 }
 
 impl KeyflowContext {
-    pub fn new(pipeline: &str, drain_timeout: Duration, stats: Arc<PipelineStats>) -> Self {
+    pub fn new(
+        pipeline: &str,
+        drain_timeout: Duration,
+        stats: Arc<PipelineStats>,
+        secrets: Vec<String>,
+    ) -> Self {
         KeyflowContext {
             pipeline: pipeline.to_string(),
             coordinator: OnceLock::new(),
@@ -41,6 +81,7 @@ impl KeyflowContext {
             rendezvous_timeout: drain_timeout + Duration::from_secs(2),
             closing: AtomicBool::new(false),
             stats,
+            secrets,
         }
     }
 
@@ -114,7 +155,31 @@ impl KeyflowContext {
         {
             return;
         }
-        match rx.recv_timeout(self.rendezvous_timeout) {
+        // Liveness: the poll loop is silent while it waits here, and that is fine until the
+        // deadline (the guard clears the mark however the wait ends).
+        let deadline = Instant::now() + self.rendezvous_timeout;
+        let _draining = self
+            .stats
+            .rendezvous(now_ms() + self.rendezvous_timeout.as_millis() as u64);
+        let answer = loop {
+            match rx.recv_timeout(RENDEZVOUS_SLICE) {
+                Ok(drained) => break Ok(drained),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break Err("the coordinator is gone"),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Shutdown drained and committed every partition it still owned (a Revoke
+                    // queued behind it is never answered): waiting on would only add the drain
+                    // deadline to the exit.
+                    if self.closing.load(Ordering::SeqCst) {
+                        info!(pipeline = %self.pipeline, "revoke during shutdown: partitions already drained and committed by the shutdown");
+                        return;
+                    }
+                    if Instant::now() >= deadline {
+                        break Err("drain rendezvous timed out");
+                    }
+                }
+            }
+        };
+        match answer {
             Ok(drained) if !lost => {
                 let offsets: Vec<(&str, i32, i64)> = drained
                     .iter()
@@ -131,16 +196,54 @@ impl KeyflowContext {
             }
             // A lost assignment belongs to someone else already: committing would be refused.
             Ok(_) => {}
-            Err(_) => {
-                warn!(pipeline = %self.pipeline, "revoke: drain rendezvous timed out; uncommitted work will be redelivered")
+            Err(why) => {
+                warn!(pipeline = %self.pipeline, why, "revoke: no drain report; uncommitted work will be redelivered")
             }
         }
     }
 }
 
 impl ClientContext for KeyflowContext {
+    /// Client errors: logged (secrets redacted), kept as the cause that readiness and a failed
+    /// start report, and "all brokers down" starts the outage clock.
     fn error(&self, error: KafkaError, reason: &str) {
+        let reason = redact(reason, &self.secrets);
         error!(pipeline = %self.pipeline, error = %error, reason, "kafka client error");
+        let code = error.rdkafka_error_code();
+        if code == Some(RDKafkaErrorCode::AllBrokersDown) {
+            // Keep the cause that brought them down (e.g. "Connection refused").
+            self.stats.brokers_down();
+            if self.stats.client_error().is_some() {
+                return;
+            }
+        }
+        let auth = code == Some(RDKafkaErrorCode::Authentication);
+        let bad_cert =
+            reason.contains("certificate verify failed") || reason.contains("SSL handshake failed");
+        if auth {
+            self.stats.brokers_down();
+        }
+        self.stats.set_client_error(ClientError {
+            reason: format!("{error}: {reason}"),
+            fatal_at_start: auth || bad_cert,
+        });
+    }
+
+    /// librdkafka's statistics (`statistics.interval.ms`): a broker in state UP ends an outage.
+    /// Parsed into the broker states only; runs on the poll thread every interval.
+    fn stats_raw(&self, statistics: &[u8]) {
+        let Ok(s) = serde_json::from_slice::<BrokerStates>(statistics) else {
+            return;
+        };
+        if s.brokers.values().any(|b| b.state == "UP") {
+            if self.stats.brokers_unreachable_for().is_some() {
+                info!(pipeline = %self.pipeline, "brokers reachable again");
+                self.stats.brokers_up();
+                self.stats.clear_client_error();
+            }
+        } else if !s.brokers.is_empty() {
+            self.stats.brokers_down();
+        }
     }
 }
 
@@ -159,5 +262,38 @@ impl ConsumerContext for KeyflowContext {
             self.stats.commit(false);
             warn!(pipeline = %self.pipeline, error = %e, partitions = offsets.count(), "offset commit failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_blanked_out_of_reasons() {
+        let kafka = vec![
+            ("security.protocol".to_string(), "SASL_SSL".to_string()),
+            ("sasl.password".to_string(), "hunter2".to_string()),
+            ("ssl.key.password".to_string(), "k3y".to_string()),
+            ("sasl.oauthbearer.client.secret".to_string(), "".to_string()),
+        ];
+        let secrets = secret_values(&kafka);
+        assert_eq!(secrets, vec!["hunter2".to_string(), "k3y".to_string()]);
+        assert_eq!(
+            redact("auth as u:hunter2 with k3y failed (SASL_SSL)", &secrets),
+            "auth as u:*** with *** failed (SASL_SSL)"
+        );
+    }
+
+    #[test]
+    fn the_rendezvous_mark_is_cleared_however_the_wait_ends() {
+        let stats = PipelineStats::new("p");
+        {
+            let _g = stats.rendezvous(now_ms() + 60_000);
+            assert!(stats.rendezvous_left_ms().is_some_and(|l| l > 50_000));
+        }
+        assert_eq!(stats.rendezvous_left_ms(), None);
+        let _past = stats.rendezvous(now_ms().saturating_sub(1));
+        assert_eq!(stats.rendezvous_left_ms(), None, "past its deadline");
     }
 }
