@@ -45,6 +45,7 @@ use keyflow::introspect::DebugReport;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Headers, Message};
@@ -811,8 +812,21 @@ fn main() {
     let broker = Broker::start();
     let (input, output, group) = (unique("soak-in"), unique("soak-out"), unique("soak-g"));
     let dlq = format!("{input}.dlq");
+    // Not `create_topic_blocking`: its metadata check does not wait long enough on a loaded
+    // machine; `partition_count` does.
+    let new: Vec<_> = [&input, &output, &dlq]
+        .iter()
+        .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
+        .collect();
+    let created =
+        futures::executor::block_on(broker.admin().create_topics(&new, &AdminOptions::new()))
+            .expect("create topics");
+    assert!(
+        created.iter().all(Result::is_ok),
+        "create topics: {created:?}"
+    );
     for t in [&input, &output, &dlq] {
-        broker.create_topic_blocking(t, PARTITIONS);
+        broker.partition_count(t, Duration::from_secs(60));
     }
     let downstream = Arc::new(Downstream::default());
     let hook = serve_downstream(downstream.clone());
@@ -914,13 +928,18 @@ fn main() {
                 "[soak]           {} over after {lasted:.1?} ({note}); recovered {r:.1?} later",
                 fault.kind()
             ),
-            None => cluster.fail(format!(
-                "fault #{next} ({fault:?}, at t={at:.0}s): not recovered {:?} after it ended \
-                 ({note}); {} ids produced, {} accounted in order",
-                plan.recovery_limit,
-                lock(&ledger).entries.len(),
-                lock(&ledger).done_below
-            )),
+            None => {
+                // One lock: the ledger's mutex is not reentrant.
+                let (produced, accounted) = {
+                    let l = lock(&ledger);
+                    (l.entries.len(), l.done_below)
+                };
+                cluster.fail(format!(
+                    "fault #{next} ({fault:?}, at t={at:.0}s): not recovered {:?} after it ended \
+                     ({note}); {produced} ids produced, {accounted} accounted in order",
+                    plan.recovery_limit,
+                ))
+            }
         }
         records.push(FaultRecord {
             fault,
