@@ -610,6 +610,13 @@ fn validate_pipeline(
             "expected a positive duration, found \"0s\"".into(),
         );
     }
+    if f.startup_timeout.get().is_zero() {
+        e(
+            errs,
+            "startup_timeout",
+            "expected a positive duration (how long start waits for a broker), found \"0s\"".into(),
+        );
+    }
     let session_timeout = match (f.group_protocol, f.session_timeout) {
         (GroupProtocol::Classic, t) => {
             let t = t.unwrap_or_else(default_session_timeout);

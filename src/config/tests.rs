@@ -388,3 +388,16 @@ fn group_protocol_env_override() {
         .to_string();
     assert_eq!(err, "env KEYFLOW_PIPELINE_ORDERS__GROUP_PROTOCOL: field `group_protocol`: unknown variant `new`, expected `classic` or `consumer`");
 }
+
+#[test]
+fn a_zero_startup_timeout_is_refused() {
+    let text = format!("startup_timeout = \"0s\"\n{MINIMAL}");
+    assert_eq!(
+        errors(&text, &Env::default()),
+        vec![
+            "FILE: field `startup_timeout`: expected a positive duration (how long start waits \
+             for a broker), found \"0s\""
+                .to_string()
+        ]
+    );
+}
