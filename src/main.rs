@@ -292,7 +292,6 @@ fn dlq(command: DlqCommand) -> ExitCode {
 
 async fn run(config: config::Config) -> ExitCode {
     let prometheus = keyflow::metrics::install();
-    keyflow::metrics::set_stuck_after(config.global.stuck_after);
     let http_address = config.global.http_address.clone();
     let mut running = match Runtime::new(config).start().await {
         Ok(r) => r,

@@ -92,7 +92,9 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// histograms takes microseconds.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// The stuck-partition watchdog threshold in milliseconds (process-wide; `[http] stuck_after`).
-static STUCK_AFTER_MS: AtomicU64 = AtomicU64::new(60_000);
+// The default of `[http] stuck_after` (config::default_stuck_after); `Runtime::start` sets the
+// configured value.
+static STUCK_AFTER_MS: AtomicU64 = AtomicU64::new(120_000);
 
 /// Installs the Prometheus recorder once per process and returns its handle (later calls return
 /// the same handle), and starts the upkeep thread that keeps its memory bounded. Call it before
@@ -372,5 +374,18 @@ impl Default for PartitionMetrics {
             pauses: Counter::noop(),
             pipeline: PipelineMetrics::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Library users who never call `set_stuck_after` get the documented default, the same as
+    /// `keyflow run` without `[http] stuck_after` (it was 60 s against 120 s).
+    #[test]
+    fn the_stuck_watchdog_default_matches_the_config_default() {
+        assert_eq!(
+            super::stuck_after(),
+            crate::config::Global::default().stuck_after
+        );
     }
 }

@@ -88,6 +88,7 @@ impl Runtime {
     }
 
     pub async fn start(self) -> Result<Running, StartError> {
+        crate::metrics::set_stuck_after(self.config.global.stuck_after);
         let (fatal_tx, fatal) = mpsc::unbounded_channel();
         let mut coordinators = Vec::new();
         let mut stats = Vec::new();

@@ -275,9 +275,10 @@ async fn backpressure_pauses_and_bounds_memory() {
         );
     }
     let cfg = pipeline(&broker, &format!(
-        // librdkafka's own prefetch is bounded too (queued.max.messages.kbytes, default 64 MiB).
-        "{}\n[[processors]]\ntype = \"simulate\"\nlatency = {{ distribution = \"fixed\", value = \"5ms\" }}\n[kafka]\n\"queued.max.messages.kbytes\" = \"16384\"\n",
-        header(&input, &group, "ordering = \"key\"\nmax_in_flight = 100")
+        // librdkafka's own prefetch is bounded too: keyflow sets queued.max.messages.kbytes from
+        // max_buffered_bytes (16 MiB here, 64 MiB by default).
+        "{}\n[[processors]]\ntype = \"simulate\"\nlatency = {{ distribution = \"fixed\", value = \"5ms\" }}\n",
+        header(&input, &group, "ordering = \"key\"\nmax_in_flight = 100\nmax_buffered_bytes = \"16 MiB\"")
     ));
     let base = rss_kib();
     let running = Runtime::new(cfg).start().await.unwrap();

@@ -25,7 +25,9 @@ impl Protocol {
     /// broker's, so the pipeline sets none.
     fn settings(self, session: &str) -> String {
         match self {
-            Protocol::Classic => format!("group_protocol = \"classic\"\nsession_timeout = \"{session}\"\n"),
+            Protocol::Classic => {
+                format!("group_protocol = \"classic\"\nsession_timeout = \"{session}\"\n")
+            }
             Protocol::Consumer => "group_protocol = \"consumer\"\n".to_string(),
         }
     }
@@ -216,7 +218,9 @@ fn sigterm_drains_commits_and_exits_zero(protocol: Protocol) {
         per_source[p[1..].parse::<usize>().unwrap()] += 1;
     }
     assert_eq!(per_source.to_vec(), committed, "processed per partition == committed offset (no message lost or processed past the commit)");
-    println!("shutdown ({protocol:?}): full run committed {want:?}; mid-stream committed {committed:?}");
+    println!(
+        "shutdown ({protocol:?}): full run committed {want:?}; mid-stream committed {committed:?}"
+    );
 }
 
 #[test]

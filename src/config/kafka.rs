@@ -38,6 +38,16 @@ const MANAGED: &[(&str, &str)] = &[
     ("session.timeout.ms", "session_timeout"),
     ("group.protocol", "group_protocol"),
     ("metadata.broker.list", "brokers (or KEYFLOW_BROKERS)"),
+    (
+        "queued.max.messages.kbytes",
+        "max_buffered_bytes (keyflow caps librdkafka's prefetch per partition with it, which \
+         bounds memory)",
+    ),
+    (
+        "statistics.interval.ms",
+        "nothing: keyflow reads broker states from librdkafka's statistics every 2 s to end an \
+         outage on /health/ready",
+    ),
 ];
 
 /// librdkafka's boolean spelling (`true`/`t`/`1`, `false`/`f`/`0`, any case).
@@ -105,6 +115,12 @@ pub(super) fn refusal(key: &str, value: &str) -> Option<String> {
                  with only failures reported, messages whose writes succeed would never \
                  complete; remove the setting"
             )
+        }),
+        "partitioner" => value.trim().eq_ignore_ascii_case("random").then(|| {
+            "\"random\" is unsafe: it ignores the key, so the writes of one key would spread \
+             over the output partitions and per-key order on the output would be lost; use a \
+             key-hashing partitioner (consistent_random, murmur2_random, fnv1a_random, ...)"
+                .to_string()
         }),
         "transactional.id" => Some(
             "is not supported: keyflow's producer is idempotent, not transactional, and with \
@@ -222,6 +238,12 @@ mod tests {
             ("auto.commit.enable", "true"),
             ("topic.auto.offset.reset", "latest"),
             ("group.protocol", "consumer"),
+            // Review findings: a key-blind partitioner breaks per-key order on the output; a
+            // bigger prefetch lifts the memory bound; statistics off blinds outage readiness.
+            ("partitioner", "random"),
+            ("topic.partitioner", "random"),
+            ("queued.max.messages.kbytes", "2097151"),
+            ("statistics.interval.ms", "0"),
         ] {
             assert!(refusal(k, v).is_some(), "{k} = {v} accepted");
         }
@@ -239,6 +261,9 @@ mod tests {
             ("message.timeout.ms", "60000"),
             ("isolation.level", "read_uncommitted"),
             ("security.protocol", "SASL_SSL"),
+            ("partitioner", "murmur2_random"),
+            ("partitioner", "consistent_random"),
+            ("topic.partitioner", "fnv1a"),
         ] {
             assert_eq!(refusal(k, v), None, "{k} = {v} refused");
         }
