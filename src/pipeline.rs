@@ -611,6 +611,7 @@ topic = "out"
         // 3. The key is too large: only the keyflow headers are left.
         let mut big_key = traced(2, &[]);
         big_key.key = Some(vec![b'k'; 1500].into());
+        let started = std::time::Instant::now();
         for m in [&big_payload, &big_headers, &big_key] {
             let (outcome, attempt) =
                 tokio::time::timeout(Duration::from_secs(10), to_the_end(&p, m))
@@ -626,12 +627,17 @@ topic = "out"
         }
         assert!(!gate.is_held(), "nothing left paused");
         assert_eq!(p.stats.dead_lettered.load(Relaxed), 3);
+        println!(
+            "3 oversized messages dead-lettered in {:?}",
+            started.elapsed()
+        );
 
         let r = read_records(&brokers, "in.dlq", 3);
         for (i, rec) in r.iter().enumerate() {
             let h = &rec.headers;
             let err = header(h, "keyflow.error").unwrap_or_default();
             assert!(err.contains("too large"), "{i}: the reason: {err:?}");
+            println!("dead letter {i}: keyflow.error = {err:?}");
             assert_eq!(header(h, "keyflow.error.kind"), Some("forward"), "{i}");
             assert_eq!(header(h, "keyflow.error.retryable"), Some("false"), "{i}");
             assert_eq!(header(h, "keyflow.attempts"), Some("1"), "{i}");

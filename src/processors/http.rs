@@ -414,6 +414,7 @@ mod tests {
             errors[0].ends_with("answered 503 Service Unavailable"),
             "{errors:?}"
         );
+        println!("errors: {errors:?}");
         let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
         assert!(logs.contains("circuit open"), "{logs}");
         for text in errors.iter().chain([&logs]) {
