@@ -125,6 +125,13 @@ impl Pipeline {
     /// Writes the original message with headers naming the failure. Retries until the write is
     /// acknowledged: an offset is never completed for a message that is neither processed nor
     /// dead-lettered.
+    ///
+    /// A dead letter too large to be written (the message was consumed, but cannot be produced
+    /// as it is: above the producer's `message.max.bytes` or the topic's `max.message.bytes`)
+    /// would fail for ever and keep the pipeline paused. It is written without what made it
+    /// too large instead, see [`TRIMS`], each part left out named by a
+    /// `keyflow.<part>.dropped = "too large: N bytes"` header; the reason stays in
+    /// `keyflow.error`.
     async fn dead_letter(&self, msg: &Message, e: &ProcessError, attempts: u32) {
         warn!(pipeline = %self.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, attempts, error = %e, "dead-lettering message");
         let now_ms = SystemTime::now()
@@ -134,6 +141,8 @@ impl Pipeline {
         let attempts_s = attempts.to_string();
         let partition_s = msg.partition.to_string();
         let offset_s = msg.offset.to_string();
+        let sizes = Sizes::of(msg);
+        let mut trim = 0usize;
         let mut tries = 0u32;
         // While the dead-letter topic cannot be written the pipeline's partitions are paused:
         // nothing new is taken, and the commit point cannot pass this message. The hold is a
@@ -141,10 +150,20 @@ impl Pipeline {
         // supervisor, a drain deadline) the hold goes with it.
         let mut hold: Option<crate::gate::HoldGuard> = None;
         loop {
-            let mut headers = msg
-                .headers
-                .as_ref()
-                .map_or_else(OwnedHeaders::new, crate::trace::continue_trace);
+            let t = TRIMS[trim];
+            let mut headers = match &msg.headers {
+                Some(h) if !t.headers => crate::trace::continue_trace(h),
+                // Left out: only the trace goes on (continued), so the dead letter stays
+                // findable by trace id.
+                Some(h) => match crate::trace::traceparent(h).and_then(crate::trace::continued) {
+                    Some(tp) => OwnedHeaders::new().insert(Header {
+                        key: crate::trace::TRACEPARENT,
+                        value: Some(&tp[..]),
+                    }),
+                    None => OwnedHeaders::new(),
+                },
+                None => OwnedHeaders::new(),
+            };
             for (k, v) in [
                 ("keyflow.error", e.message()),
                 ("keyflow.error.kind", e.kind()),
@@ -164,12 +183,24 @@ impl Pipeline {
                     value: Some(v),
                 });
             }
+            for (dropped, k, v) in [
+                (t.payload, "keyflow.payload.dropped", &sizes.payload),
+                (t.headers, "keyflow.headers.dropped", &sizes.headers),
+                (t.key, "keyflow.key.dropped", &sizes.key),
+            ] {
+                if let (true, Some(v)) = (dropped, v) {
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: Some(v),
+                    });
+                }
+            }
             let mut record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&self.dead_letter_topic).headers(headers);
-            if let Some(k) = msg.key.as_deref() {
+            if let Some(k) = msg.key.as_deref().filter(|_| !t.key) {
                 record = record.key(k);
             }
-            if let Some(p) = msg.payload.as_deref() {
+            if let Some(p) = msg.payload.as_deref().filter(|_| !t.payload) {
                 record = record.payload(p);
             }
             match self.producer.send(record, Duration::from_secs(30)).await {
@@ -178,10 +209,22 @@ impl Pipeline {
                     if hold.take().is_some() {
                         warn!(pipeline = %self.name, topic = %self.dead_letter_topic, tries, "dead-letter topic writable again");
                     }
+                    if trim > 0 {
+                        warn!(pipeline = %self.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+                            payload_dropped = t.payload, headers_dropped = t.headers, key_dropped = t.key,
+                            "dead letter too large as it was; written without parts of the message");
+                    }
                     self.stats.metrics.dlq_ok.increment(1);
                     return;
                 }
                 Err((err, _)) => {
+                    let smaller = (trim + 1..TRIMS.len()).find(|&i| TRIMS[i].drops_any(&sizes));
+                    if let (true, Some(next)) = (crate::processors::too_large(&err), smaller) {
+                        // Not a failure of the topic: try at once with less of the message.
+                        debug!(pipeline = %self.name, offset = msg.offset, error = %err, "dead letter too large; trimming");
+                        trim = next;
+                        continue;
+                    }
                     tries += 1;
                     if hold.is_none() {
                         hold = Some(self.gate.hold());
@@ -191,6 +234,79 @@ impl Pipeline {
                     tokio::time::sleep(backoff(&self.retry, tries)).await;
                 }
             }
+        }
+    }
+}
+
+/// What the dead-letter writer leaves out of a dead letter that is too large, tried in this
+/// order until one fits: nothing; the payload (the usual culprit); the message's own headers
+/// but not the payload (a small payload stays replayable when a header is the culprit); both;
+/// also the key. The `keyflow.*` headers, which say what happened, are always written.
+const TRIMS: [Trim; 5] = [
+    Trim::NONE,
+    Trim {
+        payload: true,
+        ..Trim::NONE
+    },
+    Trim {
+        headers: true,
+        ..Trim::NONE
+    },
+    Trim {
+        payload: true,
+        headers: true,
+        key: false,
+    },
+    Trim {
+        payload: true,
+        headers: true,
+        key: true,
+    },
+];
+
+#[derive(Debug, Clone, Copy)]
+struct Trim {
+    payload: bool,
+    headers: bool,
+    key: bool,
+}
+
+impl Trim {
+    const NONE: Trim = Trim {
+        payload: false,
+        headers: false,
+        key: false,
+    };
+
+    /// Whether leaving these parts out changes the record (a part that is absent or empty
+    /// is not worth a try).
+    fn drops_any(self, s: &Sizes) -> bool {
+        (self.payload && s.payload.is_some())
+            || (self.headers && s.headers.is_some())
+            || (self.key && s.key.is_some())
+    }
+}
+
+/// `"too large: N bytes"` for each non-empty part of a message, the values of the
+/// `keyflow.<part>.dropped` headers.
+struct Sizes {
+    payload: Option<String>,
+    headers: Option<String>,
+    key: Option<String>,
+}
+
+impl Sizes {
+    fn of(msg: &Message) -> Sizes {
+        use rdkafka::message::Headers as _;
+        let text = |n: usize| (n > 0).then(|| format!("too large: {n} bytes"));
+        Sizes {
+            payload: text(msg.payload.as_ref().map_or(0, |p| p.len())),
+            headers: text(msg.headers.as_ref().map_or(0, |h| {
+                h.iter()
+                    .map(|x| x.key.len() + x.value.map_or(0, <[u8]>::len))
+                    .sum()
+            })),
+            key: text(msg.key.as_ref().map_or(0, |k| k.len())),
         }
     }
 }
@@ -272,6 +388,20 @@ mod tests {
 
     /// The headers of every message of partition 0 of `topic`, as (key, value) strings.
     fn read_all(brokers: &str, topic: &str, n: usize) -> Vec<Vec<(String, String)>> {
+        read_records(brokers, topic, n)
+            .into_iter()
+            .map(|r| r.headers)
+            .collect()
+    }
+
+    struct Record {
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        headers: Vec<(String, String)>,
+    }
+
+    /// Every message of partition 0 of `topic`: key, payload and headers.
+    fn read_records(brokers: &str, topic: &str, n: usize) -> Vec<Record> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", "reader")
@@ -290,16 +420,20 @@ mod tests {
                 out.len()
             );
             if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-                out.push(m.headers().map_or_else(Vec::new, |h| {
-                    h.iter()
-                        .map(|x| {
-                            (
-                                x.key.to_string(),
-                                String::from_utf8_lossy(x.value.unwrap_or_default()).into(),
-                            )
-                        })
-                        .collect()
-                }));
+                out.push(Record {
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers: m.headers().map_or_else(Vec::new, |h| {
+                        h.iter()
+                            .map(|x| {
+                                (
+                                    x.key.to_string(),
+                                    String::from_utf8_lossy(x.value.unwrap_or_default()).into(),
+                                )
+                            })
+                            .collect()
+                    }),
+                });
             }
         }
         out
@@ -426,5 +560,147 @@ routes = [{ when = "headers.tenant == 'x'", topic = "b" }]
         let h = read_all(&brokers, "b", 1);
         assert_eq!(header(&h[0], "tenant"), Some("x"));
         assert_continued(&h[0], "route");
+    }
+
+    /// Runs `m` to its end as the partition supervisor would: each `Retry` waits out its
+    /// backoff and runs the next attempt. Returns the outcome and the last attempt.
+    async fn to_the_end(p: &Pipeline, m: &Message) -> (Outcome, u32) {
+        let mut attempt = 1;
+        loop {
+            match p.execute(m, attempt).await {
+                Outcome::Retry { attempt: a, after } => {
+                    tokio::time::sleep(after).await;
+                    attempt = a;
+                }
+                o => return (o, attempt),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_message_is_dead_lettered_and_the_partition_moves_on() {
+        // The producer refuses anything above 1,000 bytes (librdkafka's minimum; 1,000,000 by
+        // default, below the broker's 1,048,588): a 2,000-byte message consumed fine can never
+        // be forwarded, nor dead-lettered as it is.
+        let cluster = mock(&["in", "out", "in.dlq"]);
+        let brokers = cluster.bootstrap_servers();
+        let spec = spec(
+            &brokers,
+            r#"
+[retry]
+max_attempts = 3
+backoff = "10ms"
+max_backoff = "50ms"
+[[processors]]
+type = "forward"
+topic = "out"
+"#,
+        );
+        let producer: Producer = producer_config(&brokers, &spec)
+            .set("message.max.bytes", "1000")
+            .create()
+            .unwrap();
+        let (p, gate) = pipeline(&spec, producer);
+        // 1. The payload is too large: dead-lettered without it, headers kept.
+        let mut big_payload = traced(0, &[("tenant", "x")]);
+        big_payload.payload = Some(vec![b'v'; 2000].into());
+        // 2. A header is too large: dead-lettered with the payload, without the headers.
+        let blob = "h".repeat(1500);
+        let mut big_headers = traced(1, &[("blob", &blob)]);
+        big_headers.payload = Some(b"small".to_vec().into());
+        // 3. The key is too large: only the keyflow headers are left.
+        let mut big_key = traced(2, &[]);
+        big_key.key = Some(vec![b'k'; 1500].into());
+        let started = std::time::Instant::now();
+        for m in [&big_payload, &big_headers, &big_key] {
+            let (outcome, attempt) =
+                tokio::time::timeout(Duration::from_secs(10), to_the_end(&p, m))
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!(
+                            "offset {}: not complete after 10 s; its partition is stuck",
+                            m.offset
+                        )
+                    });
+            assert_eq!(outcome, Outcome::DeadLettered, "offset {}", m.offset);
+            assert_eq!(attempt, 1, "a size error is permanent: no retry");
+        }
+        assert!(!gate.is_held(), "nothing left paused");
+        assert_eq!(p.stats.dead_lettered.load(Relaxed), 3);
+        println!(
+            "3 oversized messages dead-lettered in {:?}",
+            started.elapsed()
+        );
+
+        let r = read_records(&brokers, "in.dlq", 3);
+        for (i, rec) in r.iter().enumerate() {
+            let h = &rec.headers;
+            let err = header(h, "keyflow.error").unwrap_or_default();
+            assert!(err.contains("too large"), "{i}: the reason: {err:?}");
+            println!("dead letter {i}: keyflow.error = {err:?}");
+            assert_eq!(header(h, "keyflow.error.kind"), Some("forward"), "{i}");
+            assert_eq!(header(h, "keyflow.error.retryable"), Some("false"), "{i}");
+            assert_eq!(header(h, "keyflow.attempts"), Some("1"), "{i}");
+            assert_eq!(header(h, "keyflow.source.offset"), Some(&*i.to_string()));
+            assert_continued(h, "dead letter");
+        }
+        // 1: no payload, a header saying why, the original headers kept.
+        assert_eq!(r[0].payload, None);
+        assert_eq!(
+            header(&r[0].headers, "keyflow.payload.dropped"),
+            Some("too large: 2000 bytes")
+        );
+        assert_eq!(header(&r[0].headers, "tenant"), Some("x"));
+        assert_eq!(r[0].key.as_deref(), Some(&b"k"[..]));
+        // 2: the payload kept, the original headers (apart from the trace) dropped.
+        assert_eq!(r[1].payload.as_deref(), Some(&b"small"[..]));
+        assert_eq!(header(&r[1].headers, "keyflow.payload.dropped"), None);
+        assert_eq!(header(&r[1].headers, "blob"), None);
+        let hdr_bytes = "traceparent".len() + TP.len() + "blob".len() + blob.len();
+        assert_eq!(
+            header(&r[1].headers, "keyflow.headers.dropped"),
+            Some(&*format!("too large: {hdr_bytes} bytes"))
+        );
+        // 3: neither key, payload nor original headers.
+        assert_eq!(r[2].key, None);
+        assert_eq!(
+            header(&r[2].headers, "keyflow.key.dropped"),
+            Some("too large: 1500 bytes")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_message_routed_is_dead_lettered_at_once() {
+        let cluster = mock(&["in", "out", "in.dlq"]);
+        let brokers = cluster.bootstrap_servers();
+        let spec = spec(
+            &brokers,
+            r#"
+[retry]
+max_attempts = 3
+backoff = "10ms"
+max_backoff = "50ms"
+[[processors]]
+type = "route"
+routes = [{ when = "`true`", topic = "out" }]
+"#,
+        );
+        let producer: Producer = producer_config(&brokers, &spec)
+            .set("message.max.bytes", "1000")
+            .create()
+            .unwrap();
+        let (p, gate) = pipeline(&spec, producer);
+        let m = Message::new("in", 0, 0, Some(b"k"), &[b'v'; 2000]);
+        let (outcome, attempt) = tokio::time::timeout(Duration::from_secs(10), to_the_end(&p, &m))
+            .await
+            .expect("the oversized message completes");
+        assert_eq!((outcome, attempt), (Outcome::DeadLettered, 1));
+        assert!(!gate.is_held());
+        let r = read_records(&brokers, "in.dlq", 1);
+        assert_eq!(header(&r[0].headers, "keyflow.error.kind"), Some("route"));
+        assert_eq!(
+            header(&r[0].headers, "keyflow.payload.dropped"),
+            Some("too large: 2000 bytes")
+        );
     }
 }

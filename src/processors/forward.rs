@@ -100,10 +100,7 @@ impl Forward {
         // Queue timeout: wait for room in librdkafka's local queue rather than failing.
         match self.producer.send(record, Duration::from_secs(30)).await {
             Ok(_) => Ok(()),
-            Err((e, _)) => Err(ProcessError::retryable(
-                "forward",
-                format!("write to {:?} failed: {e}", self.topic),
-            )),
+            Err((e, _)) => Err(super::write_error("forward", &self.topic, &e)),
         }
     }
 }

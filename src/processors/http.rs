@@ -64,7 +64,9 @@ impl HttpConfig {
                     u.scheme()
                 ),
             )),
-            Err(e) => v.push(("url".into(), format!("{:?} is not a URL: {e}", self.url))),
+            // The value is not echoed: it may carry a secret (a token in the userinfo, the
+            // path or the query, often from `${VAR}`).
+            Err(e) => v.push(("url".into(), format!("not a URL: {e}"))),
         }
         if reqwest::Method::from_bytes(self.method.to_ascii_uppercase().as_bytes()).is_err() {
             v.push((
@@ -92,6 +94,9 @@ impl HttpConfig {
 pub struct Http {
     client: reqwest::Client,
     url: reqwest::Url,
+    /// `METHOD scheme://host:port/…`: the call as logs, errors (and so the `keyflow.error`
+    /// header of dead letters) and the breaker's name show it. See [`redacted`].
+    target: String,
     method: reqwest::Method,
     headers: reqwest::header::HeaderMap,
     breaker: Option<Breaker>,
@@ -117,15 +122,19 @@ impl Http {
                 reqwest::header::HeaderValue::from_static("application/json"),
             );
         }
+        let url = reqwest::Url::parse(&cfg.url).map_err(|e| format!("url: {e}"))?;
+        let method = reqwest::Method::from_bytes(cfg.method.to_ascii_uppercase().as_bytes())
+            .map_err(|e| format!("method: {e}"))?;
+        let shown = redacted(&url);
         Ok(Http {
             client,
-            url: reqwest::Url::parse(&cfg.url).map_err(|e| format!("url: {e}"))?,
-            method: reqwest::Method::from_bytes(cfg.method.to_ascii_uppercase().as_bytes())
-                .map_err(|e| format!("method: {e}"))?,
+            target: format!("{method} {shown}"),
+            url,
+            method,
             headers,
             breaker: cfg
                 .circuit_breaker
-                .map(|b| Breaker::new(b, format!("{pipeline}/http {}", cfg.url), gate.clone())),
+                .map(|b| Breaker::new(b, format!("{pipeline}/http {shown}"), gate.clone())),
         })
     }
 
@@ -155,13 +164,13 @@ impl Http {
         }
         let resp = req.send().await.map_err(|e| {
             // Timeouts, refused connections, resets: the downstream may come back.
-            ProcessError::retryable("http", format!("{} {}: {e}", self.method, self.url))
+            ProcessError::retryable("http", format!("{}: {}", self.target, describe(e)))
         })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
         }
-        let text = format!("{} {} answered {status}", self.method, self.url);
+        let text = format!("{} answered {status}", self.target);
         if status.is_server_error()
             || status == reqwest::StatusCode::REQUEST_TIMEOUT
             || status == reqwest::StatusCode::TOO_MANY_REQUESTS
@@ -171,6 +180,39 @@ impl Http {
             Err(ProcessError::permanent("http", text))
         }
     }
+}
+
+/// The URL as keyflow shows it: `scheme://host[:port]/…`. Webhook URLs carry their secret in
+/// the userinfo (`https://user:token@…`), the query (`?token=…`, `?key=…&token=…`) or the path:
+/// Slack (`/services/T…/B…/<token>`), Discord (`/api/webhooks/<id>/<token>`) and others put it
+/// in a path segment that nothing tells apart from a route segment. So all three are left out,
+/// `/…` standing for any path or query; the host and port name the downstream, and the
+/// pipeline name beside it tells two downstreams on one host apart in logs.
+fn redacted(url: &reqwest::Url) -> String {
+    let mut s = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
+    if let Some(port) = url.port() {
+        s.push_str(&format!(":{port}"));
+    }
+    s.push_str(if url.path() == "/" && url.query().is_none() {
+        "/"
+    } else {
+        "/…"
+    });
+    s
+}
+
+/// A request error without its URL (reqwest's message names the full URL, secrets and all),
+/// with its causes (`error sending request: … connection refused`), which do not.
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 #[async_trait]
@@ -277,6 +319,116 @@ mod tests {
         assert!(
             call(1).await.unwrap_err().is_retryable(),
             "a timeout is retryable"
+        );
+    }
+
+    #[test]
+    fn redacted_urls() {
+        for (url, shown) in [
+            ("https://mail.internal/welcome", "https://mail.internal/…"),
+            (
+                "http://u:p@10.0.0.1:8080/?token=t",
+                "http://10.0.0.1:8080/…",
+            ),
+            (
+                "https://hooks.slack.com/services/T0/B0/XyZ",
+                "https://hooks.slack.com/…",
+            ),
+            ("http://[::1]:9000/", "http://[::1]:9000/"),
+            ("https://example.com", "https://example.com/"),
+        ] {
+            assert_eq!(redacted(&reqwest::Url::parse(url).unwrap()), shown, "{url}");
+        }
+    }
+
+    /// Collects what `tracing` writes while it is the thread's default subscriber.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn secrets_in_the_url_reach_neither_errors_nor_logs() {
+        // Answers 503 to a request that carries the URL's credentials and query (so they are
+        // still sent), 400 to one that does not.
+        let app = Router::new().route(
+            "/h",
+            post(
+                |h: axum::http::HeaderMap, q: axum::extract::RawQuery| async move {
+                    let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+                    if auth.is_some_and(|a| a.starts_with("Basic "))
+                        && q.0.as_deref() == Some("token=s3cret")
+                    {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::BAD_REQUEST
+                    }
+                },
+            ),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        // A port nothing listens on: a connection error.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+
+        let logs = Logs::default();
+        let w = logs.clone();
+        let _sub = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || w.clone())
+                .with_ansi(false)
+                .with_max_level(tracing::Level::DEBUG)
+                .finish(),
+        );
+        let gate = Arc::new(Gate::default());
+        let mut errors = Vec::new();
+        for a in [addr, closed] {
+            let cfg: HttpConfig = toml::from_str(&format!(
+                "url = \"http://u:s3cret@{a}/h?token=s3cret\"\ncircuit_breaker = {{ failures = 1, cool_down = \"10s\" }}"
+            ))
+            .unwrap();
+            assert!(cfg.validate().is_empty());
+            let h = Http::new(&cfg, &gate, "p").unwrap();
+            let e = h
+                .process(&mut Message::new("t", 0, 0, Some(b"k"), b"{}"))
+                .await
+                .unwrap_err();
+            assert!(e.is_retryable(), "{e}");
+            // The breaker opened on that failure (and logged its name).
+            assert!(h.breaker.as_ref().is_some_and(Breaker::is_open));
+            errors.push(e.to_string());
+        }
+        assert!(
+            errors[0].ends_with("answered 503 Service Unavailable"),
+            "{errors:?}"
+        );
+        println!("errors: {errors:?}");
+        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert!(logs.contains("circuit open"), "{logs}");
+        for text in errors.iter().chain([&logs]) {
+            // What is written into `keyflow.error` and logged.
+            assert!(!text.contains("s3cret"), "a secret leaked: {text}");
+            assert!(!text.contains("token="), "a secret leaked: {text}");
+        }
+        assert!(
+            errors[0].contains(&format!("POST http://{addr}/")),
+            "the host stays: {errors:?}"
+        );
+        assert!(
+            errors[1].contains(&format!("POST http://{closed}/")),
+            "the host stays: {errors:?}"
         );
     }
 }

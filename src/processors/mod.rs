@@ -89,6 +89,44 @@ impl ProcessError {
     }
 }
 
+/// A failed write to Kafka (`forward`, `route`) as a [`ProcessError`] of `kind`.
+///
+/// Permanent when this record can never be written however often it is retried, while other
+/// records can: its size (above the producer's `message.max.bytes` or the topic's
+/// `max.message.bytes`), a record the broker refuses as invalid (`InvalidRecord`: e.g. no key
+/// on a compacted topic), a timestamp outside the topic's accepted range. Retrying those only
+/// delays the dead letter.
+///
+/// Everything else stays retryable, including errors that are not transient but fail every
+/// record alike (`TopicAuthorizationFailed`, `InvalidTopic`, an unknown topic, a broker outage):
+/// they are faults of the pipeline, not of the message, fixed by an operator. Declaring them
+/// permanent would dead-letter the whole stream while they last; retryable, they use the retry
+/// budget and, with a `circuit_breaker`, pause the pipeline until fixed.
+pub fn write_error(
+    kind: &'static str,
+    topic: &str,
+    e: &rdkafka::error::KafkaError,
+) -> ProcessError {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    let message = format!("write to {topic:?} failed: {e}");
+    match e.rdkafka_error_code() {
+        Some(C::InvalidRecord | C::InvalidTimestamp) => ProcessError::permanent(kind, message),
+        _ if too_large(e) => ProcessError::permanent(kind, message),
+        _ => ProcessError::retryable(kind, message),
+    }
+}
+
+/// The record is too large to be written: librdkafka refused it locally (its size above the
+/// producer's `message.max.bytes`; librdkafka reports the broker's code for this) or the broker
+/// did (above the topic's `max.message.bytes`).
+pub fn too_large(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge)
+    )
+}
+
 /// One step of a pipeline. Implement it for your own logic and pass it to
 /// [`crate::runtime::Runtime::with_processor`].
 ///
@@ -246,4 +284,33 @@ pub fn build_chain(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode as C;
+
+    #[test]
+    fn write_errors_that_cannot_succeed_on_retry_are_permanent() {
+        for (code, retryable) in [
+            (C::MessageSizeTooLarge, false),
+            (C::MessageBatchTooLarge, false),
+            (C::InvalidRecord, false),
+            (C::InvalidTimestamp, false),
+            // Pipeline-wide faults an operator fixes: retried (and paused by a breaker),
+            // never a reason to dead-letter the whole stream.
+            (C::TopicAuthorizationFailed, true),
+            (C::InvalidTopic, true),
+            (C::UnknownTopicOrPartition, true),
+            (C::MessageTimedOut, true),
+            (C::QueueFull, true),
+            (C::NotEnoughReplicas, true),
+        ] {
+            let e = super::write_error("forward", "out", &KafkaError::MessageProduction(code));
+            assert_eq!(e.is_retryable(), retryable, "{code:?}: {e}");
+            assert!(e.message().contains("\"out\""), "{e}");
+        }
+        assert!(super::write_error("forward", "out", &KafkaError::Canceled).is_retryable());
+    }
 }

@@ -128,9 +128,7 @@ impl Processor for Route {
             self.producer
                 .send(record, Duration::from_secs(30))
                 .await
-                .map_err(|(e, _)| {
-                    ProcessError::retryable("route", format!("write to {topic:?} failed: {e}"))
-                })
+                .map_err(|(e, _)| super::write_error("route", topic, &e))
         });
         for r in futures::future::join_all(writes).await {
             r?;
