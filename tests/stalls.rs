@@ -719,3 +719,55 @@ async fn a_30s_broker_outage_mid_stream_loses_nothing_and_readiness_reports_it()
         "30 s outage: readiness said {late:?} ({reported_after:.1?} after the stop); broker restart took {restart_took:.1?}; ready again {ready_after:.1?} after the restart began; 500 distinct processed ({processed} runs), committed {:?} = the partition ends", last.0
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// review G: the revoke rendezvous outlasts the whole drain; shutdown during a broker outage is
+// bounded
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn sigterm_during_a_broker_outage_exits_within_the_drain_timeout_plus_5s() {
+    const DRAIN: Duration = Duration::from_secs(3);
+    let broker = Broker::start();
+    let (topic, group) = (unique("outage-term"), unique("outage-term-g"));
+    broker.create_topic_blocking(&topic, 2);
+    broker.produce_keyed(
+        &topic,
+        (0..20).map(|i| {
+            (
+                Some(format!("k{i}").into_bytes()),
+                format!("m{i}").into_bytes(),
+            )
+        }),
+    );
+    // A long session: librdkafka would park the final synchronous commit and the close for it.
+    let toml = format!(
+        "topic = \"{topic}\"\ngroup_id = \"{group}\"\nauto_offset_reset = \"earliest\"\nsession_timeout = \"30s\"\ndrain_timeout = \"3s\"\ncommit_interval = \"200ms\"\n[[processors]]\ntype = \"log\"\n"
+    );
+    let mut k = Keyflow::start_many(&broker.bootstrap, &[&toml], &[("RUST_LOG", "info")]);
+    k.wait_for_log("partitions assigned", Duration::from_secs(60));
+    support::wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            broker
+                .committed_offsets(&group, &topic, 2)
+                .iter()
+                .sum::<i64>()
+                == 20
+        },
+        "the 20 messages processed and committed",
+    );
+    broker.stop();
+    k.wait_for_log("All broker", Duration::from_secs(60));
+    let t = Instant::now();
+    k.sigterm();
+    let status = k.wait_exit(Duration::from_secs(120));
+    let took = t.elapsed();
+    assert!(
+        took < DRAIN + Duration::from_secs(5),
+        "SIGTERM during an outage: exit took {took:.1?} (drain_timeout {DRAIN:?}), status {status:?}\n{}",
+        k.log_tail(30)
+    );
+    println!("SIGTERM during a broker outage: exit ({status:?}) after {took:.1?} (drain_timeout {DRAIN:?})");
+}

@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use super::partition::{Abandoned, DrainReport, PartitionArgs, PartitionMsg, PartitionSupervisor};
 use crate::config::PipelineSpec;
-use crate::kafka::context::secret_values;
+use crate::kafka::context::{secret_values, DRAIN_MARGIN, SHUTDOWN_COMMIT_BOUND};
 use crate::kafka::{client, offsets, Consumer, KeyflowContext};
 use crate::message::Message;
 use crate::pipeline::Pipeline;
@@ -70,6 +70,9 @@ pub enum CoordinatorMsg {
     Revoke {
         partitions: Vec<(Arc<str>, i32)>,
         lost: bool,
+        /// The drain deadline, fixed once when librdkafka revoked (the rendezvous waits
+        /// [`KeyflowContext::rendezvous_timeout`] from then, strictly longer than the drain).
+        until: std::time::Instant,
         reply: mpsc::SyncSender<Vec<DrainedOffset>>,
     },
     Stray(Message),
@@ -239,22 +242,19 @@ impl Actor for Coordinator {
             }
             CoordinatorMsg::Revoke {
                 partitions,
-                lost,
+                lost: _,
+                until,
                 reply,
             } => {
                 let sups: Vec<_> = partitions
                     .iter()
                     .filter_map(|(_, p)| s.partitions.remove(p))
                     .collect();
-                let deadline = if lost {
-                    Duration::ZERO
-                } else {
-                    s.spec.drain_timeout
-                };
+                let until = tokio::time::Instant::from_std(until);
                 // Drain off the coordinator's mailbox so it keeps serving (e.g. stray messages).
                 s.revoking.retain(|h| !h.is_finished());
                 s.revoking.push(tokio::spawn(async move {
-                    let reports = drain_all(sups, deadline).await;
+                    let reports = drain_all(sups, until).await;
                     let offsets = reports
                         .into_iter()
                         .filter_map(|r| {
@@ -324,26 +324,37 @@ impl Actor for Coordinator {
     }
 }
 
-async fn drain_all(sups: Vec<ActorRef<PartitionMsg>>, deadline: Duration) -> Vec<DrainReport> {
-    let calls = sups.iter().map(|sup| {
-        sup.call(
-            |reply| PartitionMsg::Drain { deadline, reply },
-            Some(deadline + Duration::from_secs(1)),
-        )
+/// Drains `sups` in parallel: each finishes its running work until `until`, reports, and stops.
+/// Takes at most `until + DRAIN_MARGIN` in all, however many supervisors and however late each
+/// handles its `Drain`; returns the reports that came (a partition that did not report keeps its
+/// last commit and is redelivered from there, the others are committed).
+async fn drain_all(
+    sups: Vec<ActorRef<PartitionMsg>>,
+    until: tokio::time::Instant,
+) -> Vec<DrainReport> {
+    let total = until + DRAIN_MARGIN;
+    let each = sups.into_iter().map(|sup| async move {
+        let call = sup.call(|reply| PartitionMsg::Drain { until, reply }, None);
+        let report = match tokio::time::timeout_at(total, call).await {
+            Ok(Ok(ractor::rpc::CallResult::Success(report))) => Some(report),
+            Ok(Ok(_)) | Err(_) => {
+                warn!(partition = ?sup.get_name(), "a partition did not answer its drain in time");
+                None
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "a partition could not be drained");
+                None
+            }
+        };
+        // Wait until the supervisor is gone, so its queue is released before the unassign.
+        let _ = tokio::time::timeout_at(total, wait_stopped(&sup)).await;
+        report
     });
-    let mut reports = Vec::new();
-    for r in futures::future::join_all(calls).await {
-        match r {
-            Ok(ractor::rpc::CallResult::Success(report)) => reports.push(report),
-            Ok(_) => warn!("a partition did not answer its drain in time"),
-            Err(e) => warn!(error = %e, "a partition could not be drained"),
-        }
-    }
-    // Wait until the supervisors are gone, so their queues are released before the unassign.
-    for sup in sups {
-        let _ = tokio::time::timeout(Duration::from_secs(2), wait_stopped(&sup)).await;
-    }
-    reports
+    futures::future::join_all(each)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 async fn wait_stopped(sup: &ActorRef<PartitionMsg>) {
@@ -358,9 +369,14 @@ async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
         pipeline: s.spec.name.clone(),
         ..Default::default()
     };
+    if let Some(c) = &s.consumer {
+        // A revoke waiting on (or queued behind) this drain waits for its commit.
+        c.context().set_shutting_down();
+    }
     let sups: Vec<_> = s.partitions.drain().map(|(_, a)| a).collect();
     info!(pipeline = %s.spec.name, partitions = sups.len(), "shutting down: draining");
-    let reports = drain_all(sups, s.spec.drain_timeout).await;
+    let until = tokio::time::Instant::now() + s.spec.drain_timeout;
+    let reports = drain_all(sups, until).await;
     // Revokes that began before the shutdown end by their own (earlier) deadline; their
     // rendezvous commits before the consumer closes.
     for h in s.revoking.drain(..) {
@@ -377,19 +393,31 @@ async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
             .extend(r.abandoned.into_iter().map(|a| (r.partition, a)));
         s.stats.remove_partition(r.partition);
     }
-    if let Some(consumer) = s.consumer.clone() {
+    if let Some(down) = s.stats.brokers_unreachable_for() {
+        // librdkafka would park a synchronous commit until the session times out: skip it (the
+        // work is redelivered from the last commit, which is at-least-once).
+        if !final_offsets.is_empty() {
+            report.commit_error = Some(format!(
+                "final commit skipped: brokers unreachable for {down:.1?}"
+            ));
+        }
+    } else if let Some(consumer) = s.consumer.clone() {
         let offsets = final_offsets.clone();
-        let res = tokio::task::spawn_blocking(move || {
+        let commit = blocking_bounded(SHUTDOWN_COMMIT_BOUND, move || {
             let o: Vec<(&str, i32, i64)> = offsets.iter().map(|(t, p, n)| (&**t, *p, *n)).collect();
             offsets::commit(&consumer, &o, CommitMode::Sync)
         })
         .await;
-        match res {
-            Ok(Ok(())) => {
+        match commit {
+            Some(Ok(())) => {
                 info!(pipeline = %s.spec.name, offsets = ?report.committed, "final commit done")
             }
-            Ok(Err(e)) => report.commit_error = Some(e.to_string()),
-            Err(e) => report.commit_error = Some(e.to_string()),
+            Some(Err(e)) => report.commit_error = Some(e.to_string()),
+            None => {
+                report.commit_error = Some(format!(
+                    "final commit not confirmed within {SHUTDOWN_COMMIT_BOUND:?}"
+                ))
+            }
         }
     }
     stop_consumer(s).await;
@@ -403,10 +431,51 @@ async fn stop_consumer(s: &mut CoordinatorState) {
         c.context().set_closing();
     }
     s.poll_stop.store(true, Ordering::SeqCst);
+    // During an outage librdkafka's close waits for a coordinator it cannot reach: bounded, the
+    // thread is left to end with the process.
+    let bound = if s.stats.brokers_unreachable_for().is_some() {
+        CLOSE_BOUND_UNREACHABLE
+    } else {
+        CLOSE_BOUND
+    };
     if let Some(t) = s.poll_thread.take() {
-        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        let joined = tokio::time::timeout(bound, async {
+            while !t.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if joined.is_err() {
+            warn!(pipeline = %s.spec.name, ?bound, "the consumer did not close in time; left behind");
+            return;
+        }
+        let _ = t.join();
     }
     info!(pipeline = %s.spec.name, "left the group");
+}
+
+/// How long closing the consumer (LeaveGroup) may take at shutdown.
+const CLOSE_BOUND: Duration = Duration::from_secs(10);
+/// The same while no broker is reachable: the LeaveGroup cannot be sent anyway.
+const CLOSE_BOUND_UNREACHABLE: Duration = Duration::from_secs(1);
+
+/// Runs `f` on its own thread and waits for it up to `bound` (`None`: still running; the
+/// thread is left to finish on its own). Not the blocking pool: the runtime's drop would wait
+/// for a task parked in librdkafka.
+async fn blocking_bounded<T: Send + 'static>(
+    bound: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("kf-commit".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        });
+    if spawned.is_err() {
+        return None;
+    }
+    tokio::time::timeout(bound, rx).await.ok()?.ok()
 }
 
 fn spawn_poll_thread(
@@ -443,6 +512,94 @@ fn spawn_poll_thread(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stands in for a partition supervisor: its handler is busy for `busy` before it answers a
+    /// drain (a slow-to-handle mailbox), and it stops afterwards only if `stops`.
+    struct FakeSup {
+        busy: Duration,
+        stops: bool,
+    }
+
+    impl Actor for FakeSup {
+        type Msg = PartitionMsg;
+        type State = i32;
+        type Arguments = i32;
+
+        async fn pre_start(
+            &self,
+            _me: ActorRef<PartitionMsg>,
+            partition: i32,
+        ) -> Result<i32, ActorProcessingErr> {
+            Ok(partition)
+        }
+
+        async fn handle(
+            &self,
+            me: ActorRef<PartitionMsg>,
+            msg: PartitionMsg,
+            partition: &mut i32,
+        ) -> Result<(), ActorProcessingErr> {
+            if let PartitionMsg::Drain { reply, .. } = msg {
+                tokio::time::sleep(self.busy).await;
+                let _ = reply.send(DrainReport {
+                    topic: Arc::from("t"),
+                    partition: *partition,
+                    next_offset: Some(100 + i64::from(*partition)),
+                    abandoned: Vec::new(),
+                });
+                if self.stops {
+                    me.stop(None);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drain_all_ends_before_the_rendezvous_with_every_report_that_came() {
+        const DRAIN: Duration = Duration::from_millis(500);
+        let mut sups = Vec::new();
+        // Three drain at once but are slow to stop; one is busy well past the deadline.
+        for p in 0..3 {
+            let fake = FakeSup {
+                busy: Duration::from_millis(10),
+                stops: false,
+            };
+            sups.push(Actor::spawn(None, fake, p).await.unwrap());
+        }
+        let busy = FakeSup {
+            busy: DRAIN + Duration::from_secs(30),
+            stops: true,
+        };
+        sups.push(Actor::spawn(None, busy, 3).await.unwrap());
+        let refs: Vec<_> = sups.iter().map(|(a, _)| a.clone()).collect();
+        let start = tokio::time::Instant::now();
+        let reports = drain_all(refs, start + DRAIN).await;
+        let took = start.elapsed();
+        let rendezvous = KeyflowContext::rendezvous_timeout(DRAIN);
+        let mut drained: Vec<_> = reports
+            .iter()
+            .map(|r| (r.partition, r.next_offset))
+            .collect();
+        drained.sort();
+        println!("drain_all with 3 slow-to-stop and 1 busy supervisor: {took:.2?} (rendezvous {rendezvous:?}), reports {drained:?}");
+        assert!(
+            took < rendezvous,
+            "drain_all took {took:.2?}, the rendezvous gives up at {rendezvous:?}: nothing would be committed"
+        );
+        assert!(
+            took <= DRAIN + DRAIN_MARGIN + Duration::from_millis(300),
+            "{took:.2?}"
+        );
+        assert_eq!(
+            drained,
+            vec![(0, Some(100)), (1, Some(101)), (2, Some(102))],
+            "the partitions that drained are reported (and so committed)"
+        );
+        for (a, _) in sups {
+            a.stop(None);
+        }
+    }
 
     #[test]
     fn the_poll_stop_guard_stops_the_thread_unless_disarmed() {

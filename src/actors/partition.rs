@@ -67,7 +67,8 @@ pub enum PartitionMsg {
     /// Revoke or shutdown: stop taking messages, finish running ones until `deadline`, report the
     /// commit point, stop.
     Drain {
-        deadline: Duration,
+        /// Absolute, fixed by the revoke (or shutdown) for every partition alike.
+        until: tokio::time::Instant,
         reply: RpcReplyPort<DrainReport>,
     },
     DrainDeadline,
@@ -291,7 +292,7 @@ impl Actor for PartitionSupervisor {
             PartitionMsg::Inspect(reply) => {
                 let _ = reply.send(inspect(s));
             }
-            PartitionMsg::Drain { deadline, reply } => {
+            PartitionMsg::Drain { until, reply } => {
                 // Messages not yet started are abandoned now: the commit point cannot pass them,
                 // so the next owner receives them.
                 for m in s
@@ -310,6 +311,7 @@ impl Actor for PartitionSupervisor {
                 if s.running == 0 {
                     finish_drain(&me, s);
                 } else {
+                    let deadline = until.saturating_duration_since(tokio::time::Instant::now());
                     info!(topic = %s.topic, partition = s.partition, running = s.running, ?deadline, "draining");
                     me.send_after(deadline, || PartitionMsg::DrainDeadline);
                 }

@@ -24,15 +24,31 @@ pub struct KeyflowContext {
     pipeline: String,
     coordinator: OnceLock<ActorRef<CoordinatorMsg>>,
     consumer: OnceLock<Weak<super::Consumer>>,
-    /// How long a revoke may wait for the drain (the drain deadline plus a margin).
-    rendezvous_timeout: Duration,
+    /// The drain deadline a revoke gives its partitions, counted from the revoke.
+    drain_timeout: Duration,
     /// Set once shutdown has drained and committed: the revokes of the final leave need no
     /// rendezvous.
     closing: AtomicBool,
+    /// Set when shutdown starts draining: a revoke waiting (or queued behind it) is answered by
+    /// the shutdown's drain and commit, so it waits for `closing` instead of giving up.
+    shutting_down: AtomicBool,
     stats: Arc<PipelineStats>,
     /// Configured secret values (passwords), blanked out of every error reason kept or shown.
     secrets: Vec<String>,
 }
+
+/// How long after the drain deadline `drain_all` may still take, in total (every partition in
+/// parallel): supervisors busy at the deadline answering late, then stopping so that their
+/// queues are released before the unassign.
+pub const DRAIN_MARGIN: Duration = Duration::from_secs(2);
+
+/// How much longer than the whole drain (deadline + [`DRAIN_MARGIN`]) a revoke waits for its
+/// report: the report must always win the race, or nothing revoked would be committed.
+const RENDEZVOUS_SLACK: Duration = Duration::from_secs(1);
+
+/// How long a revoke waits for a shutdown that took over its partitions to drain, commit and
+/// close (the shutdown's own bound: drain deadline + margin + the final commit's bound).
+pub const SHUTDOWN_COMMIT_BOUND: Duration = Duration::from_secs(3);
 
 /// How often a waiting revoke looks up from the rendezvous (to notice that shutdown has taken
 /// over the drain).
@@ -78,8 +94,9 @@ impl KeyflowContext {
             pipeline: pipeline.to_string(),
             coordinator: OnceLock::new(),
             consumer: OnceLock::new(),
-            rendezvous_timeout: drain_timeout + Duration::from_secs(2),
+            drain_timeout,
             closing: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
             stats,
             secrets,
         }
@@ -91,6 +108,15 @@ impl KeyflowContext {
 
     pub(super) fn set_consumer(&self, c: Weak<super::Consumer>) {
         let _ = self.consumer.set(c);
+    }
+
+    /// The whole of a revoke's wait: strictly longer than the drain it waits for.
+    pub fn rendezvous_timeout(drain_timeout: Duration) -> Duration {
+        drain_timeout + DRAIN_MARGIN + RENDEZVOUS_SLACK
+    }
+
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
     }
 
     pub fn set_closing(&self) {
@@ -145,27 +171,53 @@ impl KeyflowContext {
             return;
         };
         let (tx, rx) = mpsc::sync_channel(1);
+        // One deadline for the whole drain, counted from here (not from when the coordinator or
+        // each supervisor gets to it); the rendezvous waits strictly longer than that drain.
+        let drain = if lost {
+            Duration::ZERO
+        } else {
+            self.drain_timeout
+        };
+        let start = Instant::now();
+        let until = start + drain;
         if coordinator
             .cast(CoordinatorMsg::Revoke {
                 partitions,
                 lost,
+                until,
                 reply: tx,
             })
             .is_err()
         {
             return;
         }
+        let wait = Self::rendezvous_timeout(drain);
+        let mut deadline = start + wait;
         // Liveness: the poll loop is silent while it waits here, and that is fine until the
         // deadline (the guard clears the mark however the wait ends).
-        let deadline = Instant::now() + self.rendezvous_timeout;
-        let _draining = self
-            .stats
-            .rendezvous(now_ms() + self.rendezvous_timeout.as_millis() as u64);
+        let _draining = self.stats.rendezvous(now_ms() + wait.as_millis() as u64);
+        let mut shutdown_seen = false;
         let answer = loop {
             match rx.recv_timeout(RENDEZVOUS_SLICE) {
                 Ok(drained) => break Ok(drained),
+                Err(mpsc::RecvTimeoutError::Disconnected)
+                    if self.closing.load(Ordering::SeqCst) =>
+                {
+                    info!(pipeline = %self.pipeline, "revoke during shutdown: partitions already drained and committed by the shutdown");
+                    return;
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break Err("the coordinator is gone"),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // The shutdown drains (and commits) what it still owns, from its own start:
+                    // give it its whole bound rather than unassign under its supervisors.
+                    if !shutdown_seen && self.shutting_down.load(Ordering::SeqCst) {
+                        shutdown_seen = true;
+                        deadline = deadline.max(
+                            Instant::now()
+                                + Self::rendezvous_timeout(self.drain_timeout)
+                                + SHUTDOWN_COMMIT_BOUND,
+                        );
+                    }
                     // Shutdown drained and committed every partition it still owned (a Revoke
                     // queued behind it is never answered): waiting on would only add the drain
                     // deadline to the exit.
