@@ -77,6 +77,12 @@ pub enum PartitionMsg {
     Gate(bool),
     /// `/debug/partitions`: report what the partition holds and why it waits.
     Inspect(RpcReplyPort<PartitionDebug>),
+    /// Test hook, not API: opens a second handle on this partition's queue and drops it at once,
+    /// as a stopped supervisor's handle dropping late does. rdkafka's `PartitionQueue::drop`
+    /// clears the non-empty callback of the queue it shares with ours: this supervisor's
+    /// wake-ups stop (tests/stalls.rs). Replies whether the handle could be opened.
+    #[doc(hidden)]
+    DropSecondQueueHandle(RpcReplyPort<bool>),
 }
 
 /// What a drained partition hands back.
@@ -162,14 +168,7 @@ impl Actor for PartitionSupervisor {
     ) -> Result<PartitionState, ActorProcessingErr> {
         let mut queue = a.queue;
         let flag = Arc::new(AtomicBool::new(false));
-        let (f, m) = (flag.clone(), me.clone());
-        // Called by librdkafka when the queue goes from empty to non-empty; coalesced so that
-        // the mailbox holds at most one pending Fetch.
-        queue.set_nonempty_callback(move || {
-            if !f.swap(true, AcqRel) {
-                let _ = m.cast(PartitionMsg::Fetch);
-            }
-        });
+        arm_wakeup(&mut queue, &flag, &me);
         let spec = a.spec;
         let _ = a.stats.actor.set(me.clone());
         resume_on_start(&a.consumer, &a.topic, a.partition);
@@ -290,6 +289,13 @@ impl Actor for PartitionSupervisor {
             }
             PartitionMsg::Inspect(reply) => {
                 let _ = reply.send(inspect(s));
+            }
+            PartitionMsg::DropSecondQueueHandle(reply) => {
+                let opened = s
+                    .consumer
+                    .split_partition_queue(&s.topic, s.partition)
+                    .is_some();
+                let _ = reply.send(opened);
             }
             PartitionMsg::Drain { deadline, reply } => {
                 // Messages not yet started are abandoned now: the commit point cannot pass them,
@@ -426,6 +432,22 @@ async fn spawn_worker(
     };
     let (actor, _) = Actor::spawn_linked(None, Worker, args, me.get_cell()).await?;
     Ok(actor)
+}
+
+/// (Re)sets the queue's non-empty callback: librdkafka calls it when the queue goes from empty
+/// to non-empty; coalesced through `scheduled` so that the mailbox holds at most one pending
+/// `Fetch`. Replacing a callback is safe: librdkafka swaps it under the queue's lock.
+fn arm_wakeup(
+    queue: &mut PartitionQueue,
+    scheduled: &Arc<AtomicBool>,
+    me: &ActorRef<PartitionMsg>,
+) {
+    let (f, m) = (scheduled.clone(), me.clone());
+    queue.set_nonempty_callback(move || {
+        if !f.swap(true, AcqRel) {
+            let _ = m.cast(PartitionMsg::Fetch);
+        }
+    });
 }
 
 /// Takes messages off the partition queue while the budget has room.
