@@ -277,9 +277,26 @@ impl Actor for PartitionSupervisor {
             }
             PartitionMsg::FlowCheck => {
                 s.flow_check_scheduled = false;
-                apply_flow(&me, s);
+                // A draining supervisor no longer owns the consumer's pause flag: the next
+                // owner may already have resumed the partition (STYLE 15).
+                if s.draining.is_none() {
+                    apply_flow(&me, s);
+                }
             }
             PartitionMsg::Tick => {
+                if s.draining.is_none() {
+                    // Heal a lost wake-up within one tick. The queue's non-empty callback lives
+                    // on librdkafka's queue, shared by every handle of the partition: another
+                    // handle dropped after ours was armed (an old supervisor of this partition
+                    // stopping late) clears it, and the partition would never fetch again.
+                    // Re-arm it, then take what is waiting: one callback swap and one
+                    // non-blocking poll per tick, nothing per message. `fetch` does nothing
+                    // while the gate is held or the budget is spent.
+                    if let Some(q) = s.queue.as_mut() {
+                        arm_wakeup(q, &s.fetch_scheduled, &me);
+                    }
+                    fetch(&me, s).instrument(span).await?;
+                }
                 commit_progress(s);
                 s.stats.in_flight.store(s.flow.count(), Relaxed);
                 s.stats
@@ -334,7 +351,10 @@ impl Actor for PartitionSupervisor {
                 }
             }
             PartitionMsg::Gate(held) => {
-                if held != s.gate_held {
+                // Once draining, the gate no longer matters here (nothing new is taken) and the
+                // pause flag on the consumer belongs to the next owner: pausing it now could
+                // undo that owner's `resume_on_start` while /debug shows it unpaused.
+                if s.draining.is_none() && held != s.gate_held {
                     s.gate_held = held;
                     info!(topic = %s.topic, partition = s.partition, held, "pipeline gate");
                     sync_pause(s);
