@@ -771,3 +771,128 @@ fn sigterm_during_a_broker_outage_exits_within_the_drain_timeout_plus_5s() {
     );
     println!("SIGTERM during a broker outage: exit ({status:?}) after {took:.1?} (drain_timeout {DRAIN:?})");
 }
+
+// ---------------------------------------------------------------------------------------------
+// review F: a lost wake-up heals within a tick; a draining supervisor leaves the pause flag alone
+// ---------------------------------------------------------------------------------------------
+
+/// The supervisor of the only assigned partition (after the pipeline got its assignment).
+async fn only_supervisor(
+    stats: &PipelineStats,
+) -> ractor::ActorRef<keyflow::actors::partition::PartitionMsg> {
+    wait_for("one partition assigned", Duration::from_secs(60), || {
+        stats
+            .partitions()
+            .first()
+            .is_some_and(|(_, p)| p.actor.get().is_some())
+    })
+    .await;
+    stats.partitions()[0].1.actor.get().unwrap().clone()
+}
+
+/// A second handle on the partition's queue dropped after the supervisor armed its non-empty
+/// callback clears that callback (rdkafka's `PartitionQueue::drop`), as an old supervisor of
+/// the same partition stopping late does. Messages produced afterwards must still be processed
+/// within a commit interval (200 ms here) plus slack; they used to wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_queue_wakeup_heals_within_a_commit_interval() {
+    use keyflow::actors::partition::PartitionMsg;
+    let broker = Broker::shared();
+    let (topic, group) = (unique("lost-wakeup"), unique("lost-wakeup-g"));
+    broker.create_topic_blocking(&topic, 1);
+    let (proc_, _release) = Held::new(false);
+    let running = Runtime::new(pipeline(&broker.bootstrap, &custom(&topic, &group, "")))
+        .with_processor("p", proc_.clone())
+        .start()
+        .await
+        .unwrap();
+    let stats = running.stats[0].clone();
+    let sup = only_supervisor(&stats).await;
+    broker.produce_to_partition(
+        &topic,
+        (0..5).map(|i| (0, None, format!("warm-{i}").into_bytes())),
+    );
+    wait_for("the warm-up messages", Duration::from_secs(60), || {
+        (0..5).all(|i| proc_.seen(&format!("warm-{i}")))
+    })
+    .await;
+    let opened = sup
+        .call(
+            PartitionMsg::DropSecondQueueHandle,
+            Some(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(opened, ractor::rpc::CallResult::Success(true)),
+        "the test hook could not open a second queue handle"
+    );
+    for batch in ["after", "again"] {
+        broker.produce_to_partition(
+            &topic,
+            (0..10).map(|i| (0, None, format!("{batch}-{i}").into_bytes())),
+        );
+        let t = Instant::now();
+        wait_for(
+            &format!("{batch}: messages produced after the wake-up was lost"),
+            Duration::from_millis(200) + Duration::from_secs(5),
+            || (0..10).all(|i| proc_.seen(&format!("{batch}-{i}"))),
+        )
+        .await;
+        println!("{batch}: processed {:.1?} after the produce", t.elapsed());
+    }
+    assert!(running.shutdown().await[0].clean());
+}
+
+/// Once draining, a supervisor ignores gate changes: pausing the partition on the consumer then
+/// could undo the next owner's resume while /debug shows it unpaused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_supervisor_does_not_pause_for_the_gate() {
+    use keyflow::actors::partition::PartitionMsg;
+    let broker = Broker::shared();
+    let (topic, group) = (unique("drain-gate"), unique("drain-gate-g"));
+    broker.create_topic_blocking(&topic, 1);
+    let (proc_, release) = Held::new(true);
+    let running = Runtime::new(pipeline(&broker.bootstrap, &custom(&topic, &group, "")))
+        .with_processor("p", proc_.clone())
+        .start()
+        .await
+        .unwrap();
+    let stats = running.stats[0].clone();
+    let sup = only_supervisor(&stats).await;
+    let part = stats.partitions()[0].1.clone();
+    broker.produce_to_partition(&topic, [(0, None, b"held".to_vec())]);
+    wait_for("the message runs (held)", Duration::from_secs(60), || {
+        proc_.running.load(Relaxed) == 1
+    })
+    .await;
+    assert_eq!(part.pauses.load(Relaxed), 0);
+    // Drain (the running message keeps it draining), then the gate closes. The mailbox is FIFO:
+    // the Inspect answer comes after both were handled.
+    let (tx, rx) = ractor::concurrency::oneshot();
+    sup.cast(PartitionMsg::Drain {
+        until: tokio::time::Instant::now() + Duration::from_secs(30),
+        reply: tx.into(),
+    })
+    .unwrap();
+    sup.cast(PartitionMsg::Gate(true)).unwrap();
+    sup.cast(PartitionMsg::FlowCheck).unwrap();
+    let debug = sup
+        .call(PartitionMsg::Inspect, Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert!(matches!(debug, ractor::rpc::CallResult::Success(_)));
+    assert_eq!(
+        (part.pauses.load(Relaxed), part.paused.load(Relaxed)),
+        (0, false),
+        "a draining supervisor paused its partition on the consumer for the gate"
+    );
+    release.send(false).unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("the drain ends once the held message completes")
+        .unwrap();
+    assert_eq!(report.next_offset, Some(1));
+    // The supervisor drained outside the coordinator: its own drain finds it gone.
+    let _ = running.shutdown().await;
+}

@@ -78,6 +78,12 @@ pub enum PartitionMsg {
     Gate(bool),
     /// `/debug/partitions`: report what the partition holds and why it waits.
     Inspect(RpcReplyPort<PartitionDebug>),
+    /// Test hook, not API: opens a second handle on this partition's queue and drops it at once,
+    /// as a stopped supervisor's handle dropping late does. rdkafka's `PartitionQueue::drop`
+    /// clears the non-empty callback of the queue it shares with ours: this supervisor's
+    /// wake-ups stop (tests/stalls.rs). Replies whether the handle could be opened.
+    #[doc(hidden)]
+    DropSecondQueueHandle(RpcReplyPort<bool>),
 }
 
 /// What a drained partition hands back.
@@ -163,14 +169,7 @@ impl Actor for PartitionSupervisor {
     ) -> Result<PartitionState, ActorProcessingErr> {
         let mut queue = a.queue;
         let flag = Arc::new(AtomicBool::new(false));
-        let (f, m) = (flag.clone(), me.clone());
-        // Called by librdkafka when the queue goes from empty to non-empty; coalesced so that
-        // the mailbox holds at most one pending Fetch.
-        queue.set_nonempty_callback(move || {
-            if !f.swap(true, AcqRel) {
-                let _ = m.cast(PartitionMsg::Fetch);
-            }
-        });
+        arm_wakeup(&mut queue, &flag, &me);
         let spec = a.spec;
         let _ = a.stats.actor.set(me.clone());
         resume_on_start(&a.consumer, &a.topic, a.partition);
@@ -279,9 +278,26 @@ impl Actor for PartitionSupervisor {
             }
             PartitionMsg::FlowCheck => {
                 s.flow_check_scheduled = false;
-                apply_flow(&me, s);
+                // A draining supervisor no longer owns the consumer's pause flag: the next
+                // owner may already have resumed the partition (STYLE 15).
+                if s.draining.is_none() {
+                    apply_flow(&me, s);
+                }
             }
             PartitionMsg::Tick => {
+                if s.draining.is_none() {
+                    // Heal a lost wake-up within one tick. The queue's non-empty callback lives
+                    // on librdkafka's queue, shared by every handle of the partition: another
+                    // handle dropped after ours was armed (an old supervisor of this partition
+                    // stopping late) clears it, and the partition would never fetch again.
+                    // Re-arm it, then take what is waiting: one callback swap and one
+                    // non-blocking poll per tick, nothing per message. `fetch` does nothing
+                    // while the gate is held or the budget is spent.
+                    if let Some(q) = s.queue.as_mut() {
+                        arm_wakeup(q, &s.fetch_scheduled, &me);
+                    }
+                    fetch(&me, s).instrument(span).await?;
+                }
                 commit_progress(s);
                 s.stats.in_flight.store(s.flow.count(), Relaxed);
                 s.stats
@@ -291,6 +307,13 @@ impl Actor for PartitionSupervisor {
             }
             PartitionMsg::Inspect(reply) => {
                 let _ = reply.send(inspect(s));
+            }
+            PartitionMsg::DropSecondQueueHandle(reply) => {
+                let opened = s
+                    .consumer
+                    .split_partition_queue(&s.topic, s.partition)
+                    .is_some();
+                let _ = reply.send(opened);
             }
             PartitionMsg::Drain { until, reply } => {
                 // Messages not yet started are abandoned now: the commit point cannot pass them,
@@ -330,7 +353,10 @@ impl Actor for PartitionSupervisor {
                 }
             }
             PartitionMsg::Gate(held) => {
-                if held != s.gate_held {
+                // Once draining, the gate no longer matters here (nothing new is taken) and the
+                // pause flag on the consumer belongs to the next owner: pausing it now could
+                // undo that owner's `resume_on_start` while /debug shows it unpaused.
+                if s.draining.is_none() && held != s.gate_held {
                     s.gate_held = held;
                     info!(topic = %s.topic, partition = s.partition, held, "pipeline gate");
                     sync_pause(s);
@@ -428,6 +454,22 @@ async fn spawn_worker(
     };
     let (actor, _) = Actor::spawn_linked(None, Worker, args, me.get_cell()).await?;
     Ok(actor)
+}
+
+/// (Re)sets the queue's non-empty callback: librdkafka calls it when the queue goes from empty
+/// to non-empty; coalesced through `scheduled` so that the mailbox holds at most one pending
+/// `Fetch`. Replacing a callback is safe: librdkafka swaps it under the queue's lock.
+fn arm_wakeup(
+    queue: &mut PartitionQueue,
+    scheduled: &Arc<AtomicBool>,
+    me: &ActorRef<PartitionMsg>,
+) {
+    let (f, m) = (scheduled.clone(), me.clone());
+    queue.set_nonempty_callback(move || {
+        if !f.swap(true, AcqRel) {
+            let _ = m.cast(PartitionMsg::Fetch);
+        }
+    });
 }
 
 /// Takes messages off the partition queue while the budget has room.
