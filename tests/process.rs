@@ -285,17 +285,18 @@ fn kill_9_at_three_moments_loses_nothing(protocol: Protocol) {
     let dups = check_output(&out, &expected);
     // What a crash may redeliver: the messages in flight, plus those completed since the last
     // commit the broker acknowledged. Commits are asynchronous every 10 ms, and Apache Kafka
-    // acknowledges an OffsetCommit in 10–30 ms on a busy 2-core machine (tansu, in memory, took
-    // under 1 ms), so allow 50 ms of completions at the configured rate (20 in flight × 4
-    // partitions / 20 ms = 4,000 msg/s). Issue 9 (completed offsets in the commit metadata) is
-    // what removes the second term.
+    // acknowledges an OffsetCommit in 10-150 ms on a loaded 2-core machine (tansu, in memory,
+    // took under 1 ms), so allow 200 ms of completions at the configured rate (20 in flight ×
+    // 4 partitions / 20 ms = 4,000 msg/s). A commit loop that stopped would redeliver thousands
+    // per crash (everything since the previous restart). Issue 9 (completed offsets in the commit
+    // metadata, commits acknowledged before they count) is what removes the second term.
     let in_flight = MAX_IN_FLIGHT * PARTITIONS as usize;
     let rate = in_flight as f64 / 0.020;
-    let bound = in_flight + (rate * 0.050) as usize;
-    println!("crash ({protocol:?}): killed at output counts {kills:?}; {} output records for {N} inputs: {dups} duplicates over 3 crashes ({:.1} per crash; bound {bound} = in flight {in_flight} + 50 ms of completions)", out.len(), dups as f64 / 3.0);
+    let bound = in_flight + (rate * 0.200) as usize;
+    println!("crash ({protocol:?}): killed at output counts {kills:?}; {} output records for {N} inputs: {dups} duplicates over 3 crashes ({:.1} per crash; bound {bound} = in flight {in_flight} + 200 ms of completions)", out.len(), dups as f64 / 3.0);
     assert!(
         dups <= 3 * bound,
-        "{dups} duplicates for 3 crashes exceeds 3 × {bound} (in flight + 50 ms of completions)"
+        "{dups} duplicates for 3 crashes exceeds 3 × {bound} (in flight + 200 ms of completions)"
     );
 }
 
