@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::prometheus_sample as sample;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -60,23 +62,6 @@ fn run_tool(cmd: &mut Command) -> String {
 fn http_get(address: &str, path: &str) -> (u16, String) {
     get_blocking(address, path, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("GET http://{address}{path}: {e}"))
-}
-
-/// The value of one sample in Prometheus text format: `name{…}` with all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
-        })
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 fn percent_encode(s: &str) -> String {

@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::prometheus_sample as sample;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -214,23 +216,6 @@ impl Processor for AlwaysRetry {
     async fn process(&self, _msg: &mut Message) -> Result<Flow, ProcessError> {
         Err(ProcessError::retryable("down", "the downstream is down"))
     }
-}
-
-/// The value of one sample in Prometheus text format: `name{…}` with all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
-        })
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
