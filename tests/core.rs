@@ -16,13 +16,6 @@ use support::{unique, Broker, OutMsg};
 
 /// Loads a pipeline written inline, against `broker`.
 fn pipeline(broker: &Broker, toml: &str) -> config::Config {
-    // Logs when asked for: KEYFLOW_TEST_RUST_LOG=keyflow=debug cargo test …
-    if let Ok(f) = std::env::var("KEYFLOW_TEST_RUST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
-            .with_test_writer()
-            .try_init();
-    }
     support::inline_config(&broker.bootstrap, toml)
 }
 

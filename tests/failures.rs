@@ -17,18 +17,8 @@ use keyflow::stats::PipelineStats;
 use keyflow::{Flow, Message, ProcessError, Processor, Runtime};
 use support::{unique, Broker, ConsumedMsg, Keyflow, OutMsg};
 
-fn init_logs() {
-    if let Ok(f) = std::env::var("KEYFLOW_TEST_RUST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
-            .with_test_writer()
-            .try_init();
-    }
-}
-
 /// Loads a pipeline written inline, against `brokers`.
 fn pipeline(brokers: &str, toml: &str) -> config::Config {
-    init_logs();
     support::inline_config(brokers, toml)
 }
 

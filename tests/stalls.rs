@@ -18,17 +18,7 @@ use keyflow::{Flow, Message, ProcessError, Processor, Runtime};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use support::{unique, Broker, Keyflow};
 
-fn init_logs() {
-    if let Ok(f) = std::env::var("KEYFLOW_TEST_RUST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
-            .with_test_writer()
-            .try_init();
-    }
-}
-
 fn pipeline(brokers: &str, toml: &str) -> config::Config {
-    init_logs();
     support::inline_config(brokers, toml)
 }
 

@@ -1364,9 +1364,21 @@ impl Drop for Keyflow {
 // in-process pipelines
 // ---------------------------------------------------------------------------
 
-/// Loads a pipeline written inline (as a file would be), against `brokers`.
+/// In-process keyflow logs, when asked for: `KEYFLOW_TEST_RUST_LOG=keyflow=debug cargo test …`.
+pub fn init_test_logs() {
+    if let Ok(f) = std::env::var("KEYFLOW_TEST_RUST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Loads a pipeline written inline (as a file would be), against `brokers`, with the in-process
+/// logs of [`init_test_logs`].
 pub fn inline_config(brokers: &str, toml: &str) -> keyflow::config::Config {
     use keyflow::config::{self, Env, Global};
+    init_test_logs();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p.toml");
     std::fs::write(&path, toml).unwrap();
