@@ -1000,14 +1000,16 @@ latency = {{ distribution = "fixed", value = "1h" }}
         ),
         Some(0.0)
     );
+    // Stuck means the oldest message waited stuck_after itself: its lag in seconds says so.
+    let lag_seconds = sample(
+        &text,
+        "keyflow_consumer_lag_seconds",
+        &[("pipeline", "health"), ("partition", "0")],
+    )
+    .unwrap();
     assert!(
-        sample(
-            &text,
-            "keyflow_consumer_lag_seconds",
-            &[("pipeline", "health"), ("partition", "0")]
-        )
-        .unwrap()
-            >= 2.0
+        lag_seconds >= 2.0,
+        "lag seconds {lag_seconds} on a stuck partition"
     );
     let debug = http_get(&address, "/debug/partitions").1;
     let v: serde_json::Value = serde_json::from_str(&debug).unwrap();

@@ -834,7 +834,9 @@ fn observe(s: &mut PartitionState) {
         (Some(high), Some(n)) => (high - n).max(0),
         _ => 0,
     };
-    let lag_seconds = oldest_incomplete(s).map_or(0.0, |o| match o.timestamp_ms {
+    let oldest = oldest_incomplete(s);
+    let oldest_received = oldest.map(|o| o.received);
+    let lag_seconds = oldest.map_or(0.0, |o| match o.timestamp_ms {
         Some(ts) if ts > 0 => (now_ms() - ts).max(0) as f64 / 1000.0,
         _ => o.received.elapsed().as_secs_f64(),
     });
@@ -843,9 +845,13 @@ fn observe(s: &mut PartitionState) {
     if !pending {
         s.last_progress = now;
     }
-    let stuck = pending && now.duration_since(s.last_progress) > crate::metrics::stuck_after();
+    // Work became pending at the last idle tick at the earliest, but no earlier than the oldest
+    // incomplete message arrived: a message is never called stuck before it has waited
+    // `stuck_after` itself (ticks are `commit_interval` apart).
+    let waiting_since = oldest_received.map_or(s.last_progress, |r| r.max(s.last_progress));
+    let stuck = pending && now.duration_since(waiting_since) > crate::metrics::stuck_after();
     if stuck && !s.stats.stuck.load(Relaxed) {
-        warn!(topic = %s.topic, partition = s.partition, lag, in_flight = s.flow.count(), since_progress = ?now.duration_since(s.last_progress), "partition stuck: nothing completed");
+        warn!(topic = %s.topic, partition = s.partition, lag, in_flight = s.flow.count(), since_progress = ?now.duration_since(waiting_since), "partition stuck: nothing completed");
     }
     s.stats.stuck.store(stuck, Relaxed);
     s.stats.lag.store(lag, Relaxed);
