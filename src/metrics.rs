@@ -55,6 +55,11 @@ pub const ASSIGNED_PARTITIONS: &str = "keyflow_assigned_partitions";
 pub const REBALANCES_TOTAL: &str = "keyflow_rebalances_total";
 /// Offset commits by `result` (ok, failed).
 pub const COMMITS_TOTAL: &str = "keyflow_commits_total";
+/// Size of the completed-offsets metadata each commit carries (0: nothing above the point).
+pub const COMMIT_METADATA_BYTES: &str = "keyflow_commit_metadata_bytes";
+/// Commits whose completed-offsets metadata was cut to fit the cap (the cut runs are processed
+/// again after a restart).
+pub const COMMIT_METADATA_TRUNCATED_TOTAL: &str = "keyflow_commit_metadata_truncated_total";
 /// The last committed offset (the next offset to consume), per partition.
 pub const COMMITTED_OFFSET: &str = "keyflow_committed_offset";
 /// Workers restarted after a crash.
@@ -74,6 +79,11 @@ pub const OUTCOME_DEAD_LETTERED: &str = "dead_lettered";
 pub const OUTCOME_FILTERED: &str = "filtered";
 /// Dropped by `dedup`: its business id already completed within the TTL.
 pub const OUTCOME_DEDUPLICATED: &str = "deduplicated";
+/// Completed by a previous owner above its commit point (commit metadata): not run again.
+pub const OUTCOME_SKIPPED: &str = "skipped";
+
+/// Commit metadata sizes in bytes, up to the cap (`offsets::METADATA_CAP`).
+pub const METADATA_BUCKETS: &[f64] = &[0.0, 16.0, 64.0, 256.0, 1024.0, 2048.0, 4000.0];
 
 /// Processing and queue-wait buckets: 1 ms … 60 s.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -119,6 +129,12 @@ pub fn install() -> PrometheusHandle {
                         LATENCY_BUCKETS,
                     )
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(COMMIT_METADATA_BYTES.into()),
+                        METADATA_BUCKETS,
+                    )
+                })
                 .expect("bucket lists are non-empty");
             let handle = builder
                 .install_recorder()
@@ -161,7 +177,16 @@ pub fn stuck_after() -> Duration {
 fn describe() {
     describe_counter!(
         MESSAGES_TOTAL,
-        "Messages by outcome: processed, retried, dead_lettered, filtered, deduplicated"
+        "Messages by outcome: processed, retried, dead_lettered, filtered, deduplicated, skipped"
+    );
+    describe_histogram!(
+        COMMIT_METADATA_BYTES,
+        Unit::Bytes,
+        "Completed-offsets metadata carried by each commit"
+    );
+    describe_counter!(
+        COMMIT_METADATA_TRUNCATED_TOTAL,
+        "Commits whose completed-offsets metadata was cut to fit the cap"
     );
     describe_histogram!(
         PROCESS_DURATION_SECONDS,
@@ -221,6 +246,9 @@ pub struct PipelineMetrics {
     pub dead_lettered: Counter,
     pub filtered: Counter,
     pub deduplicated: Counter,
+    pub skipped: Counter,
+    pub commit_metadata_bytes: Histogram,
+    pub commit_metadata_truncated: Counter,
     pub process_duration: Histogram,
     pub queue_wait: Histogram,
     pub end_to_end: Histogram,
@@ -245,6 +273,9 @@ impl Default for PipelineMetrics {
             dead_lettered: Counter::noop(),
             filtered: Counter::noop(),
             deduplicated: Counter::noop(),
+            skipped: Counter::noop(),
+            commit_metadata_bytes: Histogram::noop(),
+            commit_metadata_truncated: Counter::noop(),
             process_duration: Histogram::noop(),
             queue_wait: Histogram::noop(),
             end_to_end: Histogram::noop(),
@@ -276,6 +307,9 @@ impl PipelineMetrics {
             dead_lettered: msgs(OUTCOME_DEAD_LETTERED),
             filtered: msgs(OUTCOME_FILTERED),
             deduplicated: msgs(OUTCOME_DEDUPLICATED),
+            skipped: msgs(OUTCOME_SKIPPED),
+            commit_metadata_bytes: histogram!(COMMIT_METADATA_BYTES, "pipeline" => p.clone(), "topic" => t.clone()),
+            commit_metadata_truncated: counter!(COMMIT_METADATA_TRUNCATED_TOTAL, "pipeline" => p.clone(), "topic" => t.clone()),
             process_duration: histogram!(PROCESS_DURATION_SECONDS, "pipeline" => p.clone(), "topic" => t.clone()),
             queue_wait: histogram!(QUEUE_WAIT_SECONDS, "pipeline" => p.clone(), "topic" => t.clone()),
             end_to_end: histogram!(END_TO_END_LATENCY_SECONDS, "pipeline" => p.clone(), "topic" => t.clone()),
@@ -298,6 +332,8 @@ impl PipelineMetrics {
             &m.dead_lettered,
             &m.filtered,
             &m.deduplicated,
+            &m.skipped,
+            &m.commit_metadata_truncated,
             &m.rebalance_assign,
             &m.rebalance_revoke,
             &m.rebalance_lost,

@@ -46,6 +46,19 @@ pub struct DrainedOffset {
     pub topic: Arc<str>,
     pub partition: i32,
     pub next_offset: i64,
+    /// Offsets completed above it ([`offsets::encode_metadata`]).
+    pub metadata: Option<String>,
+}
+
+impl DrainedOffset {
+    pub fn as_commit(&self) -> offsets::CommitOffset<'_> {
+        offsets::CommitOffset {
+            topic: &self.topic,
+            partition: self.partition,
+            next: self.next_offset,
+            metadata: self.metadata.as_deref(),
+        }
+    }
 }
 
 /// How a pipeline stopped.
@@ -222,7 +235,9 @@ impl Actor for Coordinator {
                 if s.shutting_down {
                     return Ok(());
                 }
+                let mut skips = read_skip_sets(&consumer, &s.spec, &list).await;
                 for a in list {
+                    let skip = skips.remove(&a.partition).unwrap_or_default();
                     if let Some(old) = s.partitions.remove(&a.partition) {
                         old.stop(Some("reassigned".into()));
                     }
@@ -234,6 +249,7 @@ impl Actor for Coordinator {
                         pipeline: s.pipeline.clone(),
                         spec: s.spec.clone(),
                         stats: s.stats.partition(a.partition),
+                        skip,
                     };
                     let (sup, _) =
                         Actor::spawn_linked(None, PartitionSupervisor, args, me.get_cell()).await?;
@@ -262,6 +278,7 @@ impl Actor for Coordinator {
                                 topic: r.topic,
                                 partition: r.partition,
                                 next_offset: n,
+                                metadata: r.metadata,
                             })
                         })
                         .collect();
@@ -322,6 +339,57 @@ impl Actor for Coordinator {
         }
         Ok(())
     }
+}
+
+/// How long an assignment waits for the committed offsets' metadata before starting without it.
+const SKIP_SET_READ_BOUND: Duration = Duration::from_secs(5);
+
+/// Reads the completed-offsets metadata committed with each assigned partition's offset (one
+/// broker round trip per assignment, bounded): the offsets the previous owner completed above
+/// its commit point, to skip. Metadata another program wrote is ignored with a warning; if the
+/// read fails, the partitions start without skip sets (their completed offsets run again, which
+/// is at-least-once).
+async fn read_skip_sets(
+    consumer: &Arc<Consumer>,
+    spec: &PipelineSpec,
+    assigned: &[AssignedPartition],
+) -> HashMap<i32, offsets::SkipSet> {
+    let mut skips = HashMap::new();
+    let Some(first) = assigned.first() else {
+        return skips;
+    };
+    let (consumer, topic) = (consumer.clone(), first.topic.clone());
+    let partitions: Vec<i32> = assigned.iter().map(|a| a.partition).collect();
+    let read = blocking_bounded(SKIP_SET_READ_BOUND + Duration::from_secs(1), move || {
+        offsets::committed_with_metadata(&consumer, &topic, &partitions, SKIP_SET_READ_BOUND)
+    })
+    .await;
+    let committed = match read {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            warn!(pipeline = %spec.name, error = %e, "could not read the committed offsets' metadata; offsets completed above the commit point will be processed again");
+            return skips;
+        }
+        None => {
+            warn!(pipeline = %spec.name, bound = ?SKIP_SET_READ_BOUND, "committed offsets' metadata not read in time; offsets completed above the commit point will be processed again");
+            return skips;
+        }
+    };
+    for (partition, offset, metadata) in committed {
+        if metadata.is_empty() {
+            continue;
+        }
+        match offsets::decode_metadata(offset, &metadata) {
+            Ok(skip) => {
+                info!(pipeline = %spec.name, partition, committed = offset, skip = skip.len(), "offsets completed above the commit point will be skipped");
+                skips.insert(partition, skip);
+            }
+            Err(e) => {
+                warn!(pipeline = %spec.name, partition, committed = offset, metadata_bytes = metadata.len(), reason = %e, "commit metadata ignored")
+            }
+        }
+    }
+    skips
 }
 
 /// Drains `sups` in parallel: each finishes its running work until `until`, reports, and stops.
@@ -385,7 +453,12 @@ async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
     let mut final_offsets = Vec::new();
     for r in reports {
         if let Some(n) = r.next_offset {
-            final_offsets.push((r.topic.clone(), r.partition, n));
+            final_offsets.push(DrainedOffset {
+                topic: r.topic.clone(),
+                partition: r.partition,
+                next_offset: n,
+                metadata: r.metadata.clone(),
+            });
             report.committed.push((r.partition, n));
         }
         report
@@ -404,7 +477,7 @@ async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
     } else if let Some(consumer) = s.consumer.clone() {
         let offsets = final_offsets.clone();
         let commit = blocking_bounded(SHUTDOWN_COMMIT_BOUND, move || {
-            let o: Vec<(&str, i32, i64)> = offsets.iter().map(|(t, p, n)| (&**t, *p, *n)).collect();
+            let o: Vec<_> = offsets.iter().map(DrainedOffset::as_commit).collect();
             offsets::commit(&consumer, &o, CommitMode::Sync)
         })
         .await;
@@ -545,6 +618,7 @@ mod tests {
                     topic: Arc::from("t"),
                     partition: *partition,
                     next_offset: Some(100 + i64::from(*partition)),
+                    metadata: None,
                     abandoned: Vec::new(),
                 });
                 if self.stops {

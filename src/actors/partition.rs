@@ -6,8 +6,10 @@
 //! messages off the queue while the flow budget has room, records each offset, and hands each
 //! message to the scheduler, which either starts it on an idle (or new) worker or parks it
 //! behind the running message of its key. `Done` completes the offset, frees the budget, and
-//! starts the next message of that key on the same worker. Every `commit_interval` the commit
-//! point (all offsets below it complete) is committed.
+//! starts the next message of that key on the same worker. Every `commit_interval`, or as soon
+//! as `commit_every` messages completed, the commit point (all offsets below it complete) is
+//! committed with the offsets completed above it in the commit's metadata; a new owner skips
+//! those (`SkipSet`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
@@ -26,6 +28,7 @@ use super::scheduler::KeyScheduler;
 use super::worker::{Worker, WorkerArgs, WorkerMsg};
 use crate::config::PipelineSpec;
 use crate::introspect::{show_key, InFlightDebug, PartitionDebug, WaitingKey, BACKING_OFF};
+use crate::kafka::offsets::SkipSet;
 use crate::kafka::{offsets, Consumer, KeyflowContext, OffsetTracker};
 use crate::message::Message;
 use crate::pipeline::{Outcome, Pipeline};
@@ -48,6 +51,8 @@ pub struct PartitionArgs {
     pub pipeline: Arc<Pipeline>,
     pub spec: Arc<PipelineSpec>,
     pub stats: Arc<PartitionStats>,
+    /// Offsets the previous owner completed above its commit point (read at assignment).
+    pub skip: SkipSet,
 }
 
 pub enum PartitionMsg {
@@ -93,6 +98,8 @@ pub struct DrainReport {
     pub partition: i32,
     /// The offset to commit: never past an incomplete message. `None` if nothing was received.
     pub next_offset: Option<i64>,
+    /// The offsets completed above it, as commit metadata.
+    pub metadata: Option<String>,
     /// Messages still running at the deadline (abandoned: the next owner receives them again).
     pub abandoned: Vec<Abandoned>,
 }
@@ -136,7 +143,13 @@ pub struct PartitionState {
     high_water: usize,
     running: usize,
     restarts: VecDeque<Instant>,
-    committed: Option<i64>,
+    /// The commit point last sent (its answer is recorded in the stats by the client context).
+    commit_sent: Option<i64>,
+    /// Offsets completed (or skipped) since the last commit was sent: `commit_every` triggers a
+    /// commit, and a commit point that did not move still carries new completions above it.
+    uncommitted: u64,
+    /// Offsets a previous owner completed above its commit point: completed as they arrive.
+    skip: SkipSet,
     draining: Option<RpcReplyPort<DrainReport>>,
     flow_check_scheduled: bool,
     ticker: Option<JoinHandle<()>>,
@@ -198,7 +211,9 @@ impl Actor for PartitionSupervisor {
             high_water: 0,
             running: 0,
             restarts: VecDeque::new(),
-            committed: None,
+            commit_sent: None,
+            uncommitted: 0,
+            skip: a.skip,
             draining: None,
             flow_check_scheduled: false,
             ticker: None,
@@ -522,6 +537,13 @@ async fn admit(
         debug!(topic = %s.topic, partition = s.partition, offset = m.offset, "already received; skipped");
         return Ok(());
     }
+    if s.skip.take(m.offset) {
+        // Completed by the previous owner above its commit point: done, not run again.
+        s.tracker.completed(m.offset);
+        s.stats.metrics.pipeline.skipped.increment(1);
+        count_completion(s);
+        return Ok(());
+    }
     s.flow.admit(m.size());
     // An atomic store only when the high water rises, not a read-modify-write per message.
     if s.flow.count() > s.high_water {
@@ -651,6 +673,7 @@ async fn on_done(
     s.tracker.completed(m.offset);
     s.flow.release(m.size());
     s.stats.processed.fetch_add(1, Relaxed);
+    count_completion(s);
     // Dead letters are counted by the writer, once acknowledged.
     match outcome {
         Outcome::Processed => s.pipeline.stats.processed.fetch_add(1, Relaxed),
@@ -744,30 +767,61 @@ fn resume_on_start(consumer: &Consumer, topic: &str, partition: i32) {
     }
 }
 
-/// Commits the commit point if it moved (asynchronously; revoke and shutdown commit
-/// synchronously through the coordinator).
+/// One more offset completed: commit now once `commit_every` completed since the last commit
+/// (an integer compare per message; the commit itself every `commit_every` messages).
+fn count_completion(s: &mut PartitionState) {
+    s.uncommitted += 1;
+    if s.uncommitted >= s.spec.commit_every {
+        commit_progress(s);
+    }
+}
+
+/// Commits the commit point, with the offsets completed above it, if anything completed since
+/// the last commit or that commit failed (asynchronously: the client context records the
+/// broker's answer; revoke and shutdown commit synchronously through the coordinator).
 fn commit_progress(s: &mut PartitionState) {
     let Some(next) = s.tracker.committable() else {
         return;
     };
-    if s.committed == Some(next) {
+    let failed = s.stats.commit_failed.swap(false, Relaxed);
+    if s.commit_sent == Some(next) && s.uncommitted == 0 && !failed {
         return;
     }
+    let metadata = commit_metadata(s);
     match offsets::commit(
         &s.consumer,
-        &[(&s.topic, s.partition, next)],
+        &[offsets::CommitOffset {
+            topic: &s.topic,
+            partition: s.partition,
+            next,
+            metadata: metadata.as_deref(),
+        }],
         CommitMode::Async,
     ) {
         Ok(()) => {
-            s.pipeline.stats.commit(true);
-            s.committed = Some(next);
-            s.stats.committed.store(next, Relaxed);
-            s.stats.metrics.committed.set(next as f64);
+            s.commit_sent = Some(next);
+            s.uncommitted = 0;
         }
         Err(e) => {
+            s.stats.commit_failed.store(true, Relaxed);
             warn!(topic = %s.topic, partition = s.partition, next, error = %e, "commit failed")
         }
     }
+}
+
+/// The completed-offsets metadata for the current commit point, measured.
+fn commit_metadata(s: &PartitionState) -> Option<String> {
+    let pm = &s.stats.metrics.pipeline;
+    let Some(m) = s.tracker.metadata() else {
+        pm.commit_metadata_bytes.record(0.0);
+        return None;
+    };
+    pm.commit_metadata_bytes.record(m.text.len() as f64);
+    if m.truncated {
+        pm.commit_metadata_truncated.increment(1);
+        debug!(topic = %s.topic, partition = s.partition, pending = s.tracker.pending(), "completed offsets cut to fit the commit metadata cap");
+    }
+    Some(m.text)
 }
 
 fn finish_drain(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
@@ -791,13 +845,12 @@ fn finish_drain(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
         warn!(topic = %s.topic, partition = s.partition, offset = a.offset, key = ?a.key, running_for = ?a.running_for, "still running at the drain deadline; abandoned (will be redelivered)");
     }
     let next_offset = s.tracker.committable();
-    if let Some(n) = next_offset {
-        s.stats.committed.store(n, Relaxed);
-    }
+    let metadata = next_offset.and_then(|_| commit_metadata(s));
     let _ = reply.send(DrainReport {
         topic: s.topic.clone(),
         partition: s.partition,
         next_offset,
+        metadata,
         abandoned,
     });
     me.stop(None);
@@ -825,7 +878,11 @@ fn oldest_incomplete(s: &PartitionState) -> Option<&Arc<Message>> {
 /// Every tick: lag in messages and seconds, gauges, and the stuck-partition watchdog.
 fn observe(s: &mut PartitionState) {
     let m = &s.stats.metrics;
-    let next = s.tracker.committable().or(s.committed);
+    let committed = s.stats.committed.load(Relaxed);
+    let next = s
+        .tracker
+        .committable()
+        .or((committed >= 0).then_some(committed));
     // librdkafka's cached high watermark (from fetch responses): no broker round trip.
     let lag = match (
         crate::kafka::client::cached_high_watermark(&s.consumer, &s.topic, s.partition),

@@ -236,6 +236,10 @@ pub struct PipelineFile {
     pub pause_after: HumanDuration,
     #[serde(default = "default_commit_interval")]
     pub commit_interval: HumanDuration,
+    /// Also commit as soon as this many messages completed since the last commit, so a burst
+    /// (a backlog after a restart) is committed as it goes, not only on the timer.
+    #[serde(default = "default_commit_every")]
+    pub commit_every: u64,
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: HumanDuration,
     /// Classic protocol only (default [`default_session_timeout`]); under `consumer` the broker
@@ -279,6 +283,11 @@ fn default_pause_after() -> HumanDuration {
 }
 fn default_commit_interval() -> HumanDuration {
     HumanDuration::from_secs(1)
+}
+// A commit per 1,000 completions: at 300k msg/s over 8 partitions, 300 commit requests a
+// second; a crash redoes at most max_in_flight + 1,000 messages per partition.
+fn default_commit_every() -> u64 {
+    1000
 }
 fn default_drain_timeout() -> HumanDuration {
     HumanDuration::from_secs(10)
@@ -364,6 +373,7 @@ pub struct PipelineSpec {
     pub max_workers: usize,
     pub pause_after: std::time::Duration,
     pub commit_interval: std::time::Duration,
+    pub commit_every: u64,
     pub drain_timeout: std::time::Duration,
     /// The client's `session.timeout.ms` under `classic`; under `consumer` the broker's, assumed
     /// to be [`CONSUMER_PROTOCOL_SESSION_TIMEOUT`] (not sent to librdkafka).
@@ -610,6 +620,13 @@ fn validate_pipeline(
             "expected a positive duration, found \"0s\"".into(),
         );
     }
+    if f.commit_every == 0 {
+        e(
+            errs,
+            "commit_every",
+            "expected a positive number of messages, found 0".into(),
+        );
+    }
     if f.startup_timeout.get().is_zero() {
         e(
             errs,
@@ -760,6 +777,7 @@ fn validate_pipeline(
         pause_after: f.pause_after.get(),
         max_workers: f.max_workers.min(f.max_in_flight).max(1),
         commit_interval: f.commit_interval.get(),
+        commit_every: f.commit_every,
         drain_timeout: f.drain_timeout.get(),
         session_timeout,
         startup_timeout: f.startup_timeout.get(),

@@ -233,12 +233,10 @@ impl KeyflowContext {
         };
         match answer {
             Ok(drained) if !lost => {
-                let offsets: Vec<(&str, i32, i64)> = drained
-                    .iter()
-                    .map(|d: &DrainedOffset| (&*d.topic, d.partition, d.next_offset))
-                    .collect();
+                let offsets: Vec<_> = drained.iter().map(DrainedOffset::as_commit).collect();
                 match offsets::commit(consumer, &offsets, CommitMode::Sync) {
                     Ok(()) => {
+                        let offsets: Vec<_> = drained.iter().map(|d| (d.partition, d.next_offset)).collect();
                         info!(pipeline = %self.pipeline, ?offsets, "committed revoked partitions")
                     }
                     Err(e) => {
@@ -309,11 +307,19 @@ impl ConsumerContext for KeyflowContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        // Successes are counted when the commit is sent; failures when librdkafka reports them.
-        if let Err(e) = result {
-            self.stats.commit(false);
-            warn!(pipeline = %self.pipeline, error = %e, partitions = offsets.count(), "offset commit failed");
+        // A commit counts, and its offsets are recorded as committed, once the broker answered.
+        let answered: Vec<(i32, i64)> = offsets
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect();
+        if let Err(e) = &result {
+            warn!(pipeline = %self.pipeline, error = %e, partitions = offsets.count(), "offset commit failed; sent again at the next commit");
         }
+        self.stats.commit_answered(result.is_ok(), &answered);
     }
 }
 

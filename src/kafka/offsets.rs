@@ -1,6 +1,29 @@
-//! Commit on completion: the offset tracker, and the one function that commits.
+//! Commit on completion: the offset tracker, the completed-offsets metadata a commit carries,
+//! and the one function that commits.
+//!
+//! The commit point is the lowest incomplete offset, so everything completed above it would be
+//! processed again by the next owner (after a crash, a rebalance, or a shutdown at the drain
+//! deadline). Each commit therefore carries, in Kafka's per-partition commit metadata, the
+//! offsets completed above the commit point; a new owner reads it back on assignment and skips
+//! them. Format (ASCII, at most [`METADATA_CAP`] bytes):
+//!
+//! ```text
+//! kf1:<commit point>:r<base64url(runs)>     runs as LEB128 varints
+//! kf1:<commit point>:z<base64url(deflate(runs))>   when that is shorter
+//! ```
+//!
+//! `runs` is a sequence of `(gap, len)` pairs walking up from the commit point: skip `gap`
+//! offsets, then `len` completed offsets. Only offsets that were received and completed are
+//! listed (a gap in the partition is never assumed done). Metadata that does not parse, or
+//! whose commit point differs from the committed offset (written by another program, or offsets
+//! reset by a tool), is ignored with a warning: the partition is simply processed from the
+//! committed offset, which is what at-least-once promises anyway.
 
 use std::collections::VecDeque;
+use std::io::Write as _;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 
 use rdkafka::consumer::{CommitMode, Consumer as _, ConsumerContext};
 use rdkafka::error::KafkaResult;
@@ -71,23 +94,290 @@ impl OffsetTracker {
     pub fn oldest_incomplete(&self) -> Option<i64> {
         self.pending.front().map(|e| e.0)
     }
+
+    /// The offsets completed above the commit point, as runs `(first, len)` of consecutive
+    /// received-and-completed offsets, ascending. Per commit, not per message: O(pending).
+    pub fn completed_runs(&self) -> impl Iterator<Item = (i64, i64)> + '_ {
+        let mut it = self.pending.iter().skip_while(|e| !e.1).peekable();
+        std::iter::from_fn(move || {
+            // The next completed entry starts a run; it extends while offsets are consecutive
+            // and complete.
+            let &(first, _) = loop {
+                let e = it.next()?;
+                if e.1 {
+                    break e;
+                }
+            };
+            let mut len = 1;
+            while it.next_if(|e| e.1 && e.0 == first + len).is_some() {
+                len += 1;
+            }
+            Some((first, len))
+        })
+    }
+
+    /// The commit metadata for the current commit point, or `None` when nothing above it is
+    /// complete. See [`encode_metadata`].
+    pub fn metadata(&self) -> Option<Encoded> {
+        let base = self.committable()?;
+        let mut runs = self.completed_runs().peekable();
+        runs.peek()?;
+        Some(encode_metadata(base, runs))
+    }
 }
 
-/// The one place keyflow commits offsets. `next_offset` is the next offset to consume (Kafka's
-/// convention), i.e. [`OffsetTracker::committable`].
+/// Kafka brokers refuse commit metadata above `offset.metadata.max.bytes` (4096 by default);
+/// keyflow keeps its own below that. A completion set that does not fit is cut to the runs that
+/// do (the lowest offsets first): the rest is processed again after a restart, as without
+/// metadata, and the cut is counted (`keyflow_commit_metadata_truncated_total`).
+pub const METADATA_CAP: usize = 4000;
+
+const PREFIX: &str = "kf1:";
+
+/// Encoded commit metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub text: String,
+    /// Completed runs left out because the encoding would pass [`METADATA_CAP`].
+    pub truncated: bool,
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn get_varint(input: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = input.split_first()?;
+        *input = rest;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Encodes the completed runs `(first, len)` (ascending, all above `base`) as commit metadata,
+/// deflated when that is shorter, cut to [`METADATA_CAP`].
+pub fn encode_metadata(base: i64, runs: impl IntoIterator<Item = (i64, i64)>) -> Encoded {
+    let head = format!("{PREFIX}{base}:");
+    // base64 makes 4 characters of 3 bytes: the raw runs that fit the cap.
+    let room = (METADATA_CAP.saturating_sub(head.len() + 1)) / 4 * 3;
+    let mut raw = Vec::new();
+    let mut pos = base;
+    let mut truncated = false;
+    let mut scratch = Vec::with_capacity(20);
+    for (first, len) in runs {
+        debug_assert!(first >= pos && len > 0, "runs ascend above the commit point");
+        scratch.clear();
+        put_varint(&mut scratch, (first - pos) as u64);
+        put_varint(&mut scratch, len as u64);
+        if raw.len() + scratch.len() > room {
+            truncated = true;
+            break;
+        }
+        raw.extend_from_slice(&scratch);
+        pos = first + len;
+    }
+    let deflated = {
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(&raw).and_then(|()| z.finish()).ok()
+    };
+    let (tag, body) = match deflated {
+        Some(z) if z.len() < raw.len() => ('z', z),
+        _ => ('r', raw),
+    };
+    let mut text = head;
+    text.push(tag);
+    URL_SAFE_NO_PAD.encode_string(&body, &mut text);
+    Encoded { text, truncated }
+}
+
+/// Why commit metadata was not used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MetadataError {
+    #[error("not keyflow's completed-offsets metadata")]
+    Foreign,
+    #[error("written for commit point {written}, but the committed offset is {committed}")]
+    OtherCommitPoint { written: i64, committed: i64 },
+    #[error("malformed: {0}")]
+    Malformed(&'static str),
+}
+
+/// Decodes commit metadata written by [`encode_metadata`] for the committed offset `committed`
+/// into the completed runs to skip. Never panics, whatever the bytes.
+pub fn decode_metadata(committed: i64, metadata: &[u8]) -> Result<SkipSet, MetadataError> {
+    let text = std::str::from_utf8(metadata).map_err(|_| MetadataError::Foreign)?;
+    let rest = text.strip_prefix(PREFIX).ok_or(MetadataError::Foreign)?;
+    let (base, rest) = rest
+        .split_once(':')
+        .ok_or(MetadataError::Malformed("no commit point"))?;
+    let base: i64 = base
+        .parse()
+        .map_err(|_| MetadataError::Malformed("commit point is not a number"))?;
+    if base != committed {
+        return Err(MetadataError::OtherCommitPoint {
+            written: base,
+            committed,
+        });
+    }
+    let mut chars = rest.chars();
+    let tag = chars.next().ok_or(MetadataError::Malformed("empty"))?;
+    let body = URL_SAFE_NO_PAD
+        .decode(chars.as_str())
+        .map_err(|_| MetadataError::Malformed("not base64"))?;
+    let raw = match tag {
+        'r' => body,
+        'z' => {
+            let mut out = Vec::new();
+            // Bounded: the cap on what a valid encoding can hold, against a deflate bomb.
+            let limit = (METADATA_CAP * 4) as u64;
+            let mut z = flate2::read::DeflateDecoder::new(&body[..]);
+            std::io::copy(&mut std::io::Read::take(&mut z, limit + 1), &mut out)
+                .map_err(|_| MetadataError::Malformed("bad deflate stream"))?;
+            if out.len() as u64 > limit {
+                return Err(MetadataError::Malformed("inflates past the cap"));
+            }
+            out
+        }
+        _ => return Err(MetadataError::Malformed("unknown encoding")),
+    };
+    let mut input = &raw[..];
+    let mut runs = Vec::new();
+    let mut pos = committed;
+    while !input.is_empty() {
+        let gap = get_varint(&mut input).ok_or(MetadataError::Malformed("truncated"))?;
+        let len = get_varint(&mut input).ok_or(MetadataError::Malformed("truncated"))?;
+        let first = i64::try_from(gap)
+            .ok()
+            .and_then(|g| pos.checked_add(g))
+            .ok_or(MetadataError::Malformed("offset overflow"))?;
+        let len = i64::try_from(len)
+            .ok()
+            .filter(|&l| l > 0)
+            .ok_or(MetadataError::Malformed("empty run"))?;
+        // The commit point itself is incomplete by definition: a run never starts on it.
+        if runs.is_empty() && first == committed {
+            return Err(MetadataError::Malformed("the commit point listed as complete"));
+        }
+        pos = first
+            .checked_add(len)
+            .ok_or(MetadataError::Malformed("offset overflow"))?;
+        runs.push((first, len));
+    }
+    Ok(SkipSet { runs: runs.into() })
+}
+
+/// Offsets a previous owner completed above its commit point: skipped (completed without
+/// processing) as they arrive again. Offsets arrive in ascending order, so each check looks at
+/// the front run only and the set empties as the partition passes it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SkipSet {
+    runs: VecDeque<(i64, i64)>,
+}
+
+impl SkipSet {
+    /// Whether `offset` was completed before; forgets runs below it. Ascending offsets only.
+    pub fn take(&mut self, offset: i64) -> bool {
+        while let Some(&(first, len)) = self.runs.front() {
+            if offset < first {
+                return false;
+            }
+            if offset < first + len {
+                return true;
+            }
+            self.runs.pop_front();
+        }
+        false
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// How many offsets the set holds.
+    pub fn len(&self) -> i64 {
+        self.runs.iter().map(|r| r.1).sum()
+    }
+}
+
+/// One partition's commit: the next offset to consume (Kafka's convention, i.e.
+/// [`OffsetTracker::committable`]) and the completed-offsets metadata above it.
+#[derive(Debug, Clone)]
+pub struct CommitOffset<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub next: i64,
+    pub metadata: Option<&'a str>,
+}
+
+/// The offsets as Kafka takes them (commit, or a transaction's offsets).
+pub fn to_list(offsets: &[CommitOffset<'_>]) -> KafkaResult<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for o in offsets {
+        tpl.add_partition_offset(o.topic, o.partition, Offset::Offset(o.next))?;
+        if let (Some(m), Some(mut e)) = (o.metadata, tpl.find_partition(o.topic, o.partition)) {
+            e.set_metadata(m);
+        }
+    }
+    Ok(tpl)
+}
+
+/// The one place keyflow commits offsets.
 pub fn commit<C: ConsumerContext>(
     consumer: &rdkafka::consumer::BaseConsumer<C>,
-    offsets: &[(&str, i32, i64)],
+    offsets: &[CommitOffset<'_>],
     mode: CommitMode,
 ) -> KafkaResult<()> {
     if offsets.is_empty() {
         return Ok(());
     }
-    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-    for &(topic, partition, next) in offsets {
-        tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
+    consumer.commit(&to_list(offsets)?, mode)
+}
+
+/// The committed offsets of `partitions` with their raw metadata bytes (rdkafka's `metadata()`
+/// panics on bytes that are not UTF-8, and another program may have written anything there).
+/// A partition with no committed offset is left out. One broker round trip: at assignment.
+pub fn committed_with_metadata<C: ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+    partitions: &[i32],
+    timeout: std::time::Duration,
+) -> KafkaResult<Vec<(i32, i64, Vec<u8>)>> {
+    let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+    for &p in partitions {
+        tpl.add_partition(topic, p);
     }
-    consumer.commit(&tpl, mode)
+    let tpl = consumer.committed_offsets(tpl, timeout)?;
+    let mut out = Vec::with_capacity(partitions.len());
+    // SAFETY: `tpl` owns a valid list of `cnt` elements for the duration of this loop; the
+    // metadata pointer/size pairs are librdkafka's copies owned by that list.
+    unsafe {
+        let list = &*tpl.ptr();
+        for i in 0..list.cnt as usize {
+            let e = &*list.elems.add(i);
+            if e.offset < 0 {
+                continue;
+            }
+            let metadata = if e.metadata.is_null() || e.metadata_size == 0 {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(e.metadata as *const u8, e.metadata_size).to_vec()
+            };
+            out.push((e.partition, e.offset, metadata));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -121,6 +411,80 @@ mod tests {
         assert!(!t.completed(12), "double completion is refused");
         assert!(!t.completed(13), "never received");
         assert!(!t.received(14), "below the last received");
+    }
+
+    #[test]
+    fn completed_runs_list_only_received_completed_offsets_above_the_point() {
+        let mut t = OffsetTracker::new();
+        for o in [10, 11, 12, 13, 15, 16, 20] {
+            t.received(o);
+        }
+        for o in [11, 12, 15, 16, 20] {
+            t.completed(o);
+        }
+        // 13 is incomplete, 14 was never received: 15-16 is its own run.
+        assert_eq!(
+            t.completed_runs().collect::<Vec<_>>(),
+            vec![(11, 2), (15, 2), (20, 1)]
+        );
+        let m = t.metadata().unwrap();
+        assert!(m.text.starts_with("kf1:10:"), "{}", m.text);
+        assert!(!m.truncated);
+        let mut skip = decode_metadata(10, m.text.as_bytes()).unwrap();
+        let skipped: Vec<i64> = (10..25).filter(|&o| skip.take(o)).collect();
+        assert_eq!(skipped, vec![11, 12, 15, 16, 20]);
+        // Nothing above the point: no metadata.
+        t.completed(10);
+        t.completed(13);
+        assert_eq!(t.metadata(), None);
+    }
+
+    #[test]
+    fn foreign_or_garbage_metadata_is_refused_without_panicking() {
+        for m in [
+            &b""[..],
+            b"some other tool",
+            b"\xff\xfe\x00 not utf-8",
+            b"kf1:",
+            b"kf1:x:r",
+            b"kf1:10",
+            b"kf1:10:q!!",
+            b"kf1:10:r%%%",
+            b"kf1:10:zAAAA",
+            b"kf1:10:r_____________w",
+        ] {
+            assert!(decode_metadata(10, m).is_err(), "{m:?}");
+        }
+        // Written for another commit point (offsets reset by a tool): not used.
+        let m = encode_metadata(5, [(7, 3)]);
+        assert_eq!(
+            decode_metadata(10, m.text.as_bytes()),
+            Err(MetadataError::OtherCommitPoint {
+                written: 5,
+                committed: 10
+            })
+        );
+    }
+
+    #[test]
+    fn a_set_too_large_for_the_cap_is_cut_to_its_lowest_runs() {
+        // Every other offset complete, with irregular gaps deflate cannot fold: far past 4000
+        // bytes.
+        let mut x = 1u64;
+        let runs: Vec<(i64, i64)> = (0..20_000i64)
+            .map(|i| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (1 + i * 1000 + (x >> 60) as i64, 1 + (x >> 62) as i64)
+            })
+            .collect();
+        let m = encode_metadata(0, runs.iter().copied());
+        assert!(m.truncated);
+        assert!(m.text.len() <= METADATA_CAP, "{}", m.text.len());
+        let mut skip = decode_metadata(0, m.text.as_bytes()).unwrap();
+        let kept = skip.len();
+        assert!(kept > 100, "the cut keeps what fits: {kept}");
+        let (first, _) = runs[0];
+        assert!(skip.take(first), "the lowest runs are kept");
     }
 
     proptest! {
@@ -158,6 +522,55 @@ mod tests {
             }
             prop_assert_eq!(t.committable(), Some(offsets.last().unwrap() + 1));
             prop_assert_eq!(t.pending(), 0);
+        }
+
+        /// Random completion sets round-trip through the metadata (within the cap), and the
+        /// skip set never holds an offset that is incomplete or was never received.
+        #[test]
+        fn metadata_round_trips_and_never_skips_an_incomplete_offset(
+            gaps in prop::collection::vec(1i64..5, 1..2000),
+            done in prop::collection::vec(any::<bool>(), 2000),
+            start in 0i64..1_000_000_000_000,
+        ) {
+            let mut t = OffsetTracker::new();
+            let mut offsets = Vec::new();
+            let mut o = start;
+            for g in &gaps { o += g; offsets.push(o); t.received(o); }
+            let mut completed = std::collections::BTreeSet::new();
+            for (&o, &d) in offsets.iter().zip(&done) {
+                if d { t.completed(o); completed.insert(o); }
+            }
+            let Some(point) = t.committable() else { unreachable!() };
+            let above: Vec<i64> = completed.iter().copied().filter(|&o| o > point).collect();
+            match t.metadata() {
+                None => prop_assert!(above.is_empty()),
+                Some(m) => {
+                    prop_assert!(m.text.len() <= METADATA_CAP);
+                    let mut skip = decode_metadata(point, m.text.as_bytes()).unwrap();
+                    let skipped: Vec<i64> = offsets.iter().copied().filter(|&o| o >= point && skip.take(o)).collect();
+                    for o in &skipped {
+                        prop_assert!(completed.contains(o), "skips incomplete offset {}", o);
+                    }
+                    if m.truncated {
+                        prop_assert!(skipped.len() < above.len());
+                        prop_assert_eq!(&skipped[..], &above[..skipped.len()], "a cut keeps the lowest");
+                    } else {
+                        prop_assert_eq!(skipped, above);
+                    }
+                }
+            }
+        }
+
+        /// Whatever the bytes, decoding never panics.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(
+            bytes in prop::collection::vec(any::<u8>(), 0..200),
+            committed in any::<i64>(),
+        ) {
+            let mut with_prefix = format!("kf1:{committed}:").into_bytes();
+            with_prefix.extend_from_slice(&bytes);
+            let _ = decode_metadata(committed, &bytes);
+            let _ = decode_metadata(committed, &with_prefix);
         }
     }
 }
