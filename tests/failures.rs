@@ -15,6 +15,8 @@ use async_trait::async_trait;
 use keyflow::config;
 use keyflow::stats::PipelineStats;
 use keyflow::{Flow, Message, ProcessError, Processor, Runtime};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use support::mock::{mock_cluster, MockCmd};
 use support::{unique, Broker, ConsumedMsg, Keyflow, OutMsg};
 
 /// Loads a pipeline written inline, against `brokers`.
@@ -451,36 +453,6 @@ async fn an_outage_opens_the_breaker_pauses_and_ends_with_an_empty_dlq() {
 // DLQ unavailable (librdkafka's mock cluster: produce requests fail)
 // ---------------------------------------------------------------------------------------------
 
-enum MockCmd {
-    FailProduce(usize),
-}
-
-/// Runs a mock cluster on its own thread (it is not Send) with `topics`; returns its bootstrap
-/// address and a command channel. The cluster lives until the sender is dropped.
-fn mock_cluster(topics: &[(&str, i32)]) -> (String, std::sync::mpsc::Sender<MockCmd>) {
-    use rdkafka::mocking::MockCluster;
-    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let topics: Vec<(String, i32)> = topics.iter().map(|(t, p)| (t.to_string(), *p)).collect();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<MockCmd>();
-    std::thread::spawn(move || {
-        let c = MockCluster::new(1).unwrap();
-        for (t, p) in &topics {
-            c.create_topic(t, *p, 1).unwrap();
-        }
-        addr_tx.send(c.bootstrap_servers()).unwrap();
-        while let Ok(cmd) = cmd_rx.recv() {
-            match cmd {
-                MockCmd::FailProduce(n) => c.request_errors(
-                    RDKafkaApiKey::Produce,
-                    &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; n],
-                ),
-            }
-        }
-    });
-    (addr_rx.recv().unwrap(), cmd_tx)
-}
-
 /// Fails permanently on payload "bad".
 struct RejectBad;
 
@@ -525,7 +497,12 @@ async fn an_unwritable_dlq_pauses_and_never_commits_past_the_message() {
             .unwrap();
     }
     // The DLQ write fails 12 times in a row (then the topic is writable again).
-    mock.send(MockCmd::FailProduce(12)).unwrap();
+    mock.send(MockCmd::RequestErrors(
+        RDKafkaApiKey::Produce,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        12,
+    ))
+    .unwrap();
     let cfg = pipeline(
         &bootstrap,
         &format!(

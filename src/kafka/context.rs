@@ -236,7 +236,10 @@ impl KeyflowContext {
                 let offsets: Vec<_> = drained.iter().map(DrainedOffset::as_commit).collect();
                 match offsets::commit(consumer, &offsets, CommitMode::Sync) {
                     Ok(()) => {
-                        let offsets: Vec<_> = drained.iter().map(|d| (d.partition, d.next_offset)).collect();
+                        let offsets: Vec<_> = drained
+                            .iter()
+                            .map(|d| (d.partition, d.next_offset))
+                            .collect();
                         info!(pipeline = %self.pipeline, ?offsets, "committed revoked partitions")
                     }
                     Err(e) => {

@@ -178,7 +178,10 @@ pub fn encode_metadata(base: i64, runs: impl IntoIterator<Item = (i64, i64)>) ->
     let mut truncated = false;
     let mut scratch = Vec::with_capacity(20);
     for (first, len) in runs {
-        debug_assert!(first >= pos && len > 0, "runs ascend above the commit point");
+        debug_assert!(
+            first >= pos && len > 0,
+            "runs ascend above the commit point"
+        );
         scratch.clear();
         put_varint(&mut scratch, (first - pos) as u64);
         put_varint(&mut scratch, len as u64);
@@ -268,7 +271,9 @@ pub fn decode_metadata(committed: i64, metadata: &[u8]) -> Result<SkipSet, Metad
             .ok_or(MetadataError::Malformed("empty run"))?;
         // The commit point itself is incomplete by definition: a run never starts on it.
         if runs.is_empty() && first == committed {
-            return Err(MetadataError::Malformed("the commit point listed as complete"));
+            return Err(MetadataError::Malformed(
+                "the commit point listed as complete",
+            ));
         }
         pos = first
             .checked_add(len)
@@ -334,6 +339,13 @@ pub fn to_list(offsets: &[CommitOffset<'_>]) -> KafkaResult<TopicPartitionList> 
 }
 
 /// The one place keyflow commits offsets.
+///
+/// An asynchronous commit's answer reaches the consumer context's `commit_callback` (served by
+/// the poll thread). librdkafka's `rd_kafka_commit(async)` reports manual commits to nobody
+/// unless the C-level `offset_commit_cb` is configured (its events cover automatic commits
+/// only), so the commit goes through `rd_kafka_commit_queue` with the consumer's queue as the
+/// reply queue: the result arrives there as an `OFFSET_COMMIT` event, which rdkafka hands to
+/// the context.
 pub fn commit<C: ConsumerContext>(
     consumer: &rdkafka::consumer::BaseConsumer<C>,
     offsets: &[CommitOffset<'_>],
@@ -342,7 +354,30 @@ pub fn commit<C: ConsumerContext>(
     if offsets.is_empty() {
         return Ok(());
     }
-    consumer.commit(&to_list(offsets)?, mode)
+    let tpl = to_list(offsets)?;
+    if matches!(mode, CommitMode::Sync) {
+        return consumer.commit(&tpl, mode);
+    }
+    use rdkafka::bindings as rd;
+    use rdkafka::consumer::Consumer as _;
+    let client = consumer.client().native_ptr();
+    // SAFETY: `client` is the live consumer's handle. `rd_kafka_queue_get_consumer` returns a new
+    // reference to its queue (NULL without a group), which the reply op keeps its own reference
+    // to, so it is released at once. The list is copied by librdkafka before this returns.
+    let err = unsafe {
+        let queue = rd::rd_kafka_queue_get_consumer(client);
+        if queue.is_null() {
+            return consumer.commit(&tpl, mode);
+        }
+        let err = rd::rd_kafka_commit_queue(client, tpl.ptr(), queue, None, std::ptr::null_mut());
+        rd::rd_kafka_queue_destroy(queue);
+        err
+    };
+    if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        Ok(())
+    } else {
+        Err(rdkafka::error::KafkaError::ConsumerCommit(err.into()))
+    }
 }
 
 /// The committed offsets of `partitions` with their raw metadata bytes (rdkafka's `metadata()`

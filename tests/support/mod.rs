@@ -50,6 +50,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tempfile::TempDir;
 
 pub mod kafka;
+pub mod mock;
 
 const LOG_TAIL_ON_PANIC: usize = 60;
 
@@ -1074,6 +1075,26 @@ impl Broker {
         consumer
             .commit(&tpl, CommitMode::Sync)
             .unwrap_or_else(|e| panic!("commit_offsets({group}, {topic}) failed: {e}"));
+    }
+
+    /// Commits `(partition, next_offset, metadata)` for `group` without joining it, as another
+    /// program (or a tool) would.
+    pub fn commit_offsets_with_metadata(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: &[(i32, i64, &str)],
+    ) {
+        let consumer = self.group_consumer(group);
+        let mut tpl = TopicPartitionList::new();
+        for &(p, o, m) in offsets {
+            tpl.add_partition_offset(topic, p, Offset::Offset(o))
+                .unwrap();
+            tpl.find_partition(topic, p).unwrap().set_metadata(m);
+        }
+        consumer.commit(&tpl, CommitMode::Sync).unwrap_or_else(|e| {
+            panic!("commit_offsets_with_metadata({group}, {topic}) failed: {e}")
+        });
     }
 
     /// The group as the broker describes it, under either group protocol: librdkafka's
