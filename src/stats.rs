@@ -54,9 +54,6 @@ pub struct PartitionStats {
     pub in_flight_high_water: AtomicUsize,
     /// Next offset to consume, as last acknowledged by the broker (-1 before the first commit).
     pub committed: AtomicI64,
-    /// An asynchronous commit of this partition failed: the supervisor sends it again at the
-    /// next trigger even if its commit point did not move.
-    pub commit_failed: AtomicBool,
     pub processed: AtomicU64,
     /// High watermark minus the commit point, as of the last tick.
     pub lag: AtomicI64,
@@ -222,22 +219,20 @@ impl PipelineStats {
     }
 
     /// A commit the broker answered (the client context's commit callback): records the
-    /// acknowledged offsets, or flags the partitions for a new attempt. Per commit, not per
-    /// message.
+    /// acknowledged offsets. Per commit, not per message.
     pub fn commit_answered(&self, ok: bool, offsets: &[(i32, i64)]) {
         self.commit(ok);
         let map = self.partitions.lock().unwrap();
+        if !ok {
+            return;
+        }
         for &(partition, next) in offsets {
             let Some(p) = map.get(&partition) else {
                 continue;
             };
-            if ok {
-                // Answers of commits sent earlier may arrive later: never move back.
-                if p.committed.fetch_max(next, Relaxed) < next {
-                    p.metrics.committed.set(next as f64);
-                }
-            } else {
-                p.commit_failed.store(true, Relaxed);
+            // Answers of commits sent earlier may arrive later: never move back.
+            if p.committed.fetch_max(next, Relaxed) < next {
+                p.metrics.committed.set(next as f64);
             }
         }
     }

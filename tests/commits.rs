@@ -361,3 +361,67 @@ async fn a_failed_commit_is_sent_again_and_counts_only_once_acknowledged() {
     assert!(running.shutdown().await[0].clean());
     drop(mock);
 }
+
+/// `commit_every`: with a commit timer far away, a burst is committed as it goes (a point every
+/// `commit_every` completions, sent whenever no commit is outstanding), not when the timer fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_every_commits_a_burst_as_it_goes_without_waiting_for_the_timer() {
+    const N: usize = 5_000;
+    const EVERY: i64 = 100;
+    let broker = Broker::shared();
+    let (topic, group) = (unique("every-in"), unique("every-g"));
+    broker.create_topic(&topic, 1).await;
+    broker.produce_to_partition(
+        &topic,
+        (0..N).map(|i| {
+            (
+                0,
+                Some(format!("k{}", i % 50).into_bytes()),
+                format!("m{i}").into_bytes(),
+            )
+        }),
+    );
+    let counting = Arc::new(Counting::default());
+    let cfg = support::inline_config(
+        &broker.bootstrap,
+        &format!(
+            "name = \"every\"\n{}\n[[processors]]\ntype = \"custom\"\nname = \"count\"\n",
+            support::pipeline_header(&topic, &group, &format!("commit_every = {EVERY}"))
+                .replace("commit_interval = \"200ms\"", "commit_interval = \"1h\"")
+        ),
+    );
+    let running = Runtime::new(cfg)
+        .with_processor("count", counting.clone())
+        .start()
+        .await
+        .unwrap();
+    let stats = running.stats[0].clone();
+    let t = Instant::now();
+    wait_for("all processed", Duration::from_secs(60), || {
+        complete(&stats) == N as u64
+    })
+    .await;
+    let took = t.elapsed();
+    // Everything completed; the last commit sent covers at least N - EVERY (what completed
+    // since it is below commit_every), long before the 1 h timer.
+    wait_for(
+        "committed within commit_every of the end",
+        Duration::from_secs(10),
+        || broker.committed_offsets(&group, &topic, 1)[0] >= N as i64 - EVERY,
+    )
+    .await;
+    let committed = broker.committed_offsets(&group, &topic, 1)[0];
+    let s = stats.snapshot();
+    println!(
+        "commit_every {EVERY}: {N} messages in {took:.1?}, {} commits acknowledged, committed {committed} before the 1 h timer",
+        s.commits_ok
+    );
+    // The committer sends one commit at a time: points handed while one is outstanding travel
+    // together in the next, so there are at most N / EVERY and at least one.
+    assert!(
+        (1..=N as u64 / EVERY as u64).contains(&s.commits_ok),
+        "{} commits",
+        s.commits_ok
+    );
+    assert!(running.shutdown().await[0].clean());
+}

@@ -180,6 +180,7 @@ impl Actor for Coordinator {
     ) -> Result<CoordinatorState, ActorProcessingErr> {
         let ctx = KeyflowContext::new(
             &a.spec.name,
+            &a.spec.topic,
             a.spec.drain_timeout,
             a.stats.clone(),
             secret_values(&a.spec.kafka),
@@ -266,6 +267,11 @@ impl Actor for Coordinator {
                     .iter()
                     .filter_map(|(_, p)| s.partitions.remove(p))
                     .collect();
+                if let Some(c) = &s.consumer {
+                    c.context()
+                        .committer
+                        .forget(partitions.iter().map(|(_, p)| *p));
+                }
                 let until = tokio::time::Instant::from_std(until);
                 // Drain off the coordinator's mailbox so it keeps serving (e.g. stray messages).
                 s.revoking.retain(|h| !h.is_finished());
@@ -440,6 +446,9 @@ async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
     if let Some(c) = &s.consumer {
         // A revoke waiting on (or queued behind) this drain waits for its commit.
         c.context().set_shutting_down();
+    }
+    if let Some(c) = &s.consumer {
+        c.context().committer.forget(s.partitions.keys().copied());
     }
     let sups: Vec<_> = s.partitions.drain().map(|(_, a)| a).collect();
     info!(pipeline = %s.spec.name, partitions = sups.len(), "shutting down: draining");

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::consumer::Consumer as _;
 use rdkafka::TopicPartitionList;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -28,8 +28,9 @@ use super::scheduler::KeyScheduler;
 use super::worker::{Worker, WorkerArgs, WorkerMsg};
 use crate::config::PipelineSpec;
 use crate::introspect::{show_key, InFlightDebug, PartitionDebug, WaitingKey, BACKING_OFF};
+use crate::kafka::committer::Point;
 use crate::kafka::offsets::SkipSet;
-use crate::kafka::{offsets, Consumer, KeyflowContext, OffsetTracker};
+use crate::kafka::{Consumer, KeyflowContext, OffsetTracker};
 use crate::message::Message;
 use crate::pipeline::{Outcome, Pipeline};
 use crate::processors::ProcessError;
@@ -314,6 +315,8 @@ impl Actor for PartitionSupervisor {
                     fetch(&me, s).instrument(span).await?;
                 }
                 commit_progress(s);
+                // Sends what a failed commit left pending, even if nothing moved here.
+                s.consumer.context().committer.tick(&s.consumer);
                 s.stats.in_flight.store(s.flow.count(), Relaxed);
                 s.stats
                     .buffered_bytes
@@ -776,37 +779,26 @@ fn count_completion(s: &mut PartitionState) {
     }
 }
 
-/// Commits the commit point, with the offsets completed above it, if anything completed since
-/// the last commit or that commit failed (asynchronously: the client context records the
-/// broker's answer; revoke and shutdown commit synchronously through the coordinator).
+/// Hands the commit point, with the offsets completed above it, to the pipeline's committer if
+/// anything completed since the last time (the committer sends one commit for all partitions at
+/// a time and the client context records the broker's answer). A draining partition hands
+/// nothing more: its final commit is synchronous, through the coordinator.
 fn commit_progress(s: &mut PartitionState) {
     let Some(next) = s.tracker.committable() else {
         return;
     };
-    let failed = s.stats.commit_failed.swap(false, Relaxed);
-    if s.commit_sent == Some(next) && s.uncommitted == 0 && !failed {
+    if s.draining.is_some() || (s.commit_sent == Some(next) && s.uncommitted == 0) {
         return;
     }
     let metadata = commit_metadata(s);
-    match offsets::commit(
-        &s.consumer,
-        &[offsets::CommitOffset {
-            topic: &s.topic,
-            partition: s.partition,
-            next,
-            metadata: metadata.as_deref(),
-        }],
-        CommitMode::Async,
-    ) {
-        Ok(()) => {
-            s.commit_sent = Some(next);
-            s.uncommitted = 0;
-        }
-        Err(e) => {
-            s.stats.commit_failed.store(true, Relaxed);
-            warn!(topic = %s.topic, partition = s.partition, next, error = %e, "commit failed")
-        }
-    }
+    debug!(topic = %s.topic, partition = s.partition, next, completed = s.uncommitted, metadata_bytes = metadata.as_ref().map_or(0, String::len), "commit point handed to the committer");
+    let point = Point { next, metadata };
+    s.consumer
+        .context()
+        .committer
+        .submit(&s.consumer, s.partition, point);
+    s.commit_sent = Some(next);
+    s.uncommitted = 0;
 }
 
 /// The completed-offsets metadata for the current commit point, measured.

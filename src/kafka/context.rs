@@ -16,6 +16,7 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientContext, TopicPartitionList};
 use tracing::{error, info, warn};
 
+use super::committer::Committer;
 use super::offsets;
 use crate::actors::coordinator::{AssignedPartition, CoordinatorMsg, DrainedOffset};
 use crate::stats::{now_ms, ClientError, PipelineStats};
@@ -24,6 +25,8 @@ pub struct KeyflowContext {
     pipeline: String,
     coordinator: OnceLock<ActorRef<CoordinatorMsg>>,
     consumer: OnceLock<Weak<super::Consumer>>,
+    /// The pipeline's asynchronous commits: one in flight, all moved partitions in it.
+    pub committer: Committer,
     /// The drain deadline a revoke gives its partitions, counted from the revoke.
     drain_timeout: Duration,
     /// Set once shutdown has drained and committed: the revokes of the final leave need no
@@ -86,6 +89,7 @@ struct BrokerState {
 impl KeyflowContext {
     pub fn new(
         pipeline: &str,
+        topic: &str,
         drain_timeout: Duration,
         stats: Arc<PipelineStats>,
         secrets: Vec<String>,
@@ -94,6 +98,7 @@ impl KeyflowContext {
             pipeline: pipeline.to_string(),
             coordinator: OnceLock::new(),
             consumer: OnceLock::new(),
+            committer: Committer::new(topic),
             drain_timeout,
             closing: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
@@ -323,6 +328,8 @@ impl ConsumerContext for KeyflowContext {
             warn!(pipeline = %self.pipeline, error = %e, partitions = offsets.count(), "offset commit failed; sent again at the next commit");
         }
         self.stats.commit_answered(result.is_ok(), &answered);
+        let consumer = self.consumer.get().and_then(Weak::upgrade);
+        self.committer.answered(consumer.as_deref(), result.is_ok());
     }
 }
 

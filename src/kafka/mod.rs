@@ -2,6 +2,7 @@
 //! rebalance rendezvous with the actors), and offsets (the tracker and the one commit call).
 
 pub mod client;
+pub mod committer;
 pub mod context;
 pub mod offsets;
 
