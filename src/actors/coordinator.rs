@@ -187,6 +187,10 @@ impl Actor for Coordinator {
         );
         let consumer = client::create_consumer(&a.brokers, &a.spec, ctx)?;
         consumer.context().set_coordinator(me.clone());
+        consumer
+            .context()
+            .committer
+            .start(&consumer, a.stats.clone());
         let poll_stop = Arc::new(AtomicBool::new(false));
         // Polling from the start serves the client's error events, which name the cause if the
         // brokers cannot be reached.
@@ -236,6 +240,10 @@ impl Actor for Coordinator {
                 if s.shutting_down {
                     return Ok(());
                 }
+                consumer
+                    .context()
+                    .committer
+                    .open(list.iter().map(|a| a.partition));
                 let mut skips = read_skip_sets(&consumer, &s.spec, &list).await;
                 for a in list {
                     let skip = skips.remove(&a.partition).unwrap_or_default();
@@ -586,6 +594,8 @@ fn spawn_poll_thread(
                 }
             }
             consumer.unsubscribe();
+            // A librdkafka queue must not outlive its client.
+            consumer.context().committer.close_queue();
             // Dropping the last reference closes the consumer (LeaveGroup), polling as it goes.
             drop(consumer);
         })

@@ -26,7 +26,7 @@ pub struct KeyflowContext {
     coordinator: OnceLock<ActorRef<CoordinatorMsg>>,
     consumer: OnceLock<Weak<super::Consumer>>,
     /// The pipeline's asynchronous commits: one in flight, all moved partitions in it.
-    pub committer: Committer,
+    pub committer: Arc<Committer>,
     /// The drain deadline a revoke gives its partitions, counted from the revoke.
     drain_timeout: Duration,
     /// Set once shutdown has drained and committed: the revokes of the final leave need no
@@ -98,7 +98,7 @@ impl KeyflowContext {
             pipeline: pipeline.to_string(),
             coordinator: OnceLock::new(),
             consumer: OnceLock::new(),
-            committer: Committer::new(topic),
+            committer: Arc::new(Committer::new(topic)),
             drain_timeout,
             closing: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
@@ -315,21 +315,11 @@ impl ConsumerContext for KeyflowContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        // A commit counts, and its offsets are recorded as committed, once the broker answered.
-        let answered: Vec<(i32, i64)> = offsets
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
-                _ => None,
-            })
-            .collect();
-        if let Err(e) = &result {
-            warn!(pipeline = %self.pipeline, error = %e, partitions = offsets.count(), "offset commit failed; sent again at the next commit");
+        // keyflow's own commits are answered on the committer's queue; this sees only what
+        // librdkafka commits by itself (nothing, with auto commit off).
+        if let Err(e) = result {
+            warn!(pipeline = %self.pipeline, error = %e, partitions = offsets.count(), "offset commit failed");
         }
-        self.stats.commit_answered(result.is_ok(), &answered);
-        let consumer = self.consumer.get().and_then(Weak::upgrade);
-        self.committer.answered(consumer.as_deref(), result.is_ok());
     }
 }
 

@@ -338,14 +338,7 @@ pub fn to_list(offsets: &[CommitOffset<'_>]) -> KafkaResult<TopicPartitionList> 
     Ok(tpl)
 }
 
-/// The one place keyflow commits offsets.
-///
-/// An asynchronous commit's answer reaches the consumer context's `commit_callback` (served by
-/// the poll thread). librdkafka's `rd_kafka_commit(async)` reports manual commits to nobody
-/// unless the C-level `offset_commit_cb` is configured (its events cover automatic commits
-/// only), so the commit goes through `rd_kafka_commit_queue` with the consumer's queue as the
-/// reply queue: the result arrives there as an `OFFSET_COMMIT` event, which rdkafka hands to
-/// the context.
+/// Commits synchronously (revoke and shutdown) or asynchronously without an answer.
 pub fn commit<C: ConsumerContext>(
     consumer: &rdkafka::consumer::BaseConsumer<C>,
     offsets: &[CommitOffset<'_>],
@@ -354,24 +347,36 @@ pub fn commit<C: ConsumerContext>(
     if offsets.is_empty() {
         return Ok(());
     }
+    consumer.commit(&to_list(offsets)?, mode)
+}
+
+/// Commits asynchronously with the answer delivered to `reply` as an `OFFSET_COMMIT` event (see
+/// [`super::committer`]); a null `reply` sends it unanswered. `rd_kafka_commit(async)` would
+/// report a manual commit's result to nobody (its events cover automatic commits only).
+pub fn commit_async<C: ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    offsets: &[CommitOffset<'_>],
+    reply: *mut rdkafka::bindings::rd_kafka_queue_t,
+) -> KafkaResult<()> {
+    if offsets.is_empty() {
+        return Ok(());
+    }
     let tpl = to_list(offsets)?;
-    if matches!(mode, CommitMode::Sync) {
-        return consumer.commit(&tpl, mode);
+    if reply.is_null() {
+        return consumer.commit(&tpl, CommitMode::Async);
     }
     use rdkafka::bindings as rd;
     use rdkafka::consumer::Consumer as _;
-    let client = consumer.client().native_ptr();
-    // SAFETY: `client` is the live consumer's handle. `rd_kafka_queue_get_consumer` returns a new
-    // reference to its queue (NULL without a group), which the reply op keeps its own reference
-    // to, so it is released at once. The list is copied by librdkafka before this returns.
+    // SAFETY: the consumer's live handle and a live queue; the reply op keeps its own reference
+    // to the queue, and librdkafka copies the list before this returns.
     let err = unsafe {
-        let queue = rd::rd_kafka_queue_get_consumer(client);
-        if queue.is_null() {
-            return consumer.commit(&tpl, mode);
-        }
-        let err = rd::rd_kafka_commit_queue(client, tpl.ptr(), queue, None, std::ptr::null_mut());
-        rd::rd_kafka_queue_destroy(queue);
-        err
+        rd::rd_kafka_commit_queue(
+            consumer.client().native_ptr(),
+            tpl.ptr(),
+            reply,
+            None,
+            std::ptr::null_mut(),
+        )
     };
     if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
         Ok(())
