@@ -871,3 +871,58 @@ async fn a_draining_supervisor_does_not_pause_for_the_gate() {
     // The supervisor drained outside the coordinator: its own drain finds it gone.
     let _ = running.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// review H item 1: HTTP and SIGTERM from the start, not only once every pipeline reached its
+// brokers
+// ---------------------------------------------------------------------------------------------
+
+/// Nobody listens on the bootstrap and `startup_timeout` is long: while keyflow waits, probes are
+/// answered (live 200, ready 503 saying why) and SIGTERM ends the wait at once, exit 0.
+#[test]
+fn http_answers_and_sigterm_ends_the_wait_while_brokers_are_unreachable_at_start() {
+    use keyflow::http::get_blocking;
+    let bootstrap = format!("127.0.0.1:{}", support::free_port());
+    let http = format!("127.0.0.1:{}", support::free_port());
+    let toml = format!(
+        "name = \"waiting\"\n{}startup_timeout = \"300s\"\n[[processors]]\ntype = \"log\"\n",
+        support::pipeline_header("waiting-topic", "waiting-g", "")
+    );
+    let mut k = Keyflow::start_many(&bootstrap, &[&toml], &[("KEYFLOW_HTTP__ADDRESS", &http)]);
+    let get = |path: &str| get_blocking(&http, path, Duration::from_secs(2));
+    let mut ready = Err(std::io::Error::other("not asked yet"));
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        ready = get("/health/ready");
+        if ready.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = ready.unwrap_or_else(|e| {
+        panic!(
+            "/health/ready unanswered {:.1?} into the startup wait: {e}\n{}",
+            t.elapsed(),
+            k.log_tail(20)
+        )
+    });
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("pipeline waiting") && body.contains("starting"),
+        "ready gives no reason: {body}"
+    );
+    let (live, live_body) = get("/health/live").expect("/health/live answers");
+    assert_eq!(live, 200, "not live while waiting for brokers: {live_body}");
+    assert!(k.is_running(), "keyflow gave up early:\n{}", k.log_tail(20));
+    let t = Instant::now();
+    k.sigterm();
+    let status = k.wait_exit(Duration::from_secs(60));
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM during the startup wait: exit after {took:.1?}\n{}",
+        k.log_tail(20)
+    );
+    assert_eq!(status.code(), Some(0), "{status}\n{}", k.log_tail(20));
+    println!("startup wait: ready {code} {body}; live {live}; SIGTERM → {status} after {took:.1?}");
+}
