@@ -926,3 +926,64 @@ fn http_answers_and_sigterm_ends_the_wait_while_brokers_are_unreachable_at_start
     assert_eq!(status.code(), Some(0), "{status}\n{}", k.log_tail(20));
     println!("startup wait: ready {code} {body}; live {live}; SIGTERM → {status} after {took:.1?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// review H item 5: a partition that never fetches after its assignment shows its lag
+// ---------------------------------------------------------------------------------------------
+
+/// The partition is paused on the consumer behind its supervisor's back right after the
+/// assignment (as a stale pause flag does), then messages arrive on the broker: nothing is ever
+/// received, librdkafka's cached watermark is stale, and the lag used to read 0, so the watchdog
+/// and readiness never saw it. Expected: the broker's watermark gives lag > 0, and it is stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_never_fetches_shows_its_lag_and_becomes_stuck() {
+    use keyflow::actors::partition::PartitionMsg;
+    const STUCK_AFTER: Duration = Duration::from_secs(3);
+    let broker = Broker::shared();
+    let (topic, group) = (unique("never-fetch"), unique("never-fetch-g"));
+    broker.create_topic_blocking(&topic, 1);
+    let (proc_, _release) = Held::new(false);
+    let mut config = pipeline(&broker.bootstrap, &custom(&topic, &group, ""));
+    config.global.stuck_after = STUCK_AFTER;
+    let running = Runtime::new(config)
+        .with_processor("p", proc_.clone())
+        .start()
+        .await
+        .unwrap();
+    let stats = running.stats[0].clone();
+    let sup = only_supervisor(&stats).await;
+    let paused = sup
+        .call(
+            PartitionMsg::PauseBehindItsBack,
+            Some(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(paused, ractor::rpc::CallResult::Success(true)));
+    broker.produce_to_partition(
+        &topic,
+        (0..20).map(|i| (0, None, format!("m{i}").into_bytes())),
+    );
+    let part = stats.partitions()[0].1.clone();
+    let t = Instant::now();
+    wait_for(
+        "lag > 0 for the partition that never fetches",
+        Duration::from_secs(30),
+        || part.lag.load(Relaxed) > 0,
+    )
+    .await;
+    let lag_after = t.elapsed();
+    assert_eq!(part.lag.load(Relaxed), 20);
+    wait_for("it is flagged stuck", Duration::from_secs(30), || {
+        part.stuck.load(Relaxed)
+    })
+    .await;
+    let ready = keyflow::http::readiness(&running.stats).join("; ");
+    assert!(ready.contains("stuck (lag 20"), "{ready}");
+    assert_eq!(proc_.seen.lock().unwrap().len(), 0, "it fetched after all");
+    println!(
+        "never-fetching partition: lag 20 seen {lag_after:.1?} after the produce, stuck {:.1?} after; readiness: {ready}",
+        t.elapsed()
+    );
+    let _ = running.shutdown().await;
+}
