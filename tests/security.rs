@@ -475,3 +475,91 @@ async fn a_sasl_ssl_broker_restart_is_an_outage_not_a_configuration_error() {
     let _ = b.shutdown().await;
     let _ = a.shutdown().await;
 }
+
+/// A TCP front for `target`: while `cutting` is set it accepts each connection, reads the
+/// ClientHello and hangs up, cutting the TLS handshake short, as a broker whose listener is up before it serves (or
+/// a load balancer before a restarting broker) does; afterwards it forwards bytes both ways.
+/// Returns its address. Threads end with the test process.
+fn handshake_cutting_front(target: String, cutting: Arc<std::sync::atomic::AtomicBool>) -> String {
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(client) = conn else { continue };
+            if cutting.load(std::sync::atomic::Ordering::SeqCst) {
+                // Take the ClientHello, then hang up: the handshake fails half-way.
+                let mut client = client;
+                let _ = std::io::Read::read(&mut client, &mut [0u8; 4096]);
+                drop(client);
+                continue;
+            }
+            let Ok(server) = TcpStream::connect(&target) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    address
+}
+
+/// At start, "SSL handshake failed: Disconnected" (the listener cuts the handshake short while
+/// the broker comes up) is an outage: keyflow waits for the broker (up to `startup_timeout`)
+/// instead of stopping as for an untrusted certificate. It used to fail the start at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_cut_short_at_start_is_waited_out() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    const CUT_FOR: Duration = Duration::from_secs(4);
+    let broker = Broker::shared();
+    let (topic, group) = (unique("sec-cut"), unique("sec-cut-g"));
+    broker.create_topic_blocking(&topic, 1);
+    broker.produce_keyed(
+        &topic,
+        (0..10).map(|i| (Some(b"k".to_vec()), format!("cut-{i}").into_bytes())),
+    );
+    let cutting = Arc::new(AtomicBool::new(true));
+    let front = handshake_cutting_front(broker.secure.bootstrap.clone(), cutting.clone());
+    let mut config = secure_config(broker, "sec-cut", &topic, &group);
+    config.global.brokers = front.clone();
+    let seen = Arc::new(Seen(Default::default()));
+    let (s, c) = (seen.clone(), cutting.clone());
+    let started = Instant::now();
+    let start = tokio::spawn(async move {
+        keyflow::Runtime::new(config)
+            .with_processor("p", s)
+            .start()
+            .await
+    });
+    tokio::time::sleep(CUT_FOR).await;
+    c.store(false, SeqCst);
+    let running = tokio::time::timeout(Duration::from_secs(60), start)
+        .await
+        .expect("the start ends once the handshake goes through")
+        .unwrap()
+        .unwrap_or_else(|e| {
+            panic!(
+                "the start failed {:.1?} in, while the handshake was cut short: {e}",
+                started.elapsed()
+            )
+        });
+    let took = started.elapsed();
+    assert!(
+        took >= CUT_FOR,
+        "started through a cut handshake? {took:.1?}"
+    );
+    wait_async("processed after the start", Duration::from_secs(60), || {
+        let s = seen.0.lock().unwrap();
+        (0..10).all(|i| s.contains(&format!("cut-{i}")))
+    })
+    .await;
+    eprintln!("handshake cut short for {CUT_FOR:?} at start: started after {took:.1?}, processed");
+    let _ = running.shutdown().await;
+}
