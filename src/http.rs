@@ -2,9 +2,14 @@
 //!
 //! - `/metrics`: Prometheus text format.
 //! - `/health/live`: 200 while every pipeline's poll loop turns (or waits in a revoke
-//!   rendezvous, until its deadline) and the actors answer.
+//!   rendezvous, until its deadline, or has not started yet because an earlier pipeline is still
+//!   waiting for its brokers) and the actors answer.
 //! - `/health/ready`: 200 once every pipeline has joined its group, reaches its brokers and no
-//!   partition is stuck; 503 otherwise, with the reasons in the JSON body.
+//!   partition is stuck; 503 otherwise, with the reasons in the JSON body (during the startup
+//!   wait: "starting: waiting for its brokers…").
+//!
+//! The binary serves it from before the startup wait (`startup_timeout`), so probes are
+//! answered while keyflow waits for its brokers.
 //! - `/debug/partitions`: JSON, see [`crate::introspect`].
 //!
 //! It runs on the same tokio runtime as the actors, off the hot path: scrapes read atomics and
@@ -94,9 +99,13 @@ fn reply(reasons: Vec<String>, ok: &'static str, bad: &'static str) -> Response 
 }
 
 async fn live(State(s): State<HttpState>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut reasons = Vec::new();
     for p in &s.pipelines {
         match (p.since_poll_ms(), p.rendezvous_left_ms()) {
+            // Queued behind an earlier pipeline's startup wait: the runtime turns (this answer
+            // proves it), and readiness says what it waits for.
+            (None, _) if p.starting.load(Relaxed) => {}
             (None, _) => reasons.push(format!("pipeline {}: poll loop not started", p.name)),
             // Waiting in a revoke rendezvous (a clean drain) is alive until its deadline.
             (Some(ms), None) if Duration::from_millis(ms) > POLL_STALE => {
@@ -124,6 +133,20 @@ pub fn readiness(pipelines: &[Arc<PipelineStats>]) -> Vec<String> {
     use std::sync::atomic::Ordering::Relaxed;
     let mut reasons = Vec::new();
     for p in pipelines {
+        if p.starting.load(Relaxed) {
+            // Served from the start: a probe during the startup wait learns why, rather than
+            // being refused a connection.
+            let cause = p
+                .client_error()
+                .map(|e| format!(" (last error: {})", e.reason))
+                .unwrap_or_default();
+            reasons.push(format!(
+                "pipeline {}: starting: waiting for its brokers to answer (up to its \
+                 startup_timeout){cause}",
+                p.name
+            ));
+            continue;
+        }
         if let Some(down) = p.brokers_unreachable_for() {
             let cause = p.client_error().map(|e| e.reason).unwrap_or_default();
             reasons.push(format!(

@@ -1,12 +1,13 @@
 //! The `keyflow` binary: CLI → config → run. Exit codes: 0 clean, 1 runtime failure (drain
-//! deadline passed, a partition failed), 2 configuration error.
+//! deadline passed, a partition failed, brokers unreachable at start), 2 configuration error. A
+//! SIGTERM or SIGINT during the startup wait exits 0 at once.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use keyflow::config::{self, Env, HumanDuration};
-use keyflow::runtime::Runtime;
+use keyflow::runtime::{Runtime, StartError};
 
 #[derive(Parser)]
 #[command(
@@ -119,7 +120,11 @@ enum DlqCommand {
     },
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to stderr with every configured secret blanked out of each line (`secrets`: the
+/// values of sensitive `[kafka]` properties, see `keyflow::config::kafka::SENSITIVE`): keyflow
+/// redacts what it formats itself, but librdkafka's messages reach the log through client
+/// contexts keyflow does not own (the producers'), and some quote configuration values.
+fn init_logging(format: LogFormat, secrets: Vec<String>) {
     use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
@@ -130,11 +135,53 @@ fn init_logging(format: LogFormat) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(RedactedStderr(secrets));
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().flatten_event(true).init(),
     }
+}
+
+/// Stderr with secrets blanked out; the formatter writes each event in one call, so a secret is
+/// never split across writes. Costs a substring search per secret per log line, nothing when no
+/// secret is configured.
+struct RedactedStderr(Vec<String>);
+
+struct RedactedWriter<'a>(&'a [String]);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for RedactedStderr {
+    type Writer = RedactedWriter<'a>;
+    fn make_writer(&'a self) -> Self::Writer {
+        RedactedWriter(&self.0)
+    }
+}
+
+impl std::io::Write for RedactedWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut err = std::io::stderr().lock();
+        match std::str::from_utf8(buf) {
+            Ok(text) if !self.0.is_empty() => {
+                err.write_all(config::kafka::redact(text, self.0).as_bytes())?
+            }
+            _ => err.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Every sensitive `[kafka]` value of every pipeline.
+fn secrets_of(config: &config::Config) -> Vec<String> {
+    let all: Vec<(String, String)> = config
+        .pipelines
+        .iter()
+        .flat_map(|p| p.kafka.iter().cloned())
+        .chain(config.global.kafka.iter().cloned())
+        .collect();
+    config::kafka::secret_values(&all)
 }
 
 fn load(
@@ -174,7 +221,6 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config, paths } => {
-            init_logging(cli.log_format);
             let config = match load(config, paths) {
                 Ok(c) => c,
                 Err(e) => {
@@ -182,8 +228,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            init_logging(cli.log_format, secrets_of(&config));
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            rt.block_on(run(config))
+            let code = rt.block_on(run(config));
+            // A startup wait cut short by a signal leaves its blocking metadata request to end
+            // by itself (up to `startup_timeout`): the exit does not wait for it.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            code
         }
         Command::Status {
             address,
@@ -195,7 +246,7 @@ fn main() -> ExitCode {
             pipeline,
             rate,
         } => {
-            init_logging(cli.log_format);
+            init_logging(cli.log_format, Vec::new());
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             rt.block_on(keyflow::demo::run(keyflow::demo::DemoOptions {
                 duration: duration.get(),
@@ -203,14 +254,11 @@ fn main() -> ExitCode {
                 rate,
             }))
         }
-        Command::Dlq { command } => {
-            init_logging(cli.log_format);
-            dlq(command)
-        }
+        Command::Dlq { command } => dlq(command, cli.log_format),
     }
 }
 
-fn dlq(command: DlqCommand) -> ExitCode {
+fn dlq(command: DlqCommand, log_format: LogFormat) -> ExitCode {
     let DlqCommand::Replay {
         topic,
         brokers,
@@ -267,6 +315,8 @@ fn dlq(command: DlqCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let secrets = config::kafka::secret_values(&opts.kafka);
+    init_logging(log_format, secrets.clone());
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(keyflow::dlq::replay(&opts)) {
         Ok(r) => {
@@ -284,6 +334,7 @@ fn dlq(command: DlqCommand) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
+            let e = config::kafka::redact(&e.to_string(), &secrets).into_owned();
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
@@ -293,32 +344,51 @@ fn dlq(command: DlqCommand) -> ExitCode {
 async fn run(config: config::Config) -> ExitCode {
     let prometheus = keyflow::metrics::install();
     let http_address = config.global.http_address.clone();
-    let mut running = match Runtime::new(config).start().await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "could not start");
-            return ExitCode::from(1);
-        }
-    };
+    // SIGTERM and SIGINT are handled from here on, through the startup wait: a pod stopped
+    // while its brokers do not answer exits at once, cleanly, instead of at `startup_timeout`.
+    let signal = keyflow::shutdown::signal();
+    tokio::pin!(signal);
+    if futures::poll!(&mut signal).is_ready() {
+        return ExitCode::SUCCESS;
+    }
+    let runtime = Runtime::new(config);
+    // Served before the startup wait, so that probes are answered (live, and not ready with the
+    // reason) while the pipelines wait for their brokers.
     let http = match http_address {
         Some(address) => {
             let state = keyflow::http::HttpState {
                 prometheus,
-                pipelines: running.stats.clone(),
+                pipelines: runtime.stats(),
             };
             match keyflow::http::serve(&address, state).await {
                 Ok((_, task)) => Some(task),
                 Err(e) => {
                     tracing::error!(%address, error = %e, "cannot serve the http endpoint");
-                    let _ = running.shutdown().await;
                     return ExitCode::from(1);
                 }
             }
         }
         None => None,
     };
+    let mut running = match runtime.start_unless(&mut signal).await {
+        Ok(r) => r,
+        Err(e @ StartError::Stopped { .. }) => {
+            tracing::info!(reason = %e, "stopped before processing anything");
+            if let Some(t) = http {
+                t.abort();
+            }
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not start");
+            if let Some(t) = http {
+                t.abort();
+            }
+            return ExitCode::from(1);
+        }
+    };
     let failure = tokio::select! {
-        _ = keyflow::shutdown::signal() => None,
+        _ = &mut signal => None,
         f = running.failed() => Some(f),
     };
     let reports = running.shutdown().await;

@@ -19,6 +19,10 @@ use crate::stats::PipelineStats;
 pub struct Runtime {
     config: Config,
     custom: HashMap<String, Arc<dyn Processor>>,
+    /// One per pipeline, in configuration order, made before the start so that `/health` and
+    /// `/metrics` can serve during the startup wait (each marked `starting` until its
+    /// coordinator has reached its brokers and subscribed).
+    stats: Vec<Arc<PipelineStats>>,
 }
 
 /// Started: pipelines are consuming.
@@ -35,11 +39,10 @@ pub struct Running {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("pipeline {pipeline}: kafka client: {source}")]
-    Kafka {
-        pipeline: String,
-        source: rdkafka::error::KafkaError,
-    },
+    /// The client could not be created (librdkafka refused the configuration); secrets
+    /// redacted.
+    #[error("pipeline {pipeline}: kafka client: {message}")]
+    Kafka { pipeline: String, message: String },
     #[error("pipeline {pipeline}: {message}")]
     Build { pipeline: String, message: String },
     #[error("pipeline {pipeline}: coordinator did not start: {message}")]
@@ -51,10 +54,14 @@ pub enum StartError {
         pipeline: String,
         source: crate::actors::coordinator::Unreachable,
     },
+    /// The stop future of [`Runtime::start_unless`] resolved first (SIGTERM during the startup
+    /// wait); the pipelines already started have been shut down.
+    #[error("stopped while starting (pipeline {pipeline} was waiting for its brokers)")]
+    Stopped { pipeline: String },
 }
 
 impl StartError {
-    fn spawn(pipeline: &str, e: ractor::SpawnErr) -> Self {
+    fn spawn(pipeline: &str, e: ractor::SpawnErr, secrets: &[String]) -> Self {
         if let ractor::SpawnErr::StartupFailed(inner) = &e {
             if let Some(u) = inner.downcast_ref::<crate::actors::coordinator::Unreachable>() {
                 return StartError::Unreachable {
@@ -66,19 +73,36 @@ impl StartError {
                 };
             }
         }
+        // librdkafka's refusal of a configuration may quote the value.
         StartError::Spawn {
             pipeline: pipeline.to_string(),
-            message: e.to_string(),
+            message: crate::kafka::context::redact(&e.to_string(), secrets),
         }
     }
 }
 
 impl Runtime {
     pub fn new(config: Config) -> Self {
+        let stats = config
+            .pipelines
+            .iter()
+            .map(|spec| {
+                let s = PipelineStats::with_topic(&spec.name, &spec.topic);
+                s.starting.store(true, std::sync::atomic::Ordering::Relaxed);
+                s
+            })
+            .collect();
         Runtime {
             config,
             custom: HashMap::new(),
+            stats,
         }
+    }
+
+    /// Every pipeline's stats, before the start: serve `/health` and `/metrics` with them while
+    /// [`Runtime::start`] waits for the brokers.
+    pub fn stats(&self) -> Vec<Arc<PipelineStats>> {
+        self.stats.clone()
     }
 
     /// Registers a processor written in Rust, used by `[[processors]] type = "custom", name = …`.
@@ -87,21 +111,34 @@ impl Runtime {
         self
     }
 
+    /// Starts every pipeline, in order; each waits up to its `startup_timeout` for its brokers.
     pub async fn start(self) -> Result<Running, StartError> {
+        self.start_unless(std::future::pending()).await
+    }
+
+    /// [`Runtime::start`], unless `stop` resolves first (a signal during the startup wait): then
+    /// the pipeline waiting for its brokers gives up at once (its coordinator's start is dropped,
+    /// which stops its poll thread), those already started are shut down, and the result is
+    /// [`StartError::Stopped`].
+    pub async fn start_unless(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Running, StartError> {
+        tokio::pin!(stop);
         crate::metrics::set_stuck_after(self.config.global.stuck_after);
         let (fatal_tx, fatal) = mpsc::unbounded_channel();
         let mut coordinators = Vec::new();
         let mut stats = Vec::new();
         let brokers = self.config.global.brokers.clone();
-        for spec in self.config.pipelines {
+        for (spec, pstats) in self.config.pipelines.into_iter().zip(self.stats) {
             let name = spec.name.clone();
+            let secrets = crate::kafka::context::secret_values(&spec.kafka);
             let producer =
                 client::create_producer(&brokers, &spec).map_err(|source| StartError::Kafka {
                     pipeline: name.clone(),
-                    source,
+                    message: crate::kafka::context::redact(&source.to_string(), &secrets),
                 })?;
             let custom = |n: &str| self.custom.get(n).cloned();
-            let pstats = PipelineStats::with_topic(&name, &spec.topic);
             let gate = Arc::new(crate::gate::Gate::with_breaker_gauge(
                 pstats.metrics.breaker_state.clone(),
             ));
@@ -126,7 +163,11 @@ impl Runtime {
                 stats: pstats.clone(),
                 fatal: fatal_tx.clone(),
             };
-            let (actor, handle) = match Actor::spawn(None, Coordinator, args).await {
+            let spawned = tokio::select! {
+                r = Actor::spawn(None, Coordinator, args) => r.map_err(|e| StartError::spawn(&name, e, &secrets)),
+                () = &mut stop => Err(StartError::Stopped { pipeline: name.clone() }),
+            };
+            let (actor, handle) = match spawned {
                 Ok(started) => started,
                 Err(e) => {
                     // Pipelines started before this one leave their groups.
@@ -136,9 +177,12 @@ impl Runtime {
                         fatal,
                     };
                     started.shutdown().await;
-                    return Err(StartError::spawn(&name, e));
+                    return Err(e);
                 }
             };
+            pstats
+                .starting
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             coordinators.push((name, actor, handle));
             stats.push(pstats);
         }

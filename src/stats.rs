@@ -34,6 +34,9 @@ pub struct PipelineStats {
     /// While the poll thread waits in a revoke rendezvous: the wall-clock milliseconds until
     /// which it may (0: not waiting). Liveness accepts a silent poll loop until then.
     pub rendezvous_until_ms: AtomicU64,
+    /// Set by [`crate::runtime::Runtime::new`] until this pipeline's coordinator has reached
+    /// its brokers and subscribed: `/health` serves during the startup wait and says so.
+    pub starting: AtomicBool,
     /// Wall-clock milliseconds since when no broker is reachable (0: reachable).
     pub brokers_down_since_ms: AtomicU64,
     /// The last error the Kafka client reported (secrets redacted): the cause given by

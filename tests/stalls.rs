@@ -871,3 +871,119 @@ async fn a_draining_supervisor_does_not_pause_for_the_gate() {
     // The supervisor drained outside the coordinator: its own drain finds it gone.
     let _ = running.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// review H item 1: HTTP and SIGTERM from the start, not only once every pipeline reached its
+// brokers
+// ---------------------------------------------------------------------------------------------
+
+/// Nobody listens on the bootstrap and `startup_timeout` is long: while keyflow waits, probes are
+/// answered (live 200, ready 503 saying why) and SIGTERM ends the wait at once, exit 0.
+#[test]
+fn http_answers_and_sigterm_ends_the_wait_while_brokers_are_unreachable_at_start() {
+    use keyflow::http::get_blocking;
+    let bootstrap = format!("127.0.0.1:{}", support::free_port());
+    let http = format!("127.0.0.1:{}", support::free_port());
+    let toml = format!(
+        "name = \"waiting\"\n{}startup_timeout = \"300s\"\n[[processors]]\ntype = \"log\"\n",
+        support::pipeline_header("waiting-topic", "waiting-g", "")
+    );
+    let mut k = Keyflow::start_many(&bootstrap, &[&toml], &[("KEYFLOW_HTTP__ADDRESS", &http)]);
+    let get = |path: &str| get_blocking(&http, path, Duration::from_secs(2));
+    let mut ready = Err(std::io::Error::other("not asked yet"));
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        ready = get("/health/ready");
+        if ready.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = ready.unwrap_or_else(|e| {
+        panic!(
+            "/health/ready unanswered {:.1?} into the startup wait: {e}\n{}",
+            t.elapsed(),
+            k.log_tail(20)
+        )
+    });
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("pipeline waiting") && body.contains("starting"),
+        "ready gives no reason: {body}"
+    );
+    let (live, live_body) = get("/health/live").expect("/health/live answers");
+    assert_eq!(live, 200, "not live while waiting for brokers: {live_body}");
+    assert!(k.is_running(), "keyflow gave up early:\n{}", k.log_tail(20));
+    let t = Instant::now();
+    k.sigterm();
+    let status = k.wait_exit(Duration::from_secs(60));
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM during the startup wait: exit after {took:.1?}\n{}",
+        k.log_tail(20)
+    );
+    assert_eq!(status.code(), Some(0), "{status}\n{}", k.log_tail(20));
+    println!("startup wait: ready {code} {body}; live {live}; SIGTERM → {status} after {took:.1?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// review H item 5: a partition that never fetches after its assignment shows its lag
+// ---------------------------------------------------------------------------------------------
+
+/// The partition is paused on the consumer behind its supervisor's back right after the
+/// assignment (as a stale pause flag does), then messages arrive on the broker: nothing is ever
+/// received, librdkafka's cached watermark is stale, and the lag used to read 0, so the watchdog
+/// and readiness never saw it. Expected: the broker's watermark gives lag > 0, and it is stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_never_fetches_shows_its_lag_and_becomes_stuck() {
+    use keyflow::actors::partition::PartitionMsg;
+    const STUCK_AFTER: Duration = Duration::from_secs(3);
+    let broker = Broker::shared();
+    let (topic, group) = (unique("never-fetch"), unique("never-fetch-g"));
+    broker.create_topic_blocking(&topic, 1);
+    let (proc_, _release) = Held::new(false);
+    let mut config = pipeline(&broker.bootstrap, &custom(&topic, &group, ""));
+    config.global.stuck_after = STUCK_AFTER;
+    let running = Runtime::new(config)
+        .with_processor("p", proc_.clone())
+        .start()
+        .await
+        .unwrap();
+    let stats = running.stats[0].clone();
+    let sup = only_supervisor(&stats).await;
+    let paused = sup
+        .call(
+            PartitionMsg::PauseBehindItsBack,
+            Some(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(paused, ractor::rpc::CallResult::Success(true)));
+    broker.produce_to_partition(
+        &topic,
+        (0..20).map(|i| (0, None, format!("m{i}").into_bytes())),
+    );
+    let part = stats.partitions()[0].1.clone();
+    let t = Instant::now();
+    wait_for(
+        "lag > 0 for the partition that never fetches",
+        Duration::from_secs(30),
+        || part.lag.load(Relaxed) > 0,
+    )
+    .await;
+    let lag_after = t.elapsed();
+    assert_eq!(part.lag.load(Relaxed), 20);
+    wait_for("it is flagged stuck", Duration::from_secs(30), || {
+        part.stuck.load(Relaxed)
+    })
+    .await;
+    let ready = keyflow::http::readiness(&running.stats).join("; ");
+    assert!(ready.contains("stuck (lag 20"), "{ready}");
+    assert_eq!(proc_.seen.lock().unwrap().len(), 0, "it fetched after all");
+    println!(
+        "never-fetching partition: lag 20 seen {lag_after:.1?} after the produce, stuck {:.1?} after; readiness: {ready}",
+        t.elapsed()
+    );
+    let _ = running.shutdown().await;
+}

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
-use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -90,6 +90,11 @@ pub enum PartitionMsg {
     /// wake-ups stop (tests/stalls.rs). Replies whether the handle could be opened.
     #[doc(hidden)]
     DropSecondQueueHandle(RpcReplyPort<bool>),
+    /// Test hook, not API: pauses this partition on the consumer behind the supervisor's back,
+    /// as a pause flag left by an earlier owner does (issue 11 stall 1): librdkafka stops
+    /// fetching it while the supervisor believes it is running (tests/stalls.rs).
+    #[doc(hidden)]
+    PauseBehindItsBack(RpcReplyPort<bool>),
 }
 
 /// What a drained partition hands back.
@@ -169,6 +174,9 @@ pub struct PartitionState {
     last_completion: Option<Instant>,
     /// `partition{pipeline, topic, partition}`: every handler runs inside it.
     span: tracing::Span,
+    /// The broker's end of the partition, for lag when librdkafka's cached watermark is unknown
+    /// or stale (see [`observe`]).
+    broker_end: BrokerEnd,
 }
 
 impl Actor for PartitionSupervisor {
@@ -225,6 +233,7 @@ impl Actor for PartitionSupervisor {
             gate_held: false,
             consumer_paused: false,
             gate_watch: None,
+            broker_end: BrokerEnd::default(),
         })
     }
 
@@ -332,6 +341,11 @@ impl Actor for PartitionSupervisor {
                     .split_partition_queue(&s.topic, s.partition)
                     .is_some();
                 let _ = reply.send(opened);
+            }
+            PartitionMsg::PauseBehindItsBack(reply) => {
+                let mut tpl = TopicPartitionList::with_capacity(1);
+                tpl.add_partition(&s.topic, s.partition);
+                let _ = reply.send(s.consumer.pause(&tpl).is_ok());
             }
             PartitionMsg::Drain { until, reply } => {
                 // Messages not yet started are abandoned now: the commit point cannot pass them,
@@ -867,29 +881,154 @@ fn oldest_incomplete(s: &PartitionState) -> Option<&Arc<Message>> {
         .min_by_key(|m| m.offset)
 }
 
+/// How often at most the broker is asked for a partition's end (one request in flight at most).
+const BROKER_END_EVERY: Duration = Duration::from_secs(5);
+/// librdkafka's cached watermark is stale once unchanged for this many commit intervals while
+/// nothing is in flight: a paused or silently non-fetching partition keeps the value of its last
+/// fetch response for ever.
+const STALE_TICKS: u32 = 3;
+
+/// What the broker says about a partition, asked off the actor's thread (`fetch_watermarks`
+/// and `committed_offsets` block on a round trip) when librdkafka's cached high watermark cannot
+/// be trusted: never fetched since the assignment (unknown), or unchanged for
+/// [`STALE_TICKS`] commit intervals with nothing in flight (a partition that stopped fetching
+/// looks exactly like an idle one from the cache). Without it such a partition read lag 0, and
+/// neither the watchdog nor readiness saw it.
+#[derive(Default)]
+struct BrokerEnd {
+    answer: Arc<BrokerAnswer>,
+    /// When the last request was sent.
+    asked: Option<Instant>,
+    /// The cached watermark as of the last tick, and since when it has had that value.
+    cached: Option<(i64, Instant)>,
+}
+
+struct BrokerAnswer {
+    in_flight: AtomicBool,
+    /// The partition's high watermark on the broker (-1: not known yet).
+    high: AtomicI64,
+    /// Where the group resumes a partition it has received nothing of: the committed offset, or
+    /// per `auto_offset_reset` (-1: not known yet).
+    start: AtomicI64,
+}
+
+impl Default for BrokerAnswer {
+    fn default() -> Self {
+        BrokerAnswer {
+            in_flight: AtomicBool::new(false),
+            high: AtomicI64::new(-1),
+            start: AtomicI64::new(-1),
+        }
+    }
+}
+
+/// Clears `in_flight` however the request ends (done, panicked, or never run).
+struct InFlight(Arc<BrokerAnswer>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.store(false, Release);
+    }
+}
+
+impl BrokerEnd {
+    /// Sends one request on the blocking pool unless one is in flight or the last was sent less
+    /// than [`BROKER_END_EVERY`] ago. Called from a tick, never per message.
+    fn ask(
+        &mut self,
+        consumer: &Arc<Consumer>,
+        topic: &Arc<str>,
+        partition: i32,
+        reset: crate::config::OffsetReset,
+        want_start: bool,
+    ) {
+        let now = Instant::now();
+        if self
+            .asked
+            .is_some_and(|t| now.duration_since(t) < BROKER_END_EVERY)
+            || self.answer.in_flight.swap(true, AcqRel)
+        {
+            return;
+        }
+        self.asked = Some(now);
+        let guard = InFlight(self.answer.clone());
+        let (consumer, topic) = (consumer.clone(), topic.clone());
+        // Detached: the answer lands in `self.answer`, read by a later tick.
+        drop(tokio::task::spawn_blocking(move || {
+            let answer = &guard.0;
+            let Ok((low, high)) = consumer.fetch_watermarks(&topic, partition, BROKER_END_EVERY)
+            else {
+                return;
+            };
+            answer.high.store(high, Relaxed);
+            if want_start {
+                let mut tpl = TopicPartitionList::with_capacity(1);
+                tpl.add_partition(&topic, partition);
+                let committed = consumer
+                    .committed_offsets(tpl, BROKER_END_EVERY)
+                    .ok()
+                    .and_then(|t| t.find_partition(&topic, partition)?.offset().to_raw())
+                    .filter(|o| *o >= 0);
+                let start = committed.unwrap_or(match reset {
+                    crate::config::OffsetReset::Earliest => low,
+                    crate::config::OffsetReset::Latest => high,
+                });
+                answer.start.store(start, Relaxed);
+            }
+        }));
+    }
+
+    fn high(&self) -> Option<i64> {
+        Some(self.answer.high.load(Relaxed)).filter(|h| *h >= 0)
+    }
+
+    fn start(&self) -> Option<i64> {
+        Some(self.answer.start.load(Relaxed)).filter(|o| *o >= 0)
+    }
+}
+
 /// Every tick: lag in messages and seconds, gauges, and the stuck-partition watchdog.
 fn observe(s: &mut PartitionState) {
-    let m = &s.stats.metrics;
     let committed = s.stats.committed.load(Relaxed);
     let next = s
         .tracker
         .committable()
         .or((committed >= 0).then_some(committed));
-    // librdkafka's cached high watermark (from fetch responses): no broker round trip.
-    let lag = match (
-        crate::kafka::client::cached_high_watermark(&s.consumer, &s.topic, s.partition),
-        next,
-    ) {
+    let now = Instant::now();
+    // librdkafka's cached high watermark (from fetch responses): no broker round trip. When it
+    // is unknown or stale, the broker is asked off this thread (see `BrokerEnd`).
+    let cached = crate::kafka::client::cached_high_watermark(&s.consumer, &s.topic, s.partition);
+    s.broker_end.cached = match (cached, s.broker_end.cached) {
+        (Some(h), Some((was, since))) if h == was => Some((h, since)),
+        (Some(h), _) => Some((h, now)),
+        (None, _) => None,
+    };
+    let stale_after = s.spec.commit_interval * STALE_TICKS;
+    let stale = match s.broker_end.cached {
+        None => true,
+        Some((_, since)) => s.flow.count() == 0 && now.duration_since(since) >= stale_after,
+    };
+    if stale || next.is_none() {
+        s.broker_end.ask(
+            &s.consumer,
+            &s.topic,
+            s.partition,
+            s.spec.auto_offset_reset,
+            next.is_none(),
+        );
+    }
+    let high = cached.max(s.broker_end.high());
+    let lag = match (high, next.or_else(|| s.broker_end.start())) {
         (Some(high), Some(n)) => (high - n).max(0),
         _ => 0,
     };
+    let m = &s.stats.metrics;
     let oldest = oldest_incomplete(s);
     let oldest_received = oldest.map(|o| o.received);
     let lag_seconds = oldest.map_or(0.0, |o| match o.timestamp_ms {
         Some(ts) if ts > 0 => (now_ms() - ts).max(0) as f64 / 1000.0,
         _ => o.received.elapsed().as_secs_f64(),
     });
-    let now = Instant::now();
     let pending = lag > 0 || s.flow.count() > 0;
     if !pending {
         s.last_progress = now;

@@ -154,6 +154,87 @@ pub(super) fn protocol_refusal(key: &str, protocol: GroupProtocol) -> Option<&'s
     }
 }
 
+/// The properties librdkafka marks *sensitive* (`_RK_SENSITIVE` in `rdkafka_conf.c`, librdkafka
+/// 2.12: the ones its own configuration dumps print as `[redacted]`). Their values, and those of
+/// any property whose name says password, secret or passphrase, are blanked out of everything
+/// keyflow shows: client error reasons (logs, `/health/ready`, the start error) and, in the
+/// binary, every log line ([`redact`]). librdkafka also marks `sasl.username`; keyflow shows it
+/// on purpose: it names rather than authenticates, "wrong user" must be diagnosable, and blanking
+/// a short name such as "keyflow" out of every line would mangle the log.
+pub const SENSITIVE: &[&str] = &[
+    "sasl.password",
+    "sasl.oauthbearer.config",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.assertion.private.key.file",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
+    "ssl.key.location",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl_key",
+    "ssl.ca.pem",
+    "ssl.keystore.password",
+];
+
+/// Whether the value of `key` must never be shown: librdkafka's [`SENSITIVE`] list, plus any
+/// name containing `password`, `secret` or `passphrase` (newer librdkafka properties, and the
+/// same words in a `[kafka]` table of a future version).
+pub fn is_sensitive(key: &str) -> bool {
+    let k = canonical(key).to_ascii_lowercase();
+    SENSITIVE.contains(&k.as_str())
+        || ["password", "secret", "passphrase"]
+            .iter()
+            .any(|w| k.contains(w))
+}
+
+/// The strings to blank out for a `[kafka]` table: every sensitive value, and the parts of one
+/// that may be echoed alone (each line of a PEM, the value of a `…secret=`/`…password=`/
+/// `…token=` entry of `sasl.oauthbearer.config`). Longest first, so that a secret containing
+/// another is blanked whole.
+pub fn secret_values(kafka: &[(String, String)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (k, v) in kafka.iter().filter(|(k, _)| is_sensitive(k)) {
+        let v = v.trim();
+        if v.is_empty() {
+            continue;
+        }
+        out.push(v.to_string());
+        // PEM bodies: a reason or a JSON log line may carry one line of it (JSON escapes the
+        // newlines, so the whole value never matches there).
+        out.extend(
+            v.lines()
+                .map(str::trim)
+                .filter(|l| l.len() >= 16 && !l.starts_with("-----"))
+                .map(str::to_string),
+        );
+        if canonical(k) == "sasl.oauthbearer.config" {
+            out.extend(v.split_whitespace().filter_map(|kv| {
+                let (name, value) = kv.split_once('=')?;
+                let name = name.to_ascii_lowercase();
+                (["secret", "password", "token"]
+                    .iter()
+                    .any(|w| name.contains(w))
+                    && !value.is_empty())
+                .then(|| value.to_string())
+            }));
+        }
+    }
+    out.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    out.dedup();
+    out
+}
+
+/// `text` with every secret value replaced by `***`. Allocates only when a secret occurs.
+pub fn redact<'a>(text: &'a str, secrets: &[String]) -> std::borrow::Cow<'a, str> {
+    let mut out = std::borrow::Cow::Borrowed(text);
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        if out.contains(s.as_str()) {
+            out = std::borrow::Cow::Owned(out.replace(s.as_str(), "***"));
+        }
+    }
+    out
+}
+
 /// What Kafka accepts as a topic name (`org.apache.kafka.common.internals.Topic`).
 pub const TOPIC_NAME_RULE: &str =
     "a Kafka topic name is 1 to 249 characters from [A-Za-z0-9._-], and not \".\" or \"..\"";

@@ -57,21 +57,39 @@ pub const SHUTDOWN_COMMIT_BOUND: Duration = Duration::from_secs(3);
 /// over the drain).
 const RENDEZVOUS_SLICE: Duration = Duration::from_millis(50);
 
-/// The values of `[kafka]` properties that hold secrets (`sasl.password`, `ssl.key.password`,
-/// `sasl.oauthbearer.client.secret`, …).
-pub fn secret_values(kafka: &[(String, String)]) -> Vec<String> {
-    kafka
-        .iter()
-        .filter(|(k, v)| (k.contains("password") || k.contains("secret")) && !v.is_empty())
-        .map(|(_, v)| v.clone())
-        .collect()
+pub use crate::config::kafka::secret_values;
+
+/// `text` with every secret value replaced by `***` (see [`crate::config::kafka::redact`]).
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    crate::config::kafka::redact(text, secrets).into_owned()
 }
 
-/// `text` with every secret value replaced by `***`.
-pub fn redact(text: &str, secrets: &[String]) -> String {
-    secrets
-        .iter()
-        .fold(text.to_string(), |t, s| t.replace(s.as_str(), "***"))
+/// Whether a client error is a configuration error, which retrying at start does not cure:
+/// credentials refused, or a broker certificate that does not verify (untrusted CA, expired,
+/// wrong host name). A handshake cut short ("SSL handshake failed: Disconnected", a connection
+/// reset: a broker stopping or still starting) is an outage like a refused connection, even
+/// though librdkafka adds "connecting to a PLAINTEXT broker listener?": TLS to a plaintext Kafka
+/// listener looks the same, and then the start ends at `startup_timeout` with that cause. Only
+/// consulted while starting: once connected, every error is an outage (readiness 503, retry).
+fn configuration_error(code: Option<RDKafkaErrorCode>, reason: &str) -> bool {
+    if code == Some(RDKafkaErrorCode::Authentication) {
+        return true;
+    }
+    const BAD_CERTIFICATE: &[&str] = &[
+        "certificate verify failed",
+        "certificate has expired",
+        "certificate is not yet valid",
+        "self-signed certificate",
+        "self signed certificate",
+        "unable to get local issuer certificate",
+        "broker certificate could not be verified",
+        "Broker: Hostname verification failed",
+        "hostname mismatch",
+        // TLS to a plaintext listener, or a listener that requires a client certificate.
+        "wrong version number",
+        "client SSL authentication might be required",
+    ];
+    BAD_CERTIFICATE.iter().any(|c| reason.contains(c))
 }
 
 /// librdkafka's statistics, reduced to what keyflow reads: the brokers' connection states.
@@ -269,25 +287,41 @@ impl ClientContext for KeyflowContext {
         error!(pipeline = %self.pipeline, error = %error, reason, "kafka client error");
         let code = error.rdkafka_error_code();
         if code == Some(RDKafkaErrorCode::AllBrokersDown) {
-            // Keep the cause that brought them down (e.g. "Connection refused").
+            // Keep the cause that brought them down (e.g. "Connection refused"): any error kept
+            // now came after the brokers last answered (that clears it), so it is this outage's.
             self.stats.brokers_down();
             if self.stats.client_error().is_some() {
                 return;
             }
         }
-        let auth = code == Some(RDKafkaErrorCode::Authentication);
-        let bad_cert =
-            reason.contains("certificate verify failed") || reason.contains("SSL handshake failed");
-        if auth {
+        let config = configuration_error(code, &reason);
+        if code == Some(RDKafkaErrorCode::Authentication) {
             self.stats.brokers_down();
         }
         self.stats.set_client_error(ClientError {
             reason: format!("{error}: {reason}"),
-            fatal_at_start: auth || bad_cert,
+            fatal_at_start: config,
         });
     }
 
-    /// librdkafka's statistics (`statistics.interval.ms`): a broker in state UP ends an outage.
+    /// librdkafka's own log lines, secrets redacted (the default logs them verbatim, and some
+    /// echo configuration values, e.g. an unparsable `sasl.oauthbearer.config`).
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        let m = redact(log_message, &self.secrets);
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                error!(target: "librdkafka", "librdkafka: {fac} {m}")
+            }
+            L::Warning => warn!(target: "librdkafka", "librdkafka: {fac} {m}"),
+            L::Notice | L::Info => info!(target: "librdkafka", "librdkafka: {fac} {m}"),
+            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {m}"),
+        }
+    }
+
+    /// librdkafka's statistics (`statistics.interval.ms`): a broker in state UP ends an outage
+    /// and clears the last client error, whether or not it had started an outage (a cause kept
+    /// from a healthy time would be reported by the next outage, or stay on readiness).
     /// Parsed into the broker states only; runs on the poll thread every interval.
     fn stats_raw(&self, statistics: &[u8]) {
         let Ok(s) = serde_json::from_slice::<BrokerStates>(statistics) else {
@@ -297,6 +331,8 @@ impl ClientContext for KeyflowContext {
             if self.stats.brokers_unreachable_for().is_some() {
                 info!(pipeline = %self.pipeline, "brokers reachable again");
                 self.stats.brokers_up();
+            }
+            if self.stats.client_error().is_some() {
                 self.stats.clear_client_error();
             }
         } else if !s.brokers.is_empty() {
@@ -341,6 +377,134 @@ mod tests {
             redact("auth as u:hunter2 with k3y failed (SASL_SSL)", &secrets),
             "auth as u:*** with *** failed (SASL_SSL)"
         );
+    }
+
+    /// Review H item 4: librdkafka's sensitive properties, not only `password|secret` names.
+    #[test]
+    fn every_sensitive_librdkafka_value_is_blanked_out() {
+        const PEM_LINE: &str = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7";
+        let pem = format!("-----BEGIN PRIVATE KEY-----\n{PEM_LINE}\n-----END PRIVATE KEY-----");
+        let kafka: Vec<(String, String)> = [
+            ("security.protocol", "SASL_SSL"),
+            (
+                "sasl.oauthbearer.config",
+                "principal=admin clientSecret=oauth-cs-1234",
+            ),
+            ("ssl.key.pem", pem.as_str()),
+            ("ssl_key", "internal-key-5678"),
+            ("ssl.key.location", "/run/secrets/client-key.pem"),
+            ("ssl.ca.pem", "ca-pem-body-2468"),
+            ("sasl.oauthbearer.client.secret", "cs-9999"),
+            (
+                "sasl.oauthbearer.assertion.private.key.passphrase",
+                "pp-4242",
+            ),
+            ("ssl.keystore.password", "ks-1357"),
+            // librdkafka marks it sensitive in its own dumps, but it names, not authenticates:
+            // shown, so that "wrong user" can be diagnosed (and a short name like "keyflow"
+            // does not blank out every log line).
+            ("sasl.username", "svc-user-77"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let secrets = secret_values(&kafka);
+        for shown in [
+            "principal=admin clientSecret=oauth-cs-1234",
+            "oauth-cs-1234",
+            pem.as_str(),
+            PEM_LINE,
+            "internal-key-5678",
+            "/run/secrets/client-key.pem",
+            "ca-pem-body-2468",
+            "cs-9999",
+            "pp-4242",
+            "ks-1357",
+        ] {
+            let text = format!("Failed: Unrecognized config beginning at: {shown} (SASL_SSL)");
+            let r = redact(&text, &secrets);
+            assert!(!r.contains(shown), "{shown:?} is shown: {r}");
+            assert!(r.contains("(SASL_SSL)"), "{r}");
+        }
+        assert_eq!(redact("user svc-user-77", &secrets), "user svc-user-77");
+    }
+
+    fn ctx() -> (KeyflowContext, Arc<PipelineStats>) {
+        let stats = PipelineStats::new("p");
+        let c = KeyflowContext::new("p", Duration::from_secs(1), stats.clone(), Vec::new());
+        (c, stats)
+    }
+
+    const UP: &[u8] = br#"{"brokers":{"127.0.0.1:9092/1":{"state":"UP"}}}"#;
+
+    /// Review H item 2: a handshake cut short (a broker restarting, a connection reset) is an
+    /// outage, not a configuration error; an untrusted certificate or refused credentials are.
+    #[test]
+    fn only_configuration_errors_are_fatal_at_start() {
+        let transient = [
+            // As librdkafka 2.12 reports a listener hanging up mid-handshake (seen in
+            // tests/security.rs a_handshake_cut_short_at_start_is_waited_out).
+            (RDKafkaErrorCode::BrokerTransportFailure, "sasl_ssl://127.0.0.1:9093/bootstrap: SSL handshake failed: Disconnected: SSL connection closed by peer: connecting to a PLAINTEXT broker listener? (after 0ms in state SSL_HANDSHAKE)"),
+            (RDKafkaErrorCode::SSL, "sasl_ssl://127.0.0.1:9093/1: SSL handshake failed: SSL transport error: Connection reset by peer (after 1ms in state SSL_HANDSHAKE)"),
+            (RDKafkaErrorCode::BrokerTransportFailure, "sasl_ssl://127.0.0.1:9093/1: Connect to ipv4#127.0.0.1:9093 failed: Connection refused (after 0ms in state CONNECT)"),
+        ];
+        for (code, reason) in transient {
+            let (c, stats) = ctx();
+            c.error(KafkaError::Global(code), reason);
+            let e = stats.client_error().expect("kept as the cause");
+            assert!(!e.fatal_at_start, "fatal at start: {reason}");
+            assert!(e.reason.contains(reason), "{}", e.reason);
+        }
+        let config = [
+            (RDKafkaErrorCode::SSL, "sasl_ssl://127.0.0.1:9093/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified, verify that ssl.ca.location is correctly configured or root CA certificates are installed (install ca-certificates package) (after 5ms in state SSL_HANDSHAKE)"),
+            (RDKafkaErrorCode::SSL, "ssl://127.0.0.1:9092/bootstrap: SSL handshake failed: error:0A00010B:SSL routines::wrong version number (after 2ms in state SSL_HANDSHAKE)"),
+            (RDKafkaErrorCode::Authentication, "sasl_ssl://127.0.0.1:9093/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512 (after 8ms in state AUTH_REQ)"),
+        ];
+        for (code, reason) in config {
+            let (c, stats) = ctx();
+            c.error(KafkaError::Global(code), reason);
+            assert!(
+                stats.client_error().is_some_and(|e| e.fatal_at_start),
+                "not fatal at start: {reason}"
+            );
+        }
+    }
+
+    /// Review H item 3: the cause readiness gives is cleared once the brokers answer again, and
+    /// an old error is never the cause of a later outage.
+    #[test]
+    fn an_old_client_error_is_not_the_cause_of_a_later_outage() {
+        let (c, stats) = ctx();
+        let old = "127.0.0.1:9092/1: Disconnected (after 600000ms in state UP)";
+        c.error(
+            KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            old,
+        );
+        // The brokers answer (statistics: a broker UP): healthy, no cause left.
+        c.stats_raw(UP);
+        assert_eq!(stats.client_error().map(|e| e.reason), None);
+        assert!(crate::http::readiness(std::slice::from_ref(&stats))
+            .iter()
+            .all(|r| !r.contains("600000ms")));
+        // Later, an outage: its cause is its own.
+        c.error(
+            KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            "127.0.0.1:9092/1: Connect to ipv4#127.0.0.1:9092 failed: Connection refused (after 0ms in state CONNECT)",
+        );
+        c.error(
+            KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
+        let down = crate::http::readiness(std::slice::from_ref(&stats)).join("; ");
+        assert!(down.contains("brokers unreachable"), "{down}");
+        assert!(down.contains("Connection refused"), "{down}");
+        assert!(!down.contains("600000ms"), "an old cause: {down}");
+        // Back: no reason mentions the outage any more.
+        c.stats_raw(UP);
+        let back = crate::http::readiness(std::slice::from_ref(&stats)).join("; ");
+        assert!(!back.contains("brokers unreachable"), "{back}");
+        assert!(!back.contains("Connection refused"), "{back}");
+        assert_eq!(stats.client_error().map(|e| e.reason), None);
     }
 
     #[test]
