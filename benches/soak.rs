@@ -78,8 +78,9 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     keys: u32,
     /// Diagnostic: instead of the random schedule, N broker outages of `--outage-secs` in a row
-    /// (no other fault, no poison), printing each member's memory after each recovery. Warm-up
-    /// ends after the first outage. Tells a one-off step from growth per outage.
+    /// (no other fault, no poison), printing each member's memory after each recovery. In the
+    /// RSS check the first outage stands for "every fault kind ran once". Tells a one-off step
+    /// from growth per outage.
     #[arg(long, default_value_t = 0)]
     outages: usize,
     /// Length of each outage of `--outages`.
