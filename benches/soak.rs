@@ -27,8 +27,12 @@
 //! input partition committed to its end, every partition assigned and none paused
 //! (`/debug/partitions` and `keyflow_partition_paused` of each member), no member exited by
 //! itself, and each member's RSS flat (every sample after warm-up within ±10% of the warm-up
-//! value). It prints the figures and exits 1 if a check failed. Member logs are copied to
-//! `target/soak/<seed>/`.
+//! value; an incarnation's warm-up ends once it has met its highest concurrency, see the RSS
+//! check). It prints the figures and exits 1 if a check failed. Member logs, every RSS sample
+//! (`rss.csv`) and the faults (`faults.csv`) are written to `target/soak/<seed>/`.
+//!
+//! `--outages N` replaces the schedule by N broker outages in a row and prints each member's
+//! memory after each recovery (the measurement behind the RSS check's warm-up).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -73,6 +77,18 @@ struct Args {
     /// Distinct keys.
     #[arg(long, default_value_t = 100)]
     keys: u32,
+    /// Diagnostic: instead of the random schedule, N broker outages of `--outage-secs` in a row
+    /// (no other fault, no poison), printing each member's memory after each recovery. In the
+    /// RSS check the first outage stands for "every fault kind ran once". Tells a one-off step
+    /// from growth per outage.
+    #[arg(long, default_value_t = 0)]
+    outages: usize,
+    /// Length of each outage of `--outages`.
+    #[arg(long, default_value_t = 10)]
+    outage_secs: u64,
+    /// Extra environment for the members (`KEY=VALUE`, repeatable), e.g. `MALLOC_ARENA_MAX=2`.
+    #[arg(long)]
+    member_env: Vec<String>,
     /// cargo passes --bench to benchmark executables.
     #[arg(long, hide = true)]
     bench: bool,
@@ -474,22 +490,27 @@ type Incarnation = (usize, usize);
 struct Cluster {
     bootstrap: String,
     pipeline: String,
+    /// Extra environment of every member (`--member-env`).
+    env: Vec<(String, String)>,
     members: Mutex<Members>,
     /// (member, incarnation) → RSS samples (seconds since `t0`, KiB).
     rss: Mutex<BTreeMap<Incarnation, Vec<(f64, u64)>>>,
     started: Mutex<BTreeMap<Incarnation, Instant>>,
     failures: Mutex<Vec<String>>,
     t0: Instant,
+    /// Wall clock at `t0`, to place member log lines on the soak's time line.
+    t0_wall: std::time::SystemTime,
 }
 
 impl Cluster {
     fn start_member(&self, slot: usize) {
         let http = format!("127.0.0.1:{}", free_port());
-        let kf = Keyflow::start_many(
-            &self.bootstrap,
-            &[&self.pipeline],
-            &[("KEYFLOW_HTTP__ADDRESS", &http), ("RUST_LOG", "info")],
-        );
+        let mut env = vec![
+            ("KEYFLOW_HTTP__ADDRESS", http.as_str()),
+            ("RUST_LOG", "info"),
+        ];
+        env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let kf = Keyflow::start_many(&self.bootstrap, &[&self.pipeline], &env);
         let mut m = lock(&self.members);
         m.next_incarnation += 1;
         let incarnation = m.next_incarnation;
@@ -725,6 +746,68 @@ fn inject(
     }
 }
 
+/// How long after a member first held every partition its RSS is taken as warmed up: the
+/// catch-up that gave it the highest concurrency ends within a recovery (≤ 10 s in every run).
+const PEAK_SETTLE: Duration = Duration::from_secs(20);
+
+/// When (seconds since `t0_wall`) a member first held every input partition at once, from its
+/// log's `partitions assigned` / `partitions revoked` lines (assignments are incremental).
+fn first_held_all(log: &str, t0_wall: std::time::SystemTime) -> Option<f64> {
+    let mut owned = std::collections::BTreeSet::new();
+    for line in log.lines() {
+        let added = if line.contains("partitions assigned ") {
+            true
+        } else if line.contains("partitions revoked ") {
+            false
+        } else {
+            continue;
+        };
+        let Some(list) = line
+            .split_once("partitions=[")
+            .and_then(|(_, r)| r.split_once(']'))
+            .map(|(l, _)| l)
+        else {
+            continue;
+        };
+        for p in list.split(',').filter_map(|p| p.trim().parse::<i32>().ok()) {
+            if added {
+                owned.insert(p);
+            } else {
+                owned.remove(&p);
+            }
+        }
+        if owned.len() == PARTITIONS as usize {
+            let stamp = line.split_whitespace().next()?;
+            let at = humantime::parse_rfc3339(stamp).ok()?;
+            return Some(at.duration_since(t0_wall).ok()?.as_secs_f64());
+        }
+    }
+    None
+}
+
+/// A member's memory at a glance: RSS (anonymous / file-backed), threads, open files, and the
+/// size of its `/metrics` page (a label per error or per incarnation would grow it).
+fn memory_probe(pid: u32, http: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().trim_end_matches(" kB").to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let metrics = keyflow::http::get_blocking(http, "/metrics", Duration::from_secs(5))
+        .map_or(0, |(_, b)| b.len());
+    format!(
+        "RSS {} KiB (anon {}, file {}), threads {}, fds {fds}, /metrics {metrics} B",
+        field("VmRSS"),
+        field("RssAnon"),
+        field("RssFile"),
+        field("Threads"),
+    )
+}
+
 /// Waits until every id produced so far is accounted for; `None` after `limit`.
 fn wait_accounted(ledger: &Mutex<Ledger>, limit: Duration) -> Option<Duration> {
     let mark = lock(ledger).entries.len();
@@ -838,6 +921,16 @@ fn main() {
     let cluster = Arc::new(Cluster {
         bootstrap: broker.bootstrap.clone(),
         pipeline: pipeline_toml(&input, &group, &output, &dlq, hook),
+        env: a
+            .member_env
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("--member-env {kv}: want KEY=VALUE"));
+                (k.to_string(), v.to_string())
+            })
+            .collect(),
         members: Mutex::new(Members {
             slots: (0..MEMBERS).map(|_| None).collect(),
             gone: Vec::new(),
@@ -847,6 +940,7 @@ fn main() {
         started: Mutex::new(BTreeMap::new()),
         failures: Mutex::new(Vec::new()),
         t0: Instant::now(),
+        t0_wall: std::time::SystemTime::now(),
     });
     for slot in 0..MEMBERS {
         cluster.start_member(slot);
@@ -897,7 +991,65 @@ fn main() {
     // RSS is judged once every fault kind has run once (a member holding all 8 partitions, an
     // open breaker, dead letters): before that it steps with what the process first meets.
     let mut cycle_done = None;
+    let mut memory_lines = Vec::new();
+    for i in 0..a.outages {
+        let fault = Fault::BrokerOutage {
+            down: Duration::from_secs(a.outage_secs),
+        };
+        let at = cluster.secs();
+        println!("[soak] t={at:>6.1}s outage {}/{}", i + 1, a.outages);
+        let t = Instant::now();
+        let note = inject(
+            &fault,
+            &cluster,
+            &broker,
+            &downstream,
+            &poison_pending,
+            &ledger,
+        );
+        let lasted = t.elapsed();
+        let recovery = wait_accounted(&ledger, plan.recovery_limit);
+        if recovery.is_none() {
+            cluster.fail(format!(
+                "outage {} at t={at:.0}s: not recovered {:?} after it ended ({note})",
+                i + 1,
+                plan.recovery_limit
+            ));
+        }
+        // Settle as long as a soak's gap, then look at each member.
+        std::thread::sleep(Duration::from_secs(10));
+        if i == 0 {
+            cycle_done = Some(cluster.secs());
+        }
+        let m = lock(&cluster.members);
+        for (slot, member) in m.slots.iter().enumerate() {
+            if let Some(member) = member {
+                let line = format!(
+                    "after outage {:>2} (t={:>4.0}s, recovered in {:>5}): member {slot} #{}: {}",
+                    i + 1,
+                    cluster.secs(),
+                    recovery.map_or("NONE".into(), |d| format!("{d:.1?}")),
+                    member.incarnation,
+                    memory_probe(member.kf.pid(), &member.http)
+                );
+                println!("[soak] {line}");
+                memory_lines.push(line);
+            }
+        }
+        drop(m);
+        records.push(FaultRecord {
+            fault,
+            at,
+            lasted,
+            recovery,
+            note,
+        });
+    }
+    // The random schedule (none with --outages).
     loop {
+        if a.outages > 0 {
+            break;
+        }
         if next == kinds.len() {
             cycle_done = Some(cluster.secs());
         }
@@ -1121,14 +1273,27 @@ fn main() {
             l.undelivered
         ));
     }
-    if poison.is_empty() {
+    if poison.is_empty() && a.outages == 0 {
         cluster.fail("no poison message was injected".into());
     }
 
     // RSS: per incarnation, every sample after warm-up within ±10% of the warm-up value. Warm-up
-    // ends `plan.warm_up` after the incarnation started, and not before every fault kind ran once.
+    // ends `plan.warm_up` after the incarnation started, not before every fault kind ran once,
+    // and not before PEAK_SETTLE after the incarnation first held every partition at once (from
+    // its log). A member's memory steps up to the highest concurrency it has met (every key of
+    // every partition in flight during a catch-up: its worker actors and HTTP connections) and
+    // is flat after that; see BENCHMARKS.md. An incarnation that never held every partition
+    // is not judged.
     let rss = lock(&cluster.rss);
     let started = lock(&cluster.started);
+    let held_all: BTreeMap<Incarnation, f64> = lock(&cluster.members)
+        .gone
+        .iter()
+        .filter_map(|(slot, m)| {
+            let at = first_held_all(&m.kf.log(), cluster.t0_wall)?;
+            Some(((*slot, m.incarnation), at))
+        })
+        .collect();
     let cycle_done = cycle_done.unwrap_or_else(|| cluster.secs());
     let mut rss_lines = Vec::new();
     let mut judged = 0;
@@ -1136,15 +1301,26 @@ fn main() {
         let born = started
             .get(&(slot, inc))
             .map_or(0.0, |t| t.duration_since(cluster.t0).as_secs_f64());
-        let warm_end = (born + plan.warm_up.as_secs_f64()).max(cycle_done);
-        let warm = s.iter().find(|(t, _)| *t >= warm_end);
         let lived = s.last().map_or(0.0, |x| x.0 - born);
-        let Some(&(_, warm)) = warm else {
+        let Some(&all_at) = held_all.get(&(slot, inc)) else {
             rss_lines.push(format!(
-                "member {slot} #{inc}: t={born:.0}s..{:.0}s, none after warm-up (t={warm_end:.0}s), {} samples, peak {} MiB",
+                "member {slot} #{inc}: t={born:.0}s..{:.0}s, never held every partition at once: not judged, {} samples, peak {:.1} MiB",
                 born + lived,
                 s.len(),
-                s.iter().map(|x| x.1).max().unwrap_or(0) / 1024
+                s.iter().map(|x| x.1).max().unwrap_or(0) as f64 / 1024.0
+            ));
+            continue;
+        };
+        let warm_end = (born + plan.warm_up.as_secs_f64())
+            .max(cycle_done)
+            .max(all_at + PEAK_SETTLE.as_secs_f64());
+        let warm = s.iter().find(|(t, _)| *t >= warm_end);
+        let Some(&(_, warm)) = warm else {
+            rss_lines.push(format!(
+                "member {slot} #{inc}: t={born:.0}s..{:.0}s, held every partition at t={all_at:.0}s, none after warm-up (t={warm_end:.0}s), {} samples, peak {:.1} MiB",
+                born + lived,
+                s.len(),
+                s.iter().map(|x| x.1).max().unwrap_or(0) as f64 / 1024.0
             ));
             continue;
         };
@@ -1159,12 +1335,19 @@ fn main() {
             *after.last().unwrap(),
         );
         let flat = (max as f64) <= warm as f64 * 1.10 && (min as f64) >= warm as f64 * 0.90;
+        let before = s
+            .iter()
+            .filter(|(t, _)| *t < warm_end)
+            .map(|x| x.1)
+            .min()
+            .unwrap_or(warm);
         let line = format!(
-            "member {slot} #{inc}: t={born:.0}s..{:.0}s, {} samples after t={warm_end:.0}s: warm-up {:.1} MiB, \
-             max {:.1} MiB ({:+.1}%), min {:.1} MiB, end {:.1} MiB ({:+.1}%){}",
+            "member {slot} #{inc}: t={born:.0}s..{:.0}s, held every partition at t={all_at:.0}s, {} samples after t={warm_end:.0}s: \
+             warm-up {:.1} MiB (lowest before {:.1} MiB), max {:.1} MiB ({:+.1}%), min {:.1} MiB, end {:.1} MiB ({:+.1}%){}",
             born + lived,
             after.len(),
             warm as f64 / 1024.0,
+            before as f64 / 1024.0,
             max as f64 / 1024.0,
             (max as f64 / warm as f64 - 1.0) * 100.0,
             min as f64 / 1024.0,
@@ -1180,7 +1363,11 @@ fn main() {
         }
         rss_lines.push(line);
     }
-    if judged == 0 {
+    if judged == 0 && a.smoke {
+        // Minutes too short for a member to meet its peak concurrency and live on: the RSS
+        // check belongs to the full runs.
+        rss_lines.push("smoke: no incarnation judged (none lived 3 samples past its peak)".into());
+    } else if judged == 0 {
         cluster.fail("RSS: no member incarnation lived long enough past warm-up to judge".into());
     }
 
@@ -1193,6 +1380,19 @@ fn main() {
             seed_dir.join(format!("member{slot}-{}.log", m.incarnation)),
         );
     }
+    // Every RSS sample, and when each fault ran, to tell a step from a leak afterwards.
+    let mut csv = String::from("t_s,member,incarnation,rss_kib\n");
+    for (&(slot, inc), s) in rss.iter() {
+        for (t, kib) in s {
+            csv.push_str(&format!("{t:.1},{slot},{inc},{kib}\n"));
+        }
+    }
+    let _ = std::fs::write(seed_dir.join("rss.csv"), csv);
+    let faults: String = records
+        .iter()
+        .map(|r| format!("{:.1},{:.1},{:?}\n", r.at, r.lasted.as_secs_f64(), r.fault))
+        .collect();
+    let _ = std::fs::write(seed_dir.join("faults.csv"), faults);
 
     let mut by_kind: BTreeMap<&str, (usize, Vec<f64>)> = BTreeMap::new();
     for r in &records {
@@ -1259,11 +1459,18 @@ fn main() {
         );
     }
     println!(
-        "RSS per member incarnation (warm-up: {:?} after start, not before t={cycle_done:.0}s, when every fault kind had run):",
+        "RSS per member incarnation (warm-up: {:?} after start, not before t={cycle_done:.0}s, when every fault kind had run, \
+         and not before {PEAK_SETTLE:?} after it first held every partition):",
         plan.warm_up
     );
     for line in &rss_lines {
         println!("  {line}");
+    }
+    if !memory_lines.is_empty() {
+        println!("memory after each outage (+10 s):");
+        for line in &memory_lines {
+            println!("  {line}");
+        }
     }
     println!("final exits: {exits:?}");
     println!("member logs: {}", seed_dir.display());
