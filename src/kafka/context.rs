@@ -431,7 +431,7 @@ mod tests {
 
     fn ctx() -> (KeyflowContext, Arc<PipelineStats>) {
         let stats = PipelineStats::new("p");
-        let c = KeyflowContext::new("p", Duration::from_secs(1), stats.clone(), Vec::new());
+        let c = KeyflowContext::new("p", "t", Duration::from_secs(1), stats.clone(), Vec::new());
         (c, stats)
     }
 
