@@ -1016,10 +1016,21 @@ impl Broker {
         let consumer = self.group_consumer(&unique("support-watermarks"));
         (0..partitions)
             .map(|p| {
-                consumer
-                    .fetch_watermarks(topic, p, Duration::from_secs(10))
-                    .unwrap_or_else(|e| panic!("fetch_watermarks({topic}/{p}): {e}"))
-                    .1
+                // A leader change (a broker just started, a topic just created) answers
+                // NotLeaderForPartition until metadata is refreshed: retry those for a while.
+                let start = Instant::now();
+                loop {
+                    match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+                        Ok((_, high)) => break high,
+                        Err(e) if start.elapsed() < Duration::from_secs(20) => {
+                            eprintln!(
+                                "[support] fetch_watermarks({topic}/{p}) retrying after: {e}"
+                            );
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        Err(e) => panic!("fetch_watermarks({topic}/{p}): {e}"),
+                    }
+                }
             })
             .collect()
     }
