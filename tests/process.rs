@@ -263,6 +263,7 @@ fn kill_9_at_twelve_moments_while_input_arrives(protocol: Protocol) {
         r#"{ distribution = "uniform", min = "0ms", max = "2ms" }"#,
     );
     let mut kills = Vec::new();
+    let mut metadata_sizes = MetadataSizes::default();
     std::thread::scope(|scope| {
         // ~1,000 msg/s in batches of 50, until stopped.
         scope.spawn(|| {
@@ -318,6 +319,7 @@ fn kill_9_at_twelve_moments_while_input_arrives(protocol: Protocol) {
                 );
                 "steady"
             };
+            metadata_sizes.add(&kf);
             kf.kill9();
             let out_after = output_progress(&broker, &output);
             kills.push((moment, out_after));
@@ -346,10 +348,75 @@ fn kill_9_at_twelve_moments_while_input_arrives(protocol: Protocol) {
     let dups = check_output(&out, &expected);
     let bound = PARTITIONS as usize * (MAX_IN_FLIGHT + COMMIT_EVERY);
     println!("crash ({protocol:?}): {n} inputs, {} output records, {dups} duplicates over {CRASHES} crashes: {:.1} per crash (bound {bound} = {PARTITIONS} partitions × (max_in_flight {MAX_IN_FLIGHT} + commit_every {COMMIT_EVERY})); kills (moment, output count): {kills:?}", out.len(), dups as f64 / CRASHES as f64);
+    println!("crash ({protocol:?}): commit metadata sizes seen: {metadata_sizes}");
     assert!(
         dups <= CRASHES * bound,
         "{dups} duplicates for {CRASHES} crashes exceeds {CRASHES} × {bound} (in flight + commit_every per partition)"
     );
+}
+
+/// The distribution of `keyflow_commit_metadata_bytes` over member incarnations, read from
+/// each one's `/metrics` just before it is killed (for the report, not asserted).
+#[derive(Default)]
+struct MetadataSizes {
+    /// Cumulative count per bucket bound (`le`), summed over incarnations.
+    buckets: BTreeMap<String, f64>,
+    sum: f64,
+}
+
+impl MetadataSizes {
+    fn add(&mut self, kf: &Keyflow) {
+        let log = kf.log();
+        let Some(address) = log
+            .split("http endpoint serving")
+            .nth(1)
+            .and_then(|l| l.split("address=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+        else {
+            return;
+        };
+        let Ok((_, text)) =
+            keyflow::http::get_blocking(address, "/metrics", Duration::from_secs(5))
+        else {
+            return;
+        };
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("keyflow_commit_metadata_bytes_bucket{") {
+                let le = rest.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+                let v = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+                if let (Some(le), Some(v)) = (le, v) {
+                    *self.buckets.entry(le.to_string()).or_default() += v;
+                }
+            } else if let Some(rest) = line.strip_prefix("keyflow_commit_metadata_bytes_sum") {
+                self.sum += rest
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for MetadataSizes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total = self.buckets.get("+Inf").copied().unwrap_or(0.0);
+        let mut bounds: Vec<(f64, f64)> = self
+            .buckets
+            .iter()
+            .filter_map(|(le, v)| le.parse::<f64>().ok().map(|b| (b, *v)))
+            .collect();
+        bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+        write!(
+            f,
+            "{total} commit points, mean {:.0} bytes;",
+            self.sum / total.max(1.0)
+        )?;
+        for (b, v) in bounds {
+            write!(f, " ≤{b}: {:.0}%", 100.0 * v / total.max(1.0))?;
+        }
+        Ok(())
+    }
 }
 
 /// Waits until `more` output records beyond the current count have been written.
