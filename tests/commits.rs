@@ -18,15 +18,8 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use support::mock::{mock_cluster, MockCmd};
 use support::{unique, Broker};
 
-async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_for(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    support::wait_until_async(timeout, Duration::from_millis(20), cond, what).await;
 }
 
 fn complete(stats: &PipelineStats) -> u64 {
@@ -305,22 +298,7 @@ async fn a_failed_commit_is_sent_again_and_counts_only_once_acknowledged() {
         .await
         .unwrap();
     let stats = running.stats[0].clone();
-    let broker_committed = || {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let c: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", group)
-            .create()
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition(topic, 0);
-        c.committed_offsets(tpl, Duration::from_secs(5))
-            .unwrap()
-            .elements()[0]
-            .offset()
-            .to_raw()
-            .unwrap_or(-1)
-    };
+    let broker_committed = || support::mock::committed_offset(&bootstrap, group, topic, 0);
     wait_for("all processed", Duration::from_secs(30), || {
         complete(&stats) == N as u64
     })

@@ -468,7 +468,6 @@ impl Processor for RejectBad {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unwritable_dlq_pauses_and_never_commits_past_the_message() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     const N: i64 = 200;
     const BAD: i64 = 50;
@@ -516,21 +515,7 @@ async fn an_unwritable_dlq_pauses_and_never_commits_past_the_message() {
         .await
         .unwrap();
     let stats = running.stats[0].clone();
-    let committed = || {
-        let c: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", group)
-            .create()
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition(input, 0);
-        c.committed_offsets(tpl, Duration::from_secs(5))
-            .unwrap()
-            .elements()[0]
-            .offset()
-            .to_raw()
-            .unwrap_or(-1)
-    };
+    let committed = || support::mock::committed_offset(&bootstrap, group, input, 0);
     let t = Instant::now();
     wait_for(
         "the partition pauses while the DLQ fails",

@@ -36,3 +36,21 @@ pub fn mock_cluster(topics: &[(&str, i32)]) -> (String, Sender<MockCmd>) {
     });
     (addr_rx.recv().unwrap(), cmd_tx)
 }
+
+/// The offset `group` committed for `topic`/`partition` on the mock cluster (-1 if none).
+pub fn committed_offset(bootstrap: &str, group: &str, topic: &str, partition: i32) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .expect("consumer on the mock cluster");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    c.committed_offsets(tpl, std::time::Duration::from_secs(5))
+        .expect("committed offsets from the mock cluster")
+        .elements()[0]
+        .offset()
+        .to_raw()
+        .unwrap_or(-1)
+}
