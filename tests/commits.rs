@@ -76,6 +76,20 @@ fn counting_pipeline(brokers: &str, topic: &str, group: &str) -> keyflow::config
     )
 }
 
+/// Starts the counting pipeline on `topic` in `group`.
+async fn start_counting(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    counting: &Arc<Counting>,
+) -> keyflow::runtime::Running {
+    Runtime::new(counting_pipeline(brokers, topic, group))
+        .with_processor("count", counting.clone())
+        .start()
+        .await
+        .unwrap()
+}
+
 /// A shutdown (what SIGTERM runs) at the drain deadline, with one message stuck at the bottom of
 /// the partition and everything above it completed: the commit point cannot pass the stuck
 /// message, but on restart the completed ones are not processed again.
@@ -97,11 +111,7 @@ async fn a_shutdown_at_the_drain_deadline_does_not_rerun_what_completed_above_a_
     );
     let counting = Arc::new(Counting::default());
     counting.hang.store(true, Relaxed);
-    let running = Runtime::new(counting_pipeline(&broker.bootstrap, &topic, &group))
-        .with_processor("count", counting.clone())
-        .start()
-        .await
-        .unwrap();
+    let running = start_counting(&broker.bootstrap, &topic, &group, &counting).await;
     let stats = running.stats[0].clone();
     wait_for(
         "everything but the stuck message completes",
@@ -125,11 +135,7 @@ async fn a_shutdown_at_the_drain_deadline_does_not_rerun_what_completed_above_a_
 
     // Restart: only the stuck message runs again.
     counting.hang.store(false, Relaxed);
-    let running = Runtime::new(counting_pipeline(&broker.bootstrap, &topic, &group))
-        .with_processor("count", counting.clone())
-        .start()
-        .await
-        .unwrap();
+    let running = start_counting(&broker.bootstrap, &topic, &group, &counting).await;
     let stats = running.stats[0].clone();
     wait_for(
         "the stuck message completes after the restart",
@@ -194,11 +200,7 @@ async fn foreign_commit_metadata_is_ignored_and_keyflow_metadata_is_honoured() {
                 .collect();
             broker.commit_offsets_with_metadata(&group, &topic, &c);
             let counting = Arc::new(Counting::default());
-            let running = Runtime::new(counting_pipeline(&broker.bootstrap, &topic, &group))
-                .with_processor("count", counting.clone())
-                .start()
-                .await
-                .unwrap();
+            let running = start_counting(&broker.bootstrap, &topic, &group, &counting).await;
             wait_for("committed to the end", Duration::from_secs(60), || {
                 broker.committed_offsets(&group, &topic, 2) == vec![N as i64, N as i64]
             })
