@@ -20,6 +20,20 @@ pub struct Message {
     pub headers: Option<OwnedHeaders>,
     /// When keyflow took it off the consumer queue (queue-wait and drain reporting).
     pub received: Instant,
+    /// Under `delivery = "exactly_once"`: what this attempt will write, held until the chain
+    /// succeeds and then written in the pipeline's transaction (see [`crate::kafka::transaction`]).
+    /// Empty, and never allocated, otherwise.
+    pub outbox: Vec<Record>,
+}
+
+/// A record to produce, owned: key and payload share the input's `Bytes` (no payload copy).
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: Arc<str>,
+    pub key: Option<Bytes>,
+    pub payload: Option<Bytes>,
+    pub headers: Option<OwnedHeaders>,
+    pub timestamp_ms: Option<i64>,
 }
 
 impl Message {
@@ -35,6 +49,7 @@ impl Message {
             payload: m.payload().map(Bytes::copy_from_slice),
             headers: m.headers().filter(|h| h.count() > 0).map(|h| h.detach()),
             received: Instant::now(),
+            outbox: Vec::new(),
         }
     }
 
@@ -67,6 +82,7 @@ impl Message {
             payload: Some(Bytes::copy_from_slice(payload)),
             headers: None,
             received: Instant::now(),
+            outbox: Vec::new(),
         }
     }
 }

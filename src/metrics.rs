@@ -55,6 +55,9 @@ pub const ASSIGNED_PARTITIONS: &str = "keyflow_assigned_partitions";
 pub const REBALANCES_TOTAL: &str = "keyflow_rebalances_total";
 /// Offset commits by `result` (ok, failed).
 pub const COMMITS_TOTAL: &str = "keyflow_commits_total";
+/// Exactly-once transactions aborted (the pipeline rewound to its last committed transaction);
+/// committed transactions count as `keyflow_commits_total{result="ok"}`.
+pub const TRANSACTIONS_ABORTED_TOTAL: &str = "keyflow_transactions_aborted_total";
 /// Size of the completed-offsets metadata each commit carries (0: nothing above the point).
 pub const COMMIT_METADATA_BYTES: &str = "keyflow_commit_metadata_bytes";
 /// Commits whose completed-offsets metadata was cut to fit the cap (the cut runs are processed
@@ -227,6 +230,10 @@ fn describe() {
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions assigned to this instance");
     describe_counter!(REBALANCES_TOTAL, "Rebalance events by kind");
     describe_counter!(COMMITS_TOTAL, "Offset commits by result");
+    describe_counter!(
+        TRANSACTIONS_ABORTED_TOTAL,
+        "Exactly-once transactions aborted (the pipeline rewound to its last commit)"
+    );
     describe_gauge!(COMMITTED_OFFSET, "Last committed offset (next to consume)");
     describe_counter!(WORKER_RESTARTS_TOTAL, "Workers restarted after a crash");
     describe_gauge!(
@@ -258,6 +265,7 @@ pub struct PipelineMetrics {
     pub rebalance_lost: Counter,
     pub commits_ok: Counter,
     pub commits_failed: Counter,
+    pub transactions_aborted: Counter,
     pub worker_restarts: Counter,
     pub breaker_state: Gauge,
     pub dlq_ok: Counter,
@@ -285,6 +293,7 @@ impl Default for PipelineMetrics {
             rebalance_lost: Counter::noop(),
             commits_ok: Counter::noop(),
             commits_failed: Counter::noop(),
+            transactions_aborted: Counter::noop(),
             worker_restarts: Counter::noop(),
             breaker_state: Gauge::noop(),
             dlq_ok: Counter::noop(),
@@ -319,6 +328,7 @@ impl PipelineMetrics {
             rebalance_lost: rebalance("lost"),
             commits_ok: commits("ok"),
             commits_failed: commits("failed"),
+            transactions_aborted: counter!(TRANSACTIONS_ABORTED_TOTAL, "pipeline" => p.clone(), "topic" => t.clone()),
             worker_restarts: counter!(WORKER_RESTARTS_TOTAL, "pipeline" => p.clone(), "topic" => t.clone()),
             breaker_state: gauge!(CIRCUIT_BREAKER_STATE, "pipeline" => p.clone(), "topic" => t.clone()),
             dlq_ok: dlq("ok"),
@@ -339,6 +349,7 @@ impl PipelineMetrics {
             &m.rebalance_lost,
             &m.commits_ok,
             &m.commits_failed,
+            &m.transactions_aborted,
             &m.worker_restarts,
             &m.dlq_ok,
             &m.dlq_failed,

@@ -12,8 +12,9 @@ use tracing::{debug, error, warn};
 
 use crate::config::{PipelineSpec, RetryPolicy};
 use crate::gate::Gate;
+use crate::kafka::transaction::{Ownership, Transactions, TxnGuard, WriteError};
 use crate::kafka::Producer;
-use crate::message::Message;
+use crate::message::{Message, Record};
 use crate::processors::{Flow, ProcessError, Processor};
 use crate::stats::PipelineStats;
 
@@ -39,10 +40,12 @@ pub struct Pipeline {
     chain: Vec<Arc<dyn Processor>>,
     retry: RetryPolicy,
     producer: Producer,
-    dead_letter_topic: String,
+    dead_letter_topic: Arc<str>,
     pub stats: Arc<PipelineStats>,
     /// Held while a breaker is open or the dead-letter topic fails: partitions pause.
     pub gate: Arc<Gate>,
+    /// `delivery = "exactly_once"`: every write goes through the pipeline's transaction.
+    pub txn: Option<Arc<Transactions>>,
 }
 
 impl Pipeline {
@@ -58,10 +61,18 @@ impl Pipeline {
             chain,
             retry: spec.retry,
             producer,
-            dead_letter_topic: spec.dead_letter_topic.clone(),
+            dead_letter_topic: Arc::from(spec.dead_letter_topic.as_str()),
             stats,
             gate,
+            txn: None,
         }
+    }
+
+    /// Exactly-once: the chain stages its records (built with `transactional`) and they, and
+    /// dead letters, are written in `txn`.
+    pub fn with_transactions(mut self, txn: Arc<Transactions>) -> Self {
+        self.txn = Some(txn);
+        self
     }
 
     /// Runs attempt `attempt` (1-based) of the chain. A retryable failure with attempts left
@@ -71,38 +82,93 @@ impl Pipeline {
     /// once the message is complete (processed, filtered, or acknowledged by the dead-letter
     /// topic), so its offset may be committed.
     pub async fn execute(&self, original: &Message, attempt: u32) -> Outcome {
+        let owner = Arc::new(Ownership::default());
+        self.execute_in(original, attempt, &owner).await.0
+    }
+
+    /// [`Self::execute`] for a partition's worker. Under exactly-once the message's records are
+    /// written in the transaction once the chain succeeded, and the returned guard must be held
+    /// until the completion has been sent to the supervisor (see [`crate::kafka::transaction`]);
+    /// `owner` is the partition's right to write.
+    pub async fn execute_in(
+        &self,
+        original: &Message,
+        attempt: u32,
+        owner: &Arc<Ownership>,
+    ) -> (Outcome, Option<TxnGuard>) {
         // Each attempt starts from the message as consumed: a clone shares key and payload
         // (`Bytes`), so no payload is copied.
         let mut msg = original.clone();
         match self.run_chain(&mut msg).await {
             Ok(Flow::Continue) => {
+                let mut guard = None;
+                if let (Some(t), false) = (&self.txn, msg.outbox.is_empty()) {
+                    match t.write(owner, std::mem::take(&mut msg.outbox)).await {
+                        Ok(g) => guard = Some(g),
+                        Err(WriteError::TooLarge(err)) => {
+                            let e = ProcessError::permanent(
+                                "forward",
+                                format!("output too large to write: {err}"),
+                            );
+                            return self
+                                .dead_letter_in_transaction(t, original, &e, attempt, owner)
+                                .await;
+                        }
+                        Err(w) => return (not_written(original.offset, attempt, &w), None),
+                    }
+                }
                 for p in &self.chain {
                     p.completed(original);
                 }
-                Outcome::Processed
+                (Outcome::Processed, guard)
             }
-            Ok(Flow::Drop) => Outcome::Filtered,
-            Ok(Flow::Duplicate) => Outcome::Deduplicated,
+            Ok(Flow::Drop) => (Outcome::Filtered, None),
+            Ok(Flow::Duplicate) => (Outcome::Deduplicated, None),
             Err(e) => {
                 if let Some(wait) = e.not_attempted_wait() {
                     // An open circuit breaker: the same attempt runs again after the cool-down.
-                    return Outcome::Retry {
-                        attempt,
-                        after: wait,
-                    };
+                    return (
+                        Outcome::Retry {
+                            attempt,
+                            after: wait,
+                        },
+                        None,
+                    );
                 }
                 if e.is_retryable() && attempt < self.retry.max_attempts {
                     self.stats.retries.fetch_add(1, Relaxed);
                     self.stats.metrics.retried.increment(1);
                     let after = backoff(&self.retry, attempt);
                     debug!(offset = original.offset, attempt, error = %e, ?after, "retrying");
-                    return Outcome::Retry {
-                        attempt: attempt + 1,
-                        after,
-                    };
+                    return (
+                        Outcome::Retry {
+                            attempt: attempt + 1,
+                            after,
+                        },
+                        None,
+                    );
                 }
-                self.dead_letter(original, &e, attempt).await;
-                Outcome::DeadLettered
+                self.dead_letter_in(original, &e, attempt, owner).await
+            }
+        }
+    }
+
+    /// Dead-letters `msg` after attempt `attempts`, in the transaction under exactly-once.
+    pub async fn dead_letter_in(
+        &self,
+        msg: &Message,
+        e: &ProcessError,
+        attempts: u32,
+        owner: &Arc<Ownership>,
+    ) -> (Outcome, Option<TxnGuard>) {
+        match &self.txn {
+            Some(t) => {
+                self.dead_letter_in_transaction(t, msg, e, attempts, owner)
+                    .await
+            }
+            None => {
+                self.dead_letter(msg, e, attempts).await;
+                (Outcome::DeadLettered, None)
             }
         }
     }
@@ -122,6 +188,17 @@ impl Pipeline {
         self.dead_letter(msg, e, self.retry.max_attempts).await
     }
 
+    /// [`Self::dead_letter_now`] for a partition's worker (see [`Self::execute_in`]).
+    pub async fn dead_letter_now_in(
+        &self,
+        msg: &Message,
+        e: &ProcessError,
+        owner: &Arc<Ownership>,
+    ) -> (Outcome, Option<TxnGuard>) {
+        self.dead_letter_in(msg, e, self.retry.max_attempts, owner)
+            .await
+    }
+
     /// Writes the original message with headers naming the failure. Retries until the write is
     /// acknowledged: an offset is never completed for a message that is neither processed nor
     /// dead-lettered.
@@ -134,14 +211,7 @@ impl Pipeline {
     /// `keyflow.error`.
     async fn dead_letter(&self, msg: &Message, e: &ProcessError, attempts: u32) {
         warn!(pipeline = %self.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, attempts, error = %e, "dead-lettering message");
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis())
-            .to_string();
-        let attempts_s = attempts.to_string();
-        let partition_s = msg.partition.to_string();
-        let offset_s = msg.offset.to_string();
-        let sizes = Sizes::of(msg);
+        let fields = DeadLetterFields::of(msg, attempts);
         let mut trim = 0usize;
         let mut tries = 0u32;
         // While the dead-letter topic cannot be written the pipeline's partitions are paused:
@@ -151,56 +221,15 @@ impl Pipeline {
         let mut hold: Option<crate::gate::HoldGuard> = None;
         loop {
             let t = TRIMS[trim];
-            let mut headers = match &msg.headers {
-                Some(h) if !t.headers => crate::trace::continue_trace(h),
-                // Left out: only the trace goes on (continued), so the dead letter stays
-                // findable by trace id.
-                Some(h) => match crate::trace::traceparent(h).and_then(crate::trace::continued) {
-                    Some(tp) => OwnedHeaders::new().insert(Header {
-                        key: crate::trace::TRACEPARENT,
-                        value: Some(&tp[..]),
-                    }),
-                    None => OwnedHeaders::new(),
-                },
-                None => OwnedHeaders::new(),
-            };
-            for (k, v) in [
-                ("keyflow.error", e.message()),
-                ("keyflow.error.kind", e.kind()),
-                (
-                    "keyflow.error.retryable",
-                    if e.is_retryable() { "true" } else { "false" },
-                ),
-                ("keyflow.attempts", &attempts_s),
-                ("keyflow.source.topic", &msg.topic),
-                ("keyflow.source.partition", &partition_s),
-                ("keyflow.source.offset", &offset_s),
-                ("keyflow.pipeline", &self.name),
-                ("keyflow.time", &now_ms),
-            ] {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
+            let r = self.dead_letter_record(msg, e, &fields, t);
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic);
+            if let Some(h) = r.headers {
+                record = record.headers(h);
             }
-            for (dropped, k, v) in [
-                (t.payload, "keyflow.payload.dropped", &sizes.payload),
-                (t.headers, "keyflow.headers.dropped", &sizes.headers),
-                (t.key, "keyflow.key.dropped", &sizes.key),
-            ] {
-                if let (true, Some(v)) = (dropped, v) {
-                    headers = headers.insert(Header {
-                        key: k,
-                        value: Some(v),
-                    });
-                }
-            }
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&self.dead_letter_topic).headers(headers);
-            if let Some(k) = msg.key.as_deref().filter(|_| !t.key) {
+            if let Some(k) = r.key.as_deref() {
                 record = record.key(k);
             }
-            if let Some(p) = msg.payload.as_deref().filter(|_| !t.payload) {
+            if let Some(p) = r.payload.as_deref() {
                 record = record.payload(p);
             }
             match self.producer.send(record, Duration::from_secs(30)).await {
@@ -218,7 +247,8 @@ impl Pipeline {
                     return;
                 }
                 Err((err, _)) => {
-                    let smaller = (trim + 1..TRIMS.len()).find(|&i| TRIMS[i].drops_any(&sizes));
+                    let smaller =
+                        (trim + 1..TRIMS.len()).find(|&i| TRIMS[i].drops_any(&fields.sizes));
                     if let (true, Some(next)) = (crate::processors::too_large(&err), smaller) {
                         // Not a failure of the topic: try at once with less of the message.
                         debug!(pipeline = %self.name, offset = msg.offset, error = %err, "dead letter too large; trimming");
@@ -235,6 +265,145 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// The dead letter of `msg`: the original key, value and headers (minus what `t` leaves
+    /// out) and the `keyflow.*` headers naming the failure.
+    fn dead_letter_record(
+        &self,
+        msg: &Message,
+        e: &ProcessError,
+        f: &DeadLetterFields,
+        t: Trim,
+    ) -> Record {
+        let mut headers = match &msg.headers {
+            Some(h) if !t.headers => crate::trace::continue_trace(h),
+            // Left out: only the trace goes on (continued), so the dead letter stays
+            // findable by trace id.
+            Some(h) => match crate::trace::traceparent(h).and_then(crate::trace::continued) {
+                Some(tp) => OwnedHeaders::new().insert(Header {
+                    key: crate::trace::TRACEPARENT,
+                    value: Some(&tp[..]),
+                }),
+                None => OwnedHeaders::new(),
+            },
+            None => OwnedHeaders::new(),
+        };
+        for (k, v) in [
+            ("keyflow.error", e.message()),
+            ("keyflow.error.kind", e.kind()),
+            (
+                "keyflow.error.retryable",
+                if e.is_retryable() { "true" } else { "false" },
+            ),
+            ("keyflow.attempts", &f.attempts),
+            ("keyflow.source.topic", &msg.topic),
+            ("keyflow.source.partition", &f.partition),
+            ("keyflow.source.offset", &f.offset),
+            ("keyflow.pipeline", &self.name),
+            ("keyflow.time", &f.now_ms),
+        ] {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        for (dropped, k, v) in [
+            (t.payload, "keyflow.payload.dropped", &f.sizes.payload),
+            (t.headers, "keyflow.headers.dropped", &f.sizes.headers),
+            (t.key, "keyflow.key.dropped", &f.sizes.key),
+        ] {
+            if let (true, Some(v)) = (dropped, v) {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+        }
+        Record {
+            topic: self.dead_letter_topic.clone(),
+            key: msg.key.clone().filter(|_| !t.key),
+            payload: msg.payload.clone().filter(|_| !t.payload),
+            headers: Some(headers),
+            timestamp_ms: None,
+        }
+    }
+
+    /// Exactly-once dead letter: written in the pipeline's transaction (trimmed like
+    /// [`Self::dead_letter`] when too large).
+    async fn dead_letter_in_transaction(
+        &self,
+        t: &Transactions,
+        msg: &Message,
+        e: &ProcessError,
+        attempts: u32,
+        owner: &Arc<Ownership>,
+    ) -> (Outcome, Option<TxnGuard>) {
+        warn!(pipeline = %self.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, attempts, error = %e, "dead-lettering message (in the transaction)");
+        let fields = DeadLetterFields::of(msg, attempts);
+        let mut trim = 0usize;
+        loop {
+            let r = self.dead_letter_record(msg, e, &fields, TRIMS[trim]);
+            match t.write(owner, vec![r]).await {
+                Ok(g) => {
+                    self.stats.dead_lettered.fetch_add(1, Relaxed);
+                    self.stats.metrics.dlq_ok.increment(1);
+                    return (Outcome::DeadLettered, Some(g));
+                }
+                Err(WriteError::TooLarge(err)) => {
+                    match (trim + 1..TRIMS.len()).find(|&i| TRIMS[i].drops_any(&fields.sizes)) {
+                        Some(next) => trim = next,
+                        None => {
+                            let cause =
+                                format!("dead letter too large even without the message: {err}");
+                            t.fail(&cause);
+                            return (
+                                not_written(msg.offset, attempts, &WriteError::Failed(cause)),
+                                None,
+                            );
+                        }
+                    }
+                }
+                Err(w) => return (not_written(msg.offset, attempts, &w), None),
+            }
+        }
+    }
+}
+
+/// The `keyflow.*` values of a dead letter that do not change between tries.
+struct DeadLetterFields {
+    now_ms: String,
+    attempts: String,
+    partition: String,
+    offset: String,
+    sizes: Sizes,
+}
+
+impl DeadLetterFields {
+    fn of(msg: &Message, attempts: u32) -> Self {
+        DeadLetterFields {
+            now_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+                .to_string(),
+            attempts: attempts.to_string(),
+            partition: msg.partition.to_string(),
+            offset: msg.offset.to_string(),
+            sizes: Sizes::of(msg),
+        }
+    }
+}
+
+/// A message whose records could not be written in the transaction stays incomplete: given up
+/// (the next owner runs it) or the pipeline is failing (the restart runs it).
+fn not_written(offset: i64, attempt: u32, e: &WriteError) -> Outcome {
+    debug!(offset, error = %e, "not written in the transaction");
+    Outcome::Retry {
+        attempt,
+        after: match e {
+            WriteError::GivenUp => Duration::from_secs(3600),
+            _ => Duration::from_secs(1),
+        },
     }
 }
 
@@ -360,6 +529,7 @@ mod tests {
                 custom: &custom,
                 gate: &gate,
                 pipeline: "p",
+                transactional: false,
             },
         )
         .unwrap();

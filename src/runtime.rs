@@ -133,11 +133,35 @@ impl Runtime {
         for (spec, pstats) in self.config.pipelines.into_iter().zip(self.stats) {
             let name = spec.name.clone();
             let secrets = crate::kafka::context::secret_values(&spec.kafka);
-            let producer =
-                client::create_producer(&brokers, &spec).map_err(|source| StartError::Kafka {
-                    pipeline: name.clone(),
-                    message: crate::kafka::context::redact(&source.to_string(), &secrets),
-                })?;
+            let kafka_error = |source: rdkafka::error::KafkaError| StartError::Kafka {
+                pipeline: name.clone(),
+                message: crate::kafka::context::redact(&source.to_string(), &secrets),
+            };
+            let exactly_once = spec.delivery == crate::config::Delivery::ExactlyOnce;
+            let txn = if exactly_once {
+                // Blocking: fences an earlier producer with the same transactional.id, bounded
+                // by `startup_timeout`.
+                let (b, sp, st, f) = (
+                    brokers.clone(),
+                    spec.clone(),
+                    pstats.clone(),
+                    fatal_tx.clone(),
+                );
+                let created = tokio::task::spawn_blocking(move || {
+                    crate::kafka::transaction::Transactions::create(&b, &sp, st, f)
+                });
+                let created = tokio::select! {
+                    r = created => r.map_err(|e| StartError::Kafka { pipeline: name.clone(), message: e.to_string() })?,
+                    () = &mut stop => Err(rdkafka::error::KafkaError::Canceled),
+                };
+                Some(created.map_err(kafka_error)?)
+            } else {
+                None
+            };
+            let producer = match &txn {
+                Some(t) => t.producer().clone(),
+                None => client::create_producer(&brokers, &spec).map_err(kafka_error)?,
+            };
             let custom = |n: &str| self.custom.get(n).cloned();
             let gate = Arc::new(crate::gate::Gate::with_breaker_gauge(
                 pstats.metrics.breaker_state.clone(),
@@ -149,13 +173,18 @@ impl Runtime {
                     custom: &custom,
                     gate: &gate,
                     pipeline: &name,
+                    transactional: exactly_once,
                 },
             )
             .map_err(|message| StartError::Build {
                 pipeline: name.clone(),
                 message,
             })?;
-            let pipeline = Arc::new(Pipeline::new(&spec, chain, producer, pstats.clone(), gate));
+            let mut pipeline = Pipeline::new(&spec, chain, producer, pstats.clone(), gate);
+            if let Some(t) = txn {
+                pipeline = pipeline.with_transactions(t);
+            }
+            let pipeline = Arc::new(pipeline);
             let args = CoordinatorArgs {
                 spec: Arc::new(spec),
                 brokers: brokers.clone(),

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{unique, Broker, ConsumedMsg, Keyflow};
+use support::ordered::{check_output, parse};
+use support::{unique, Broker, Keyflow};
 
 /// The consumer group protocol a test runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,50 +67,8 @@ topic = "{output}"
     )
 }
 
-fn parse(payload: &[u8]) -> (String, usize) {
-    let s = std::str::from_utf8(payload).unwrap();
-    let (k, n) = s.rsplit_once(':').unwrap();
-    (k.to_string(), n.parse().unwrap())
-}
-
 fn output_progress(broker: &Broker, topic: &str) -> i64 {
     broker.high_watermarks(topic).iter().sum()
-}
-
-/// Every (key, seq) of `expected` is in `out`; per key the first occurrences are in sequence
-/// order (duplicates may repeat earlier ones). Returns the number of duplicates.
-fn check_output(out: &[ConsumedMsg], expected: &HashMap<String, usize>) -> usize {
-    let mut by_partition: BTreeMap<i32, Vec<&ConsumedMsg>> = BTreeMap::new();
-    for m in out {
-        by_partition.entry(m.partition).or_default().push(m);
-    }
-    let mut next: HashMap<String, usize> = HashMap::new();
-    let mut dups = 0;
-    for msgs in by_partition.values_mut() {
-        msgs.sort_by_key(|m| m.offset);
-        for m in msgs.iter() {
-            let (k, n) = parse(&m.payload);
-            let want = next.entry(k.clone()).or_insert(1);
-            if n == *want {
-                *want += 1;
-            } else if n < *want {
-                dups += 1; // a redelivered duplicate of an earlier message
-            } else {
-                panic!(
-                    "key {k}: seq {n} written before seq {want} (output partition {}, offset {})",
-                    m.partition, m.offset
-                );
-            }
-        }
-    }
-    for (k, &count) in expected {
-        assert_eq!(
-            next.get(k).copied().unwrap_or(1) - 1,
-            count,
-            "key {k}: messages missing from the output"
-        );
-    }
-    dups
 }
 
 /// Input and output topics of 4 partitions; 4,000 messages `p<partition>:<seq>` on the input.

@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use super::partition::{Abandoned, DrainReport, PartitionArgs, PartitionMsg, PartitionSupervisor};
 use crate::config::PipelineSpec;
 use crate::kafka::context::{secret_values, DRAIN_MARGIN, SHUTDOWN_COMMIT_BOUND};
+use crate::kafka::transaction::Ownership;
 use crate::kafka::{client, offsets, Consumer, KeyflowContext};
 use crate::message::Message;
 use crate::pipeline::Pipeline;
@@ -90,6 +91,9 @@ pub enum CoordinatorMsg {
     },
     Stray(Message),
     Shutdown(RpcReplyPort<ShutdownReport>),
+    /// Exactly-once: the open transaction could not commit (a rebalance moved on, the member was
+    /// fenced, a write failed). Abort it and restart every partition from its committed offset.
+    Rewind(String),
 }
 
 pub struct CoordinatorState {
@@ -105,6 +109,8 @@ pub struct CoordinatorState {
     /// Revoke drains in progress (each bounded by the drain deadline): shutdown waits for them
     /// so that their commits happen before the consumer closes.
     revoking: Vec<tokio::task::JoinHandle<()>>,
+    /// Exactly-once: the transaction commit cycle.
+    txn_cycle: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Sets the poll thread's stop flag when dropped (unless disarmed by taking the flag out).
@@ -187,6 +193,7 @@ impl Actor for Coordinator {
         );
         let consumer = client::create_consumer(&a.brokers, &a.spec, ctx)?;
         consumer.context().set_coordinator(me.clone());
+        let me_for_txn = me.clone();
         consumer
             .context()
             .committer
@@ -211,6 +218,10 @@ impl Actor for Coordinator {
             return Err(e);
         }
         stop_guard.0 = None;
+        let txn_cycle = a.pipeline.txn.clone().map(|t| {
+            t.attach(me_for_txn.clone());
+            tokio::spawn(t.run(consumer.clone(), a.spec.commit_interval))
+        });
         info!(pipeline = %a.spec.name, topic = %a.spec.topic, group = %a.spec.group_id, "subscribed");
         Ok(CoordinatorState {
             spec: a.spec,
@@ -223,6 +234,7 @@ impl Actor for Coordinator {
             fatal: a.fatal,
             shutting_down: false,
             revoking: Vec::new(),
+            txn_cycle,
         })
     }
 
@@ -244,30 +256,12 @@ impl Actor for Coordinator {
                     .context()
                     .committer
                     .open(list.iter().map(|a| a.partition));
-                let mut skips = read_skip_sets(&consumer, &s.spec, &list).await;
-                for a in list {
-                    let skip = skips.remove(&a.partition).unwrap_or_default();
-                    if let Some(old) = s.partitions.remove(&a.partition) {
-                        old.stop(Some("reassigned".into()));
-                    }
-                    let args = PartitionArgs {
-                        topic: a.topic,
-                        partition: a.partition,
-                        queue: a.queue,
-                        consumer: consumer.clone(),
-                        pipeline: s.pipeline.clone(),
-                        spec: s.spec.clone(),
-                        stats: s.stats.partition(a.partition),
-                        skip,
-                    };
-                    let (sup, _) =
-                        Actor::spawn_linked(None, PartitionSupervisor, args, me.get_cell()).await?;
-                    s.partitions.insert(a.partition, sup);
-                }
+                let skips = read_skip_sets(&consumer, &s.spec, &list).await;
+                start_supervisors(&me, s, &consumer, list, skips).await?;
             }
             CoordinatorMsg::Revoke {
                 partitions,
-                lost: _,
+                lost,
                 until,
                 reply,
             } => {
@@ -275,6 +269,17 @@ impl Actor for Coordinator {
                     .iter()
                     .filter_map(|(_, p)| s.partitions.remove(p))
                     .collect();
+                let txn = s.pipeline.txn.clone();
+                let epoch = txn.as_ref().map_or(0, |t| t.epoch());
+                if let Some(t) = &txn {
+                    if lost {
+                        // Their uncommitted writes are in the open transaction, which must not
+                        // commit now: abort it and rewind what this member still owns.
+                        t.fail("partitions lost (session expired or fenced): their work belongs to their new owner");
+                    }
+                    t.deregister(partitions.iter().map(|(_, p)| *p));
+                }
+                let consumer = s.consumer.clone();
                 if let Some(c) = &s.consumer {
                     c.context()
                         .committer
@@ -285,7 +290,7 @@ impl Actor for Coordinator {
                 s.revoking.retain(|h| !h.is_finished());
                 s.revoking.push(tokio::spawn(async move {
                     let reports = drain_all(sups, until).await;
-                    let offsets = reports
+                    let offsets: Vec<DrainedOffset> = reports
                         .into_iter()
                         .filter_map(|r| {
                             r.next_offset.map(|n| DrainedOffset {
@@ -296,7 +301,22 @@ impl Actor for Coordinator {
                             })
                         })
                         .collect();
-                    let _ = reply.send(offsets);
+                    match (txn, consumer) {
+                        (Some(t), Some(consumer)) => {
+                            // Exactly-once: the final points go in the transaction with the
+                            // writes they cover, before the partitions are given up; the
+                            // consumer commits nothing itself.
+                            if !lost {
+                                if let Err(e) = t.commit(&consumer, &offsets, epoch).await {
+                                    warn!(error = %e, "revoked partitions not committed; their new owner runs them again");
+                                }
+                            }
+                            let _ = reply.send(Vec::new());
+                        }
+                        _ => {
+                            let _ = reply.send(offsets);
+                        }
+                    }
                 }));
                 for (_, p) in &partitions {
                     s.stats.remove_partition(*p);
@@ -312,6 +332,11 @@ impl Actor for Coordinator {
                 let report = shutdown(s).await;
                 let _ = reply.send(report);
                 me.stop(None);
+            }
+            CoordinatorMsg::Rewind(cause) => {
+                if !s.shutting_down {
+                    rewind(&me, s, &cause).await?;
+                }
             }
         }
         Ok(())
@@ -347,12 +372,140 @@ impl Actor for Coordinator {
         _me: ActorRef<CoordinatorMsg>,
         s: &mut CoordinatorState,
     ) -> Result<(), ActorProcessingErr> {
+        if let Some(cycle) = s.txn_cycle.take() {
+            cycle.abort();
+        }
         if s.poll_thread.is_some() {
             // Stopped without a Shutdown (e.g. the runtime is dropped): still leave the group.
             stop_consumer(s).await;
         }
         Ok(())
     }
+}
+
+/// Starts a supervisor per assigned partition, with the offsets to skip.
+async fn start_supervisors(
+    me: &ActorRef<CoordinatorMsg>,
+    s: &mut CoordinatorState,
+    consumer: &Arc<Consumer>,
+    list: Vec<AssignedPartition>,
+    mut skips: HashMap<i32, offsets::SkipSet>,
+) -> Result<(), ActorProcessingErr> {
+    for a in list {
+        let skip = skips.remove(&a.partition).unwrap_or_default();
+        if let Some(old) = s.partitions.remove(&a.partition) {
+            old.stop(Some("reassigned".into()));
+        }
+        let owner = Arc::new(Ownership::default());
+        let args = PartitionArgs {
+            topic: a.topic,
+            partition: a.partition,
+            queue: a.queue,
+            consumer: consumer.clone(),
+            pipeline: s.pipeline.clone(),
+            spec: s.spec.clone(),
+            stats: s.stats.partition(a.partition),
+            skip,
+            owner: owner.clone(),
+        };
+        let (sup, _) = Actor::spawn_linked(None, PartitionSupervisor, args, me.get_cell()).await?;
+        if let Some(t) = &s.pipeline.txn {
+            t.register(a.partition, sup.clone(), owner);
+        }
+        s.partitions.insert(a.partition, sup);
+    }
+    Ok(())
+}
+
+/// Exactly-once: aborts the open transaction, then restarts every partition this member owns
+/// from its committed offset and metadata (what the aborted transaction held runs again). A
+/// partition never committed starts again at the first offset its supervisor received.
+async fn rewind(
+    me: &ActorRef<CoordinatorMsg>,
+    s: &mut CoordinatorState,
+    cause: &str,
+) -> Result<(), ActorProcessingErr> {
+    let (Some(txn), Some(consumer)) = (s.pipeline.txn.clone(), s.consumer.clone()) else {
+        return Ok(());
+    };
+    let started = std::time::Instant::now();
+    if txn.abort().await.is_err() {
+        return Ok(()); // fatal: the runtime stops
+    }
+    let mut firsts = HashMap::new();
+    for (p, sup) in s.partitions.drain() {
+        let first = match sup
+            .call(PartitionMsg::Abandon, Some(Duration::from_secs(5)))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(f)) => f,
+            _ => {
+                sup.stop(Some("rewound".into()));
+                None
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), wait_stopped(&sup)).await;
+        firsts.insert(p, first);
+    }
+    let partitions: Vec<i32> = firsts.keys().copied().collect();
+    let topic: Arc<str> = Arc::from(s.spec.topic.as_str());
+    let (c, t, ps) = (consumer.clone(), topic.clone(), partitions.clone());
+    let committed = blocking_bounded(SKIP_SET_READ_BOUND + Duration::from_secs(1), move || {
+        offsets::committed_with_metadata(&c, &t, &ps, SKIP_SET_READ_BOUND)
+    })
+    .await;
+    let committed: HashMap<i32, (i64, Vec<u8>)> = match committed {
+        Some(Ok(c)) => c.into_iter().map(|(p, o, m)| (p, (o, m))).collect(),
+        other => {
+            let why = match other {
+                Some(Err(e)) => e.to_string(),
+                _ => "no answer in time".to_string(),
+            };
+            txn.fail(&format!("rewind: committed offsets unreadable: {why}"));
+            return Ok(());
+        }
+    };
+    let mut list = Vec::new();
+    let mut skips = HashMap::new();
+    for p in partitions {
+        let (from, metadata) = match committed.get(&p) {
+            Some((o, m)) if *o >= 0 => (Some(*o), m.as_slice()),
+            _ => (firsts.get(&p).copied().flatten(), &[][..]),
+        };
+        if let Some(from) = from {
+            let (c, t) = (consumer.clone(), topic.clone());
+            let seek = blocking_bounded(Duration::from_secs(6), move || {
+                c.seek(&t, p, rdkafka::Offset::Offset(from), Duration::from_secs(5))
+            })
+            .await;
+            if !matches!(seek, Some(Ok(()))) {
+                txn.fail(&format!(
+                    "rewind: partition {p} could not seek to {from}: {seek:?}"
+                ));
+                return Ok(());
+            }
+            if !metadata.is_empty() {
+                if let Ok(skip) = offsets::decode_metadata(from, metadata) {
+                    skips.insert(p, skip);
+                }
+            }
+        }
+        match consumer.split_partition_queue(&topic, p) {
+            Some(queue) => list.push(AssignedPartition {
+                topic: topic.clone(),
+                partition: p,
+                queue,
+            }),
+            None => {
+                txn.fail(&format!("rewind: partition {p}: no queue"));
+                return Ok(());
+            }
+        }
+    }
+    let n = list.len();
+    start_supervisors(me, s, &consumer, list, skips).await?;
+    warn!(pipeline = %s.spec.name, cause, partitions = n, took = ?started.elapsed(), "exactly-once: rewound to the last committed transaction");
+    Ok(())
 }
 
 /// How long an assignment waits for the committed offsets' metadata before starting without it.
@@ -458,7 +611,11 @@ async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
     if let Some(c) = &s.consumer {
         c.context().committer.forget(s.partitions.keys().copied());
     }
+    if let Some(t) = &s.pipeline.txn {
+        t.deregister(s.partitions.keys().copied());
+    }
     let sups: Vec<_> = s.partitions.drain().map(|(_, a)| a).collect();
+    let epoch = s.pipeline.txn.as_ref().map_or(0, |t| t.epoch());
     info!(pipeline = %s.spec.name, partitions = sups.len(), "shutting down: draining");
     let until = tokio::time::Instant::now() + s.spec.drain_timeout;
     let reports = drain_all(sups, until).await;
@@ -483,7 +640,23 @@ async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
             .extend(r.abandoned.into_iter().map(|a| (r.partition, a)));
         s.stats.remove_partition(r.partition);
     }
-    if let Some(down) = s.stats.brokers_unreachable_for() {
+    if let (Some(t), Some(consumer)) = (s.pipeline.txn.clone(), s.consumer.clone()) {
+        // Exactly-once: the final points go in the last transaction, with the writes they
+        // cover; a failed pipeline commits nothing (its transaction was aborted).
+        t.stop();
+        if let Some(cycle) = s.txn_cycle.take() {
+            let _ = cycle.await;
+        }
+        match t.failure() {
+            Some(f) => report.commit_error = Some(f),
+            None => match t.commit(&consumer, &final_offsets, epoch).await {
+                Ok(()) => {
+                    info!(pipeline = %s.spec.name, offsets = ?report.committed, "final transaction committed")
+                }
+                Err(e) => report.commit_error = Some(e),
+            },
+        }
+    } else if let Some(down) = s.stats.brokers_unreachable_for() {
         // librdkafka would park a synchronous commit until the session times out: skip it (the
         // work is redelivered from the last commit, which is at-least-once).
         if !final_offsets.is_empty() {

@@ -30,6 +30,7 @@ use crate::config::PipelineSpec;
 use crate::introspect::{show_key, InFlightDebug, PartitionDebug, WaitingKey, BACKING_OFF};
 use crate::kafka::committer::Point;
 use crate::kafka::offsets::SkipSet;
+use crate::kafka::transaction::Ownership;
 use crate::kafka::{Consumer, KeyflowContext, OffsetTracker};
 use crate::message::Message;
 use crate::pipeline::{Outcome, Pipeline};
@@ -54,6 +55,8 @@ pub struct PartitionArgs {
     pub stats: Arc<PartitionStats>,
     /// Offsets the previous owner completed above its commit point (read at assignment).
     pub skip: SkipSet,
+    /// Exactly-once: the partition's right to write in the pipeline's transaction.
+    pub owner: Arc<Ownership>,
 }
 
 pub enum PartitionMsg {
@@ -84,6 +87,13 @@ pub enum PartitionMsg {
     Gate(bool),
     /// `/debug/partitions`: report what the partition holds and why it waits.
     Inspect(RpcReplyPort<PartitionDebug>),
+    /// Exactly-once: the commit point and the offsets completed above it, for the transaction
+    /// being committed (answered after every completion already in the mailbox).
+    Point(RpcReplyPort<Option<(i64, Option<String>)>>),
+    /// Exactly-once rewind: the transaction was aborted, so everything this supervisor
+    /// completed since the last commit is void. Replies the first offset it received (where to
+    /// start again when nothing was ever committed) and stops, without a commit.
+    Abandon(RpcReplyPort<Option<i64>>),
     /// Test hook, not API: opens a second handle on this partition's queue and drops it at once,
     /// as a stopped supervisor's handle dropping late does. rdkafka's `PartitionQueue::drop`
     /// clears the non-empty callback of the queue it shares with ours: this supervisor's
@@ -174,6 +184,11 @@ pub struct PartitionState {
     last_completion: Option<Instant>,
     /// `partition{pipeline, topic, partition}`: every handler runs inside it.
     span: tracing::Span,
+    /// Exactly-once: this partition's right to write in the transaction, closed when the
+    /// partition is given up.
+    owner: Arc<Ownership>,
+    /// The first offset received (exactly-once rewind of a partition never committed).
+    first_received: Option<i64>,
     /// The broker's end of the partition, for lag when librdkafka's cached watermark is unknown
     /// or stale (see [`observe`]).
     broker_end: BrokerEnd,
@@ -234,6 +249,8 @@ impl Actor for PartitionSupervisor {
             consumer_paused: false,
             gate_watch: None,
             broker_end: BrokerEnd::default(),
+            owner: a.owner,
+            first_received: None,
         })
     }
 
@@ -274,6 +291,9 @@ impl Actor for PartitionSupervisor {
         if let Some(t) = s.gate_watch.take() {
             t.abort();
         }
+        // Stopped without a drain (reassigned, failed): its late writes must not join the
+        // transaction either.
+        s.owner.close();
         me.stop_children(None);
         s.queue = None;
         debug!(topic = %s.topic, partition = s.partition, "partition supervisor stopped");
@@ -334,6 +354,16 @@ impl Actor for PartitionSupervisor {
             }
             PartitionMsg::Inspect(reply) => {
                 let _ = reply.send(inspect(s));
+            }
+            PartitionMsg::Abandon(reply) => {
+                s.owner.close();
+                let _ = reply.send(s.first_received);
+                me.stop(Some("rewound".into()));
+            }
+            PartitionMsg::Point(reply) => {
+                let point = s.tracker.committable().map(|n| (n, commit_metadata(s)));
+                s.uncommitted = 0;
+                let _ = reply.send(point);
             }
             PartitionMsg::DropSecondQueueHandle(reply) => {
                 let opened = s
@@ -483,6 +513,7 @@ async fn spawn_worker(
         pipeline: s.pipeline.clone(),
         parent: me.clone(),
         progress,
+        owner: s.owner.clone(),
     };
     let (actor, _) = Actor::spawn_linked(None, Worker, args, me.get_cell()).await?;
     Ok(actor)
@@ -553,6 +584,9 @@ async fn admit(
     if !s.tracker.received(m.offset) {
         debug!(topic = %s.topic, partition = s.partition, offset = m.offset, "already received; skipped");
         return Ok(());
+    }
+    if s.first_received.is_none() {
+        s.first_received = Some(m.offset);
     }
     if s.skip.take(m.offset) {
         // Completed by the previous owner above its commit point: done, not run again.
@@ -798,6 +832,14 @@ fn count_completion(s: &mut PartitionState) {
 /// a time and the client context records the broker's answer). A draining partition hands
 /// nothing more: its final commit is synchronous, through the coordinator.
 fn commit_progress(s: &mut PartitionState) {
+    if let Some(t) = &s.pipeline.txn {
+        // Exactly-once: the pipeline's transaction asks for the point when it commits.
+        if s.uncommitted >= s.spec.commit_every {
+            t.request_commit();
+            s.uncommitted = 0;
+        }
+        return;
+    }
     let Some(next) = s.tracker.committable() else {
         return;
     };
@@ -831,6 +873,15 @@ fn commit_metadata(s: &PartitionState) -> Option<String> {
 }
 
 fn finish_drain(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
+    if s.draining.is_none() {
+        return;
+    }
+    // Exactly-once: nothing running here may write any more; writes already under way finish
+    // first, so that the final point covers them (their completions arrive meanwhile).
+    if s.owner.close() > 0 {
+        me.send_after(Duration::from_millis(2), || PartitionMsg::DrainDeadline);
+        return;
+    }
     let Some(reply) = s.draining.take() else {
         return;
     };

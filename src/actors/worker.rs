@@ -9,8 +9,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::Instrument;
 
 use super::partition::PartitionMsg;
+use crate::kafka::transaction::Ownership;
 use crate::message::Message;
-use crate::pipeline::{Outcome, Pipeline};
+use crate::pipeline::Pipeline;
 use crate::processors::ProcessError;
 
 pub struct Worker;
@@ -22,6 +23,8 @@ pub struct WorkerArgs {
     pub parent: ActorRef<PartitionMsg>,
     /// The running message's attempt, read by the supervisor for `/debug/partitions`.
     pub progress: Arc<AtomicU32>,
+    /// The partition's right to write in the pipeline's transaction (exactly-once).
+    pub owner: Arc<Ownership>,
 }
 
 pub struct WorkerState {
@@ -29,6 +32,7 @@ pub struct WorkerState {
     pipeline: Arc<Pipeline>,
     parent: ActorRef<PartitionMsg>,
     progress: Arc<AtomicU32>,
+    owner: Arc<Ownership>,
 }
 
 pub enum WorkerMsg {
@@ -53,6 +57,7 @@ impl Actor for Worker {
             pipeline: a.pipeline,
             parent: a.parent,
             progress: a.progress,
+            owner: a.owner,
         })
     }
 
@@ -62,7 +67,7 @@ impl Actor for Worker {
         msg: WorkerMsg,
         s: &mut WorkerState,
     ) -> Result<(), ActorProcessingErr> {
-        let outcome = match msg {
+        let (outcome, txn) = match msg {
             WorkerMsg::Run(m, attempt) => {
                 let span = tracing::debug_span!("message", topic = %m.topic, partition = m.partition, offset = m.offset, trace_id = tracing::field::Empty);
                 // The input's W3C trace id, so logs join the caller's trace (only when the span
@@ -76,14 +81,13 @@ impl Actor for Worker {
                 crate::introspect::PROGRESS
                     .scope(
                         s.progress.clone(),
-                        s.pipeline.execute(&m, attempt).instrument(span),
+                        s.pipeline
+                            .execute_in(&m, attempt, &s.owner)
+                            .instrument(span),
                     )
                     .await
             }
-            WorkerMsg::DeadLetter(m, e) => {
-                s.pipeline.dead_letter_now(&m, &e).await;
-                Outcome::DeadLettered
-            }
+            WorkerMsg::DeadLetter(m, e) => s.pipeline.dead_letter_now_in(&m, &e, &s.owner).await,
         };
         // If the supervisor is gone (revoked, abandoned at the drain deadline) the completion is
         // dropped with it: a revoked partition's late completion is never committed here.
@@ -91,6 +95,9 @@ impl Actor for Worker {
             worker: s.id,
             outcome,
         });
+        // Exactly-once: the completion is in the supervisor's mailbox before a commit can start
+        // (the commit asks the supervisor for its point after it).
+        drop(txn);
         Ok(())
     }
 }

@@ -123,6 +123,25 @@ impl GroupProtocol {
     }
 }
 
+/// What a pipeline promises about its Kafka writes (`delivery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Writes are acknowledged before the input offset completes; a crash, a rebalance or a
+    /// drain deadline can write an input's outputs again (duplicates, never loss).
+    #[default]
+    AtLeastOnce,
+    /// Every write of the pipeline (forward, route, dead letter) and the input offsets that
+    /// cover them are committed in one Kafka transaction: a `read_committed` reader sees each
+    /// input's outputs exactly once.
+    ExactlyOnce,
+}
+
+/// The largest `max_in_flight` allowed under `exactly_once`: the offsets completed above the
+/// commit point must always fit the commit metadata (see `kafka::offsets::METADATA_CAP`), or a
+/// crash would redo (and write again) what the transaction already committed.
+pub const EXACTLY_ONCE_MAX_IN_FLIGHT: usize = 1000;
+
 /// Under `group_protocol = "consumer"` the session timeout is the broker's
 /// `group.consumer.session.timeout.ms`, which a client cannot read; keyflow assumes Kafka's
 /// default (also its default minimum) for the checks that depend on it.
@@ -216,6 +235,15 @@ pub struct PipelineFile {
     /// `classic` (default) or `consumer` (KIP-848).
     #[serde(default)]
     pub group_protocol: GroupProtocol,
+    /// `at_least_once` (default) or `exactly_once` (Kafka transactions).
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// `exactly_once` only: how long the broker lets a transaction stay open before aborting
+    /// it (`transaction.timeout.ms`). A crashed member's open transaction holds back
+    /// `read_committed` readers until this passes, unless it restarts with the same
+    /// `KEYFLOW_INSTANCE_ID`.
+    #[serde(default = "default_transaction_timeout")]
+    pub transaction_timeout: HumanDuration,
     #[serde(default)]
     pub ordering: Ordering,
     /// Messages buffered or running per partition; at the bound the partition is paused.
@@ -288,6 +316,11 @@ fn default_commit_interval() -> HumanDuration {
 // second; a crash redoes at most max_in_flight + 1,000 messages per partition.
 fn default_commit_every() -> u64 {
     1000
+}
+// Kafka Streams' choice for exactly-once: short enough that a crashed member's open
+// transaction does not hold back read_committed readers for long.
+fn default_transaction_timeout() -> HumanDuration {
+    HumanDuration::from_secs(10)
 }
 fn default_drain_timeout() -> HumanDuration {
     HumanDuration::from_secs(10)
@@ -366,6 +399,8 @@ pub struct PipelineSpec {
     pub group_id: String,
     pub auto_offset_reset: OffsetReset,
     pub group_protocol: GroupProtocol,
+    pub delivery: Delivery,
+    pub transaction_timeout: std::time::Duration,
     pub ordering: Ordering,
     pub max_in_flight: usize,
     pub max_buffered_bytes: u64,
@@ -620,6 +655,32 @@ fn validate_pipeline(
             "expected a positive duration, found \"0s\"".into(),
         );
     }
+    if f.delivery == Delivery::ExactlyOnce {
+        if f.max_in_flight > EXACTLY_ONCE_MAX_IN_FLIGHT {
+            e(
+                errs,
+                "max_in_flight",
+                format!("expected at most {EXACTLY_ONCE_MAX_IN_FLIGHT} under delivery = \"exactly_once\" (the offsets completed above the commit point must fit the commit metadata), found {}", f.max_in_flight),
+            );
+        }
+        for (i, p) in f.processors.iter().enumerate() {
+            if let ProcessorConfig::Http(_) = p {
+                e(
+                    errs,
+                    &format!("processors[{i}]"),
+                    "an `http` call cannot join a Kafka transaction: under delivery = \"exactly_once\" it could run again after a crash or a rebalance, so the pipeline would not be exactly-once; use delivery = \"at_least_once\" with an idempotent downstream (e.g. `dedup`, an idempotency key)".into(),
+                );
+            }
+        }
+        let t = f.transaction_timeout.get();
+        if t < std::time::Duration::from_secs(1) || t > std::time::Duration::from_secs(900) {
+            e(
+                errs,
+                "transaction_timeout",
+                format!("expected between 1s and 15m (the broker's transaction.max.timeout.ms), found {t:?}"),
+            );
+        }
+    }
     if f.commit_every == 0 {
         e(
             errs,
@@ -770,6 +831,8 @@ fn validate_pipeline(
         group_id,
         auto_offset_reset: f.auto_offset_reset,
         group_protocol: f.group_protocol,
+        delivery: f.delivery,
+        transaction_timeout: f.transaction_timeout.get(),
         ordering: f.ordering,
         max_in_flight: f.max_in_flight,
         max_buffered_bytes: f.max_buffered_bytes.as_u64(),

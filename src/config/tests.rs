@@ -401,3 +401,45 @@ fn a_zero_startup_timeout_is_refused() {
         ]
     );
 }
+
+#[test]
+fn exactly_once_refuses_http_and_more_in_flight_than_the_metadata_holds() {
+    let ok = format!("delivery = \"exactly_once\"\n{MINIMAL}");
+    assert_eq!(errors(&ok, &Env::default()), Vec::<String>::new());
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(&dir, "orders.toml", &ok);
+    let s = load_pipeline(&p, &Global::default(), &Env::default()).unwrap();
+    assert_eq!(s.delivery, Delivery::ExactlyOnce);
+    assert_eq!(s.transaction_timeout, std::time::Duration::from_secs(10));
+
+    let e = errors(
+        &format!(
+            "delivery = \"exactly_once\"\nmax_in_flight = 1001\ntransaction_timeout = \"20m\"\n{MINIMAL}\n[[processors]]\ntype = \"http\"\nurl = \"http://localhost:1/x\"\n"
+        ),
+        &Env::default(),
+    );
+    assert_eq!(e.len(), 3, "{e:#?}");
+    assert!(
+        e[0].starts_with(
+            "FILE: field `max_in_flight`: expected at most 1000 under delivery = \"exactly_once\""
+        ),
+        "{e:#?}"
+    );
+    assert!(
+        e[1].starts_with(
+            "FILE: field `processors[1]`: an `http` call cannot join a Kafka transaction"
+        ),
+        "{e:#?}"
+    );
+    assert!(
+        e[2].starts_with("FILE: field `transaction_timeout`: expected between 1s and 15m"),
+        "{e:#?}"
+    );
+
+    // The same chain under at-least-once is fine.
+    let e = errors(
+        &format!("max_in_flight = 1001\n{MINIMAL}\n[[processors]]\ntype = \"http\"\nurl = \"http://localhost:1/x\"\n"),
+        &Env::default(),
+    );
+    assert_eq!(e, Vec::<String>::new());
+}

@@ -302,7 +302,9 @@ impl Committer {
             })
             .collect();
         let queue = st.queue.as_ref().map_or(std::ptr::null_mut(), |q| q.0);
-        match offsets::commit_async(consumer, &list, queue) {
+        // SAFETY: `queue` is null or the committer's own live queue (closed only with the
+        // consumer, see `close_queue`).
+        match unsafe { offsets::commit_async(consumer, &list, queue) } {
             // Without a reply queue nobody answers: the slot stays free.
             Ok(()) if queue.is_null() => {}
             Ok(()) => st.in_flight = Some((Instant::now(), batch)),

@@ -353,7 +353,10 @@ pub fn commit<C: ConsumerContext>(
 /// Commits asynchronously with the answer delivered to `reply` as an `OFFSET_COMMIT` event (see
 /// [`super::committer`]); a null `reply` sends it unanswered. `rd_kafka_commit(async)` would
 /// report a manual commit's result to nobody (its events cover automatic commits only).
-pub fn commit_async<C: ConsumerContext>(
+///
+/// # Safety
+/// `reply` is null or a live librdkafka queue of the same client instance.
+pub unsafe fn commit_async<C: ConsumerContext>(
     consumer: &rdkafka::consumer::BaseConsumer<C>,
     offsets: &[CommitOffset<'_>],
     reply: *mut rdkafka::bindings::rd_kafka_queue_t,

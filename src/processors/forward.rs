@@ -54,10 +54,13 @@ impl ForwardConfig {
 /// (`keep_headers` false, decided when the chain is built) the list is given to the producer
 /// instead of copied.
 pub struct Forward {
-    topic: String,
+    topic: Arc<str>,
     producer: Producer,
     breaker: Option<Breaker>,
     keep_headers: bool,
+    /// `delivery = "exactly_once"`: the record goes to the message's outbox, written in the
+    /// pipeline's transaction once the whole chain succeeded.
+    transactional: bool,
 }
 
 impl Forward {
@@ -67,15 +70,34 @@ impl Forward {
         gate: &Arc<Gate>,
         pipeline: &str,
         keep_headers: bool,
+        transactional: bool,
     ) -> Self {
         Forward {
-            topic: cfg.topic.clone(),
+            topic: Arc::from(cfg.topic.as_str()),
             producer,
             keep_headers,
+            transactional,
             breaker: cfg.circuit_breaker.map(|b| {
                 Breaker::new(b, format!("{pipeline}/forward {}", cfg.topic), gate.clone())
             }),
         }
+    }
+
+    /// Exactly-once: nothing is written yet; the record joins the outbox (no payload copy: key
+    /// and payload are shared `Bytes`).
+    fn stage(&self, msg: &mut Message) {
+        let headers = if self.keep_headers {
+            msg.headers.as_ref().map(crate::trace::continue_trace)
+        } else {
+            msg.headers.take().map(crate::trace::continue_trace_owned)
+        };
+        msg.outbox.push(crate::message::Record {
+            topic: self.topic.clone(),
+            key: msg.key.clone(),
+            payload: msg.payload.clone(),
+            headers,
+            timestamp_ms: msg.timestamp_ms,
+        });
     }
 
     async fn write(&self, msg: &mut Message) -> Result<(), ProcessError> {
@@ -108,6 +130,10 @@ impl Forward {
 #[async_trait]
 impl Processor for Forward {
     async fn process(&self, msg: &mut Message) -> Result<Flow, ProcessError> {
+        if self.transactional {
+            self.stage(msg);
+            return Ok(Flow::Continue);
+        }
         match &self.breaker {
             Some(b) => b.call("forward", self.write(msg)).await?,
             None => self.write(msg).await?,

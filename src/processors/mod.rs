@@ -237,6 +237,9 @@ pub struct BuildContext<'a> {
     pub gate: &'a Arc<crate::gate::Gate>,
     /// The pipeline's name (logs).
     pub pipeline: &'a str,
+    /// `delivery = "exactly_once"`: `forward` and `route` stage their records in the message's
+    /// outbox instead of writing them.
+    pub transactional: bool,
 }
 
 /// Builds the processor chain of a pipeline.
@@ -255,6 +258,7 @@ pub fn build_chain(
                     ctx.gate,
                     ctx.pipeline,
                     configs[i + 1..].iter().any(ProcessorConfig::reads_headers),
+                    ctx.transactional,
                 )),
                 ProcessorConfig::Log(l) => Arc::new(log::Log::new(l)),
                 ProcessorConfig::Simulate(s) => Arc::new(simulate::Simulate::new(s)),
@@ -273,7 +277,7 @@ pub fn build_chain(
                 ),
                 ProcessorConfig::Transform(c) => Arc::new(transform::Transform::new(c)),
                 ProcessorConfig::Route(c) => Arc::new(
-                    route::Route::new(c, ctx.producer.clone())
+                    route::Route::new(c, ctx.producer.clone(), ctx.transactional)
                         .map_err(|e| format!("processors[{i}].routes: {e}"))?,
                 ),
                 ProcessorConfig::Http(c) => Arc::new(

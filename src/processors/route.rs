@@ -13,6 +13,7 @@
 //! ]
 //! ```
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -73,21 +74,24 @@ impl RouteConfig {
 }
 
 pub struct Route {
-    routes: Vec<(jmespath::Expression<'static>, String)>,
-    default: Option<String>,
+    routes: Vec<(jmespath::Expression<'static>, Arc<str>)>,
+    default: Option<Arc<str>>,
     producer: Producer,
+    /// `delivery = "exactly_once"`: records go to the message's outbox (see `forward`).
+    transactional: bool,
 }
 
 impl Route {
-    pub fn new(cfg: &RouteConfig, producer: Producer) -> Result<Self, String> {
+    pub fn new(cfg: &RouteConfig, producer: Producer, transactional: bool) -> Result<Self, String> {
         Ok(Route {
             routes: cfg
                 .routes
                 .iter()
-                .map(|r| Ok((json::compile(&r.when)?, r.topic.clone())))
+                .map(|r| Ok((json::compile(&r.when)?, Arc::from(r.topic.as_str()))))
                 .collect::<Result<_, String>>()?,
-            default: cfg.default.clone(),
+            default: cfg.default.as_deref().map(Arc::from),
             producer,
+            transactional,
         })
     }
 }
@@ -103,7 +107,7 @@ impl Processor for Route {
                 .map_err(|e| ProcessError::permanent("route", e.to_string()))?
                 .is_truthy();
             if hit {
-                targets.push(topic.as_str());
+                targets.push(topic);
             }
         }
         if targets.is_empty() {
@@ -112,8 +116,21 @@ impl Processor for Route {
                 None => return Ok(Flow::Drop),
             }
         }
+        if self.transactional {
+            for topic in targets {
+                msg.outbox.push(crate::message::Record {
+                    topic: topic.clone(),
+                    key: msg.key.clone(),
+                    payload: msg.payload.clone(),
+                    headers: msg.headers.as_ref().map(crate::trace::continue_trace),
+                    timestamp_ms: None,
+                });
+            }
+            return Ok(Flow::Continue);
+        }
         let msg = &*msg;
         let writes = targets.iter().map(|topic| async move {
+            let topic: &str = topic;
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
             if let Some(k) = msg.key.as_deref() {
                 record = record.key(k);

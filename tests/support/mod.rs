@@ -51,6 +51,7 @@ use tempfile::TempDir;
 
 pub mod kafka;
 pub mod mock;
+pub mod ordered;
 
 const LOG_TAIL_ON_PANIC: usize = 60;
 
@@ -938,6 +939,19 @@ impl Broker {
         timeout: Duration,
         quiet: Duration,
     ) -> Vec<ConsumedMsg> {
+        self.consume_all_isolated(topic, expected, timeout, quiet, "read_committed")
+    }
+
+    /// [`Broker::consume_all_with_quiet`] with the reader's `isolation.level`
+    /// (`read_committed`, librdkafka's default, or `read_uncommitted`: aborted records too).
+    pub fn consume_all_isolated(
+        &self,
+        topic: &str,
+        expected: usize,
+        timeout: Duration,
+        quiet: Duration,
+        isolation: &str,
+    ) -> Vec<ConsumedMsg> {
         let start = Instant::now();
         let partitions = self.partition_count(topic, timeout) as i32;
         let consumer: BaseConsumer = self
@@ -948,6 +962,7 @@ impl Broker {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "100")
+            .set("isolation.level", isolation)
             .create()
             .unwrap_or_else(|e| panic!("cannot create consumer: {e}"));
         let mut tpl = TopicPartitionList::new();

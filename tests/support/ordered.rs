@@ -1,0 +1,48 @@
+//! Outputs of `<key>:<seq>` payloads: nothing missing, per-key order, duplicates counted.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::ConsumedMsg;
+
+/// `<key>:<seq>` → (key, seq).
+pub fn parse(payload: &[u8]) -> (String, usize) {
+    let s = std::str::from_utf8(payload).unwrap();
+    let (k, n) = s.rsplit_once(':').unwrap();
+    (k.to_string(), n.parse().unwrap())
+}
+
+/// Every (key, seq) of `expected` is in `out`; per key the first occurrences are in sequence
+/// order (duplicates may repeat earlier ones). Returns the number of duplicates.
+pub fn check_output(out: &[ConsumedMsg], expected: &HashMap<String, usize>) -> usize {
+    let mut by_partition: BTreeMap<i32, Vec<&ConsumedMsg>> = BTreeMap::new();
+    for m in out {
+        by_partition.entry(m.partition).or_default().push(m);
+    }
+    let mut next: HashMap<String, usize> = HashMap::new();
+    let mut dups = 0;
+    for msgs in by_partition.values_mut() {
+        msgs.sort_by_key(|m| m.offset);
+        for m in msgs.iter() {
+            let (k, n) = parse(&m.payload);
+            let want = next.entry(k.clone()).or_insert(1);
+            if n == *want {
+                *want += 1;
+            } else if n < *want {
+                dups += 1; // a redelivered duplicate of an earlier message
+            } else {
+                panic!(
+                    "key {k}: seq {n} written before seq {want} (output partition {}, offset {})",
+                    m.partition, m.offset
+                );
+            }
+        }
+    }
+    for (k, &count) in expected {
+        assert_eq!(
+            next.get(k).copied().unwrap_or(1) - 1,
+            count,
+            "key {k}: messages missing from the output"
+        );
+    }
+    dups
+}
