@@ -149,7 +149,9 @@ fn main() {
         },
         a.runs
     );
-    println!("| mode | msg/s |\n| --- | --- |\n| at_least_once | {x:.0} |\n| exactly_once | {y:.0} |");
+    println!(
+        "| mode | msg/s |\n| --- | --- |\n| at_least_once | {x:.0} |\n| exactly_once | {y:.0} |"
+    );
     println!(
         "exactly_once / at_least_once = {:.2} (cost {:.0}%)",
         y / x,

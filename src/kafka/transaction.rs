@@ -43,7 +43,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureRecord, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc::UnboundedSender, Notify, OwnedRwLockReadGuard, RwLock};
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use super::client::{producer_config, Consumer, Producer};
 use crate::actors::coordinator::{CoordinatorMsg, DrainedOffset};
@@ -51,6 +51,11 @@ use crate::actors::partition::PartitionMsg;
 use crate::config::PipelineSpec;
 use crate::message::Record;
 use crate::stats::PipelineStats;
+
+/// The shortest time between two transaction commits triggered by `commit_every`: a commit
+/// holds every write of the pipeline for a few broker round trips, so back-to-back commits
+/// would stall it (Kafka Streams commits every 100 ms under exactly-once, too).
+pub const MIN_COMMIT_GAP: Duration = Duration::from_millis(100);
 
 /// How long a commit waits for a partition supervisor's commit point.
 const POINT_BOUND: Duration = Duration::from_secs(5);
@@ -327,11 +332,18 @@ impl Transactions {
             .iter()
             .map(|f| (f.partition, f.next_offset, f.metadata.clone()))
             .collect();
-        for (partition, sup) in sups {
-            if points.iter().any(|(p, _, _)| *p == partition) {
-                continue;
-            }
-            match sup.call(PartitionMsg::Point, Some(POINT_BOUND)).await {
+        // Asked in parallel: the write lock is held meanwhile.
+        let asks = sups
+            .into_iter()
+            .filter(|(p, _)| !points.iter().any(|(q, _, _)| q == p))
+            .map(|(partition, sup)| async move {
+                (
+                    partition,
+                    sup.call(PartitionMsg::Point, Some(POINT_BOUND)).await,
+                )
+            });
+        for (partition, answer) in futures::future::join_all(asks).await {
+            match answer {
                 Ok(CallResult::Success(Some((next, metadata)))) => {
                     points.push((partition, next, metadata))
                 }
@@ -340,7 +352,7 @@ impl Transactions {
                     // Its writes may be in this transaction while its completions are not
                     // known: commit nothing this time (the next cycle, or the revoke that
                     // stopped it, commits them with their offsets).
-                    debug!(pipeline = %self.pipeline, partition, answer = ?other.map(|_| ()), "no commit point; transaction commit postponed");
+                    warn!(pipeline = %self.pipeline, partition, answer = ?other.map(|_| ()), "no commit point; transaction commit postponed");
                     return Ok(());
                 }
             }
@@ -444,13 +456,16 @@ impl Transactions {
     }
 
     /// The commit cycle: every `interval`, or sooner when a partition asks
-    /// ([`Self::request_commit`]), until [`Self::stop`].
+    /// ([`Self::request_commit`]) but never less than [`MIN_COMMIT_GAP`] after the previous
+    /// one (every write waits while a transaction commits), until [`Self::stop`].
     pub async fn run(self: Arc<Self>, consumer: Arc<Consumer>, interval: Duration) {
+        let gap = MIN_COMMIT_GAP.min(interval);
         loop {
             tokio::select! {
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep(interval.saturating_sub(gap)) => {}
                 () = self.due.notified() => {}
             }
+            tokio::time::sleep(gap).await;
             if self.stopped.load(SeqCst) {
                 return;
             }
@@ -458,7 +473,7 @@ impl Transactions {
                 // Waiting for the rewind.
                 continue;
             }
-            let _ = self.commit(&consumer, &[], 0).await;
+            let _ = self.commit(&consumer, &[], self.epoch()).await;
         }
     }
 
