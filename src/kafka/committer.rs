@@ -359,3 +359,116 @@ fn poll_answer(q: ReplyQueue, timeout_ms: i32) -> Option<Answer> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rd::rd_kafka_resp_err_t as E;
+    use rdkafka::consumer::DefaultConsumerContext;
+    use rdkafka::ClientConfig;
+
+    fn consumer() -> BaseConsumer<DefaultConsumerContext> {
+        ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "committer-unit")
+            .create()
+            .unwrap()
+    }
+
+    fn point(next: i64, metadata: Option<&str>) -> Point {
+        Point {
+            next,
+            metadata: metadata.map(str::to_string),
+        }
+    }
+
+    /// `partition → point` sent and awaiting its answer.
+    fn in_flight(c: &Committer, sent: &[(i32, Point)]) {
+        c.state.lock().unwrap().in_flight = Some((Instant::now(), sent.iter().cloned().collect()));
+    }
+
+    fn answer(partitions: &[(i32, i64, E)]) -> Answer {
+        Answer {
+            error: None,
+            partitions: partitions.to_vec(),
+        }
+    }
+
+    fn pending(c: &Committer) -> BTreeMap<i32, Point> {
+        c.state.lock().unwrap().pending.clone()
+    }
+
+    #[test]
+    fn a_point_of_a_revoked_partition_is_never_sent_after_its_final_commit() {
+        let (c, k) = (Committer::new("t"), consumer());
+        let stats = crate::stats::PipelineStats::with_topic("p", "t");
+        // Partition 0's point is on the wire when the revoke's final synchronous commit (at a
+        // higher offset) happens; then the async one fails.
+        in_flight(&c, &[(0, point(5, None)), (1, point(7, None))]);
+        c.forget([0]);
+        let mut st = c.state.lock().unwrap();
+        c.answered(
+            &k,
+            &stats,
+            &mut st,
+            answer(&[(1, 7, E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT)]),
+        );
+        drop(st);
+        assert_eq!(
+            pending(&c).keys().copied().collect::<Vec<_>>(),
+            vec![1],
+            "only the partition still owned is sent again: a stale point of partition 0 would move its committed offset back"
+        );
+        // A late supervisor of the revoked partition hands in a point while partition 1's
+        // commit is outstanding: ignored, not queued.
+        in_flight(&c, &[(1, point(7, None))]);
+        c.submit(&k, 0, point(6, None));
+        assert!(!pending(&c).contains_key(&0));
+        // Reassigned: its points go out again.
+        c.open([0]);
+        c.submit(&k, 0, point(9, None));
+        assert_eq!(pending(&c).get(&0), Some(&point(9, None)));
+    }
+
+    #[test]
+    fn metadata_refused_as_too_large_is_committed_again_without_it() {
+        let (c, k) = (Committer::new("t"), consumer());
+        let stats = crate::stats::PipelineStats::with_topic("p", "t");
+        in_flight(&c, &[(0, point(5, Some("kf1:5:rAQE")))]);
+        let mut st = c.state.lock().unwrap();
+        c.answered(
+            &k,
+            &stats,
+            &mut st,
+            answer(&[(0, 5, E::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE)]),
+        );
+        drop(st);
+        assert_eq!(
+            pending(&c).get(&0),
+            Some(&point(5, None)),
+            "sent again with the same offset, without the metadata the broker refuses (else it fails for ever)"
+        );
+    }
+
+    #[test]
+    fn a_late_answer_of_a_commit_given_up_on_does_not_settle_the_newer_one() {
+        let (c, k) = (Committer::new("t"), consumer());
+        let stats = crate::stats::PipelineStats::with_topic("p", "t");
+        // The commit of offset 5 went unanswered past the bound; offset 10 is now on the wire.
+        in_flight(&c, &[(0, point(10, None))]);
+        let mut st = c.state.lock().unwrap();
+        c.answered(
+            &k,
+            &stats,
+            &mut st,
+            answer(&[(0, 5, E::RD_KAFKA_RESP_ERR_NO_ERROR)]),
+        );
+        let still = st.in_flight.as_ref().map(|(_, s)| s.clone());
+        drop(st);
+        assert_eq!(
+            still,
+            Some([(0, point(10, None))].into_iter().collect()),
+            "the answer for 5 must not be taken for the commit of 10"
+        );
+    }
+}
