@@ -867,6 +867,11 @@ fn commit_metadata(s: &PartitionState) -> Option<String> {
     pm.commit_metadata_bytes.record(m.text.len() as f64);
     if m.truncated {
         pm.commit_metadata_truncated.increment(1);
+        if s.pipeline.txn.is_some() {
+            // Under exactly-once the cut offsets' outputs are committed with this transaction:
+            // a crash before the next commit would write them again.
+            error!(topic = %s.topic, partition = s.partition, pending = s.tracker.pending(), "exactly-once: completed offsets cut to fit the commit metadata cap; a crash before the next commit would duplicate their outputs");
+        }
         debug!(topic = %s.topic, partition = s.partition, pending = s.tracker.pending(), "completed offsets cut to fit the commit metadata cap");
     }
     Some(m.text)
