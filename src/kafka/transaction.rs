@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use rdkafka::consumer::Consumer as _;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureRecord, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc::UnboundedSender, Notify, OwnedRwLockReadGuard, RwLock};
@@ -56,6 +56,9 @@ use crate::stats::PipelineStats;
 /// holds every write of the pipeline for a few broker round trips, so back-to-back commits
 /// would stall it (Kafka Streams commits every 100 ms under exactly-once, too).
 pub const MIN_COMMIT_GAP: Duration = Duration::from_millis(100);
+
+/// How long a write waits for room in librdkafka's local queue before it counts as failed.
+const QUEUE_FULL_BOUND: Duration = Duration::from_secs(30);
 
 /// How long a commit waits for a partition supervisor's commit point.
 const POINT_BOUND: Duration = Duration::from_secs(5);
@@ -267,9 +270,30 @@ impl Transactions {
             if let Some(ts) = r.timestamp_ms {
                 record = record.timestamp(ts);
             }
-            match self.producer.send_result(record) {
+            // librdkafka's local queue full: wait for room (as `forward` does), bounded.
+            let deadline = Instant::now() + QUEUE_FULL_BOUND;
+            let sent = loop {
+                match self.producer.send_result(record) {
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                        if Instant::now() < deadline =>
+                    {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    other => break other,
+                }
+            };
+            match sent {
                 Ok(ack) => acks.push((ack, &r.topic)),
-                Err((e, _)) if acks.is_empty() && crate::processors::too_large(&e) => {
+                Err((e, _)) if crate::processors::too_large(&e) => {
+                    // Refused locally, before anything was sent: the message is dead-lettered
+                    // (in this transaction). A rewind would meet it again, for ever. Records of
+                    // the same message queued before it stay in the transaction (a fan-out
+                    // whose later target refuses the size): said in the log.
+                    if !acks.is_empty() {
+                        warn!(pipeline = %self.pipeline, topic = %r.topic, written = acks.len(), "a record of a fan-out is too large; the message is dead-lettered, the records before it stay written");
+                    }
+                    drop(acks);
                     return Err(WriteError::TooLarge(e));
                 }
                 Err((e, _)) => {
