@@ -4,13 +4,9 @@
 
 mod support;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication};
-use support::ordered::check_output;
 use support::{unique, Broker, Keyflow};
 
 fn member(broker: &Broker, toml: &str, instance: &str) -> Keyflow {
@@ -242,135 +238,4 @@ topic = "{output}"
         "STALL: the refused record was never dead-lettered; {n} rewinds in {:.1?}, committed {committed:?}",
         started.elapsed()
     );
-}
-
-/// A member whose partitions are lost (its session expired while it was frozen) drains them:
-/// messages still running there finish after the rewind's abort. Their partitions are no longer
-/// registered with the transaction (deregistered by the revoke), so the abort does not close
-/// their right to write: their records go into the *next* transaction, which this member
-/// commits later with its other partitions' offsets. The partitions' new owner runs the same
-/// messages again: a read_committed reader sees them twice.
-#[test]
-fn a_lost_partitions_late_writes_are_not_committed_by_the_next_transaction() {
-    const KEYS: usize = 400;
-    const PARTITIONS: i32 = 4;
-    let broker = Broker::start();
-    let (input, output, group) = (unique("eosl-in"), unique("eosl-out"), unique("eosl-g"));
-    broker.create_topic_blocking(&input, PARTITIONS);
-    broker.create_topic_blocking(&output, PARTITIONS);
-    broker.create_topic_blocking(&format!("{input}.dlq"), 1);
-    // Slow messages (1-2.5 s), many at once per partition: when the partitions are lost, work is
-    // running there, and it finishes within the drain.
-    let toml = format!(
-        r#"
-name = "eos"
-topic = "{input}"
-group_id = "{group}"
-auto_offset_reset = "earliest"
-delivery = "exactly_once"
-session_timeout = "4s"
-drain_timeout = "6s"
-commit_interval = "200ms"
-max_workers = 32
-
-[[processors]]
-type = "simulate"
-latency = {{ distribution = "uniform", min = "1000ms", max = "2500ms" }}
-
-[[processors]]
-type = "forward"
-topic = "{output}"
-"#
-    );
-    let expected: Mutex<HashMap<String, usize>> = Mutex::new(HashMap::new());
-    let produced = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            let mut next: HashMap<String, usize> = HashMap::new();
-            let mut i = 0usize;
-            while !stop.load(Relaxed) {
-                let batch: Vec<_> = (0..20)
-                    .map(|_| {
-                        let k = format!("k{}", i % KEYS);
-                        i += 1;
-                        let seq = next.entry(k.clone()).or_insert(0);
-                        *seq += 1;
-                        (
-                            Some(k.clone().into_bytes()),
-                            format!("{k}:{seq}").into_bytes(),
-                        )
-                    })
-                    .collect();
-                broker.produce_keyed(&input, batch);
-                *expected.lock().unwrap() = next.clone();
-                produced.fetch_add(20, Relaxed);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        let mut a = member(&broker, &toml, "a");
-        a.wait_for_log("partition supervisor started", Duration::from_secs(60));
-        let mut b = member(&broker, &toml, "b");
-        b.wait_for_log("partition supervisor started", Duration::from_secs(60));
-        broker.wait_group_stable(&group, 2, Duration::from_secs(60));
-        let out = broker.high_watermarks(&output).iter().sum::<i64>();
-        support::wait_until(
-            Duration::from_secs(60),
-            Duration::from_millis(20),
-            || broker.high_watermarks(&output).iter().sum::<i64>() >= out + 200,
-            "progress with two members",
-        );
-        a.signal(libc::SIGSTOP);
-        broker.wait_group_stable(&group, 1, Duration::from_secs(60));
-        let out = broker.high_watermarks(&output).iter().sum::<i64>();
-        support::wait_until(
-            Duration::from_secs(60),
-            Duration::from_millis(20),
-            || broker.high_watermarks(&output).iter().sum::<i64>() >= out + 200,
-            "B processing A's partitions",
-        );
-        a.signal(libc::SIGCONT);
-        a.wait_for_log("exactly-once: rewound", Duration::from_secs(60));
-        broker.wait_group_stable(&group, 2, Duration::from_secs(60));
-        let out = broker.high_watermarks(&output).iter().sum::<i64>();
-        support::wait_until(
-            Duration::from_secs(60),
-            Duration::from_millis(20),
-            || broker.high_watermarks(&output).iter().sum::<i64>() >= out + 200,
-            "A rejoined and commits again",
-        );
-        stop.store(true, Relaxed);
-        let end = broker.high_watermarks(&input);
-        support::wait_until(
-            Duration::from_secs(180),
-            Duration::from_millis(200),
-            || broker.committed_offsets(&group, &input, PARTITIONS) == end,
-            "the group commits the end of the input",
-        );
-        for m in [&mut a, &mut b] {
-            m.sigterm();
-            let _ = m.wait_exit(Duration::from_secs(30));
-        }
-        let lost = a.log().matches("partitions lost").count();
-        println!("A: {} rewinds, {lost} lost-partition aborts", rewinds(&a));
-    });
-    let expected = expected.into_inner().unwrap();
-    let n: usize = expected.values().sum();
-    let committed = broker.consume_all_isolated(
-        &output,
-        n,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-        "read_committed",
-    );
-    let dups = check_output(&committed, &expected);
-    println!(
-        "lost partitions: {n} inputs; read_committed {} records, {dups} duplicates",
-        committed.len()
-    );
-    assert_eq!(
-        dups, 0,
-        "a lost partition's late writes reached read_committed readers"
-    );
-    assert_eq!(committed.len(), n);
 }

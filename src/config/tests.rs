@@ -443,3 +443,23 @@ fn exactly_once_refuses_http_and_more_in_flight_than_the_metadata_holds() {
     );
     assert_eq!(e, Vec::<String>::new());
 }
+
+/// Review of cde2a59: the broker aborts a transaction open longer than `transaction_timeout`
+/// (10 s by default) and bumps the producer's epoch; librdkafka then reports the producer as
+/// fenced, which keyflow treats as fatal (the process stops). A transaction with writes stays
+/// open up to `commit_interval` (longer while a commit is postponed), so an interval at or
+/// above the timeout must be refused — seen in tests/exactly_once_faults.rs with
+/// `commit_interval = "120s"`: "transactional producer fenced by newer producer instance",
+/// "exactly-once transaction aborted for good; stopping".
+#[test]
+fn exactly_once_refuses_a_commit_interval_the_transaction_timeout_cannot_hold() {
+    let e = errors(
+        &format!("delivery = \"exactly_once\"\ncommit_interval = \"30s\"\n{MINIMAL}"),
+        &Env::default(),
+    );
+    assert!(
+        e.iter()
+            .any(|e| e.contains("commit_interval") || e.contains("transaction_timeout")),
+        "commit_interval 30s with the default 10s transaction_timeout accepted: {e:#?}"
+    );
+}
