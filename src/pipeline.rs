@@ -37,7 +37,7 @@ pub enum Outcome {
 
 pub struct Pipeline {
     pub name: String,
-    chain: Vec<Arc<dyn Processor>>,
+    chain: Arc<Vec<Arc<dyn Processor>>>,
     retry: RetryPolicy,
     producer: Producer,
     dead_letter_topic: Arc<str>,
@@ -46,6 +46,8 @@ pub struct Pipeline {
     pub gate: Arc<Gate>,
     /// `delivery = "exactly_once"`: every write goes through the pipeline's transaction.
     pub txn: Option<Arc<Transactions>>,
+    /// Whether a processor of the chain has a `completed` hook (`dedup`, custom ones).
+    completion_hooks: bool,
 }
 
 impl Pipeline {
@@ -58,13 +60,20 @@ impl Pipeline {
     ) -> Self {
         Pipeline {
             name: spec.name.clone(),
-            chain,
+            chain: Arc::new(chain),
             retry: spec.retry,
             producer,
             dead_letter_topic: Arc::from(spec.dead_letter_topic.as_str()),
             stats,
             gate,
             txn: None,
+            completion_hooks: spec.processors.iter().any(|p| {
+                matches!(
+                    p,
+                    crate::processors::ProcessorConfig::Dedup(_)
+                        | crate::processors::ProcessorConfig::Custom(_)
+                )
+            }),
         }
     }
 
@@ -101,9 +110,30 @@ impl Pipeline {
         let mut msg = original.clone();
         match self.run_chain(&mut msg).await {
             Ok(Flow::Continue) => {
+                let Some(t) = &self.txn else {
+                    for p in self.chain.iter() {
+                        p.completed(original);
+                    }
+                    return (Outcome::Processed, None);
+                };
+                let source = (original.partition, original.offset);
+                if let Some((times, why)) = t.refused(source.0, source.1) {
+                    // The broker refused its records for good (the transaction was aborted and
+                    // this is the rerun): dead-letter it rather than abort again for ever.
+                    let e = ProcessError::permanent(
+                        "forward",
+                        format!("output refused by the broker: {why}"),
+                    );
+                    return self
+                        .dead_letter_refused(t, original, &e, attempt, owner, times)
+                        .await;
+                }
                 let mut guard = None;
-                if let (Some(t), false) = (&self.txn, msg.outbox.is_empty()) {
-                    match t.write(owner, std::mem::take(&mut msg.outbox)).await {
+                if !msg.outbox.is_empty() {
+                    match t
+                        .write(owner, std::mem::take(&mut msg.outbox), source)
+                        .await
+                    {
                         Ok(g) => guard = Some(g),
                         Err(WriteError::TooLarge(err)) => {
                             let e = ProcessError::permanent(
@@ -111,14 +141,21 @@ impl Pipeline {
                                 format!("output too large to write: {err}"),
                             );
                             return self
-                                .dead_letter_in_transaction(t, original, &e, attempt, owner)
+                                .dead_letter_in_transaction(t, original, &e, attempt, owner, 0)
                                 .await;
                         }
                         Err(w) => return (not_written(original.offset, attempt, &w), None),
                     }
                 }
-                for p in &self.chain {
-                    p.completed(original);
+                if self.completion_hooks {
+                    // `dedup` must not remember a message whose transaction may still abort
+                    // (its rerun would be dropped): the hooks run once it commits.
+                    let (chain, m) = (self.chain.clone(), original.clone());
+                    t.defer(Box::new(move || {
+                        for p in chain.iter() {
+                            p.completed(&m);
+                        }
+                    }));
                 }
                 (Outcome::Processed, guard)
             }
@@ -163,7 +200,7 @@ impl Pipeline {
     ) -> (Outcome, Option<TxnGuard>) {
         match &self.txn {
             Some(t) => {
-                self.dead_letter_in_transaction(t, msg, e, attempts, owner)
+                self.dead_letter_in_transaction(t, msg, e, attempts, owner, 0)
                     .await
             }
             None => {
@@ -174,7 +211,7 @@ impl Pipeline {
     }
 
     async fn run_chain(&self, msg: &mut Message) -> Result<Flow, ProcessError> {
-        for p in &self.chain {
+        for p in self.chain.iter() {
             match p.process(msg).await? {
                 Flow::Continue => {}
                 stop => return Ok(stop),
@@ -338,14 +375,15 @@ impl Pipeline {
         e: &ProcessError,
         attempts: u32,
         owner: &Arc<Ownership>,
+        mut trim: usize,
     ) -> (Outcome, Option<TxnGuard>) {
         warn!(pipeline = %self.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, attempts, error = %e, "dead-lettering message (in the transaction)");
         let fields = DeadLetterFields::of(msg, attempts);
-        let mut trim = 0usize;
         loop {
             let r = self.dead_letter_record(msg, e, &fields, TRIMS[trim]);
-            match t.write(owner, vec![r]).await {
+            match t.write(owner, vec![r], (msg.partition, msg.offset)).await {
                 Ok(g) => {
+                    t.settled(msg.partition, msg.offset);
                     self.stats.dead_lettered.fetch_add(1, Relaxed);
                     self.stats.metrics.dlq_ok.increment(1);
                     return (Outcome::DeadLettered, Some(g));
@@ -365,6 +403,38 @@ impl Pipeline {
                     }
                 }
                 Err(w) => return (not_written(msg.offset, attempts, &w), None),
+            }
+        }
+    }
+
+    /// The rerun of a message whose records the broker refused (`times` refusals, the last
+    /// one `e`): dead-lettered whole the first time, with only the `keyflow.*` headers if the
+    /// dead-letter topic refused it too; after a third refusal nothing of it can be written,
+    /// and it completes with an error in the log rather than stop the partition for ever.
+    async fn dead_letter_refused(
+        &self,
+        t: &Transactions,
+        msg: &Message,
+        e: &ProcessError,
+        attempts: u32,
+        owner: &Arc<Ownership>,
+        times: u32,
+    ) -> (Outcome, Option<TxnGuard>) {
+        match times {
+            1 => {
+                self.dead_letter_in_transaction(t, msg, e, attempts, owner, 0)
+                    .await
+            }
+            2 => {
+                self.dead_letter_in_transaction(t, msg, e, attempts, owner, TRIMS.len() - 1)
+                    .await
+            }
+            _ => {
+                error!(pipeline = %self.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, error = %e,
+                    "neither the output nor the dead-letter topic accepts this message, even without its key, value and headers; it completes unwritten");
+                t.settled(msg.partition, msg.offset);
+                self.stats.metrics.dlq_failed.increment(1);
+                (Outcome::DeadLettered, None)
             }
         }
     }

@@ -60,7 +60,7 @@ fn dedup_does_not_drop_the_reruns_of_an_aborted_transaction() {
     broker.create_topic_blocking(&input, 1);
     broker.create_topic_blocking(&format!("{input}.dlq"), 1);
     create_small_topic(&broker, &output, 4000);
-    // The 5 s interval (below the 10 s transaction timeout) leaves time for the small outputs
+    // The 5 s interval (below half the 30 s transaction timeout) leaves time for the small outputs
     // and the refused record to share a transaction.
     let toml = format!(
         r#"

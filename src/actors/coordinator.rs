@@ -277,7 +277,7 @@ impl Actor for Coordinator {
                         // commit now: abort it and rewind what this member still owns.
                         t.fail("partitions lost (session expired or fenced): their work belongs to their new owner");
                     }
-                    t.deregister(partitions.iter().map(|(_, p)| *p));
+                    t.deregister(partitions.iter().map(|(_, p)| *p), lost);
                 }
                 let consumer = s.consumer.clone();
                 if let Some(c) = &s.consumer {
@@ -438,10 +438,10 @@ async fn rewind(
             .call(PartitionMsg::Abandon, Some(Duration::from_secs(5)))
             .await
         {
-            Ok(ractor::rpc::CallResult::Success(f)) => f,
+            Ok(ractor::rpc::CallResult::Success(f)) => Ok(f),
             _ => {
                 sup.stop(Some("rewound".into()));
-                None
+                Err(())
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), wait_stopped(&sup)).await;
@@ -468,9 +468,18 @@ async fn rewind(
     let mut list = Vec::new();
     let mut skips = HashMap::new();
     for p in partitions {
-        let (from, metadata) = match committed.get(&p) {
-            Some((o, m)) if *o >= 0 => (Some(*o), m.as_slice()),
-            _ => (firsts.get(&p).copied().flatten(), &[][..]),
+        let (from, metadata) = match (committed.get(&p), firsts.get(&p).copied()) {
+            (Some((o, m)), _) if *o >= 0 => (Some(*o), m.as_slice()),
+            (_, Some(Ok(first))) => (first, &[][..]),
+            _ => {
+                // Never committed, and where its supervisor began is unknown: starting
+                // anywhere could skip what it received. Stop; the restart starts from the
+                // group's reset position.
+                txn.fatal(&format!(
+                    "rewind: partition {p} was never committed and its first offset is unknown"
+                ));
+                return Ok(());
+            }
         };
         if let Some(from) = from {
             let (c, t) = (consumer.clone(), topic.clone());
@@ -612,7 +621,7 @@ async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
         c.context().committer.forget(s.partitions.keys().copied());
     }
     if let Some(t) = &s.pipeline.txn {
-        t.deregister(s.partitions.keys().copied());
+        t.deregister(s.partitions.keys().copied(), false);
     }
     let sups: Vec<_> = s.partitions.drain().map(|(_, a)| a).collect();
     let epoch = s.pipeline.txn.as_ref().map_or(0, |t| t.epoch());

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use super::flow::FlowControl;
 use super::scheduler::KeyScheduler;
 use super::worker::{Worker, WorkerArgs, WorkerMsg};
-use crate::config::PipelineSpec;
+use crate::config::{PipelineSpec, EXACTLY_ONCE_MAX_PENDING};
 use crate::introspect::{show_key, InFlightDebug, PartitionDebug, WaitingKey, BACKING_OFF};
 use crate::kafka::committer::Point;
 use crate::kafka::offsets::SkipSet;
@@ -549,7 +549,7 @@ async fn fetch(
     };
     let mut taken = 0;
     let mut result = Ok(());
-    while s.flow.has_room() {
+    while s.flow.has_room() && !metadata_full(s) {
         if taken == FETCH_BATCH {
             let _ = me.cast(PartitionMsg::Fetch);
             break;
@@ -574,6 +574,16 @@ async fn fetch(
     }
     apply_flow(me, s);
     result
+}
+
+/// Exactly-once: the offsets received above the commit point are at
+/// [`EXACTLY_ONCE_MAX_PENDING`], the most the commit metadata is sure to hold. Completions free
+/// flow-control room but not this: one held-back message (a retry, a slow key) with completions
+/// above it, split into runs by an upstream producer's transaction markers, would otherwise
+/// outgrow the metadata, and a cut one's outputs would be written again after a crash. Taking
+/// waits until the commit point moves (the lag and the stuck watchdog show it meanwhile).
+fn metadata_full(s: &PartitionState) -> bool {
+    s.pipeline.txn.is_some() && s.tracker.pending() >= EXACTLY_ONCE_MAX_PENDING
 }
 
 async fn admit(

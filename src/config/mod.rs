@@ -142,6 +142,13 @@ pub enum Delivery {
 /// crash would redo (and write again) what the transaction already committed.
 pub const EXACTLY_ONCE_MAX_IN_FLIGHT: usize = 1000;
 
+/// Under `exactly_once`, a partition takes no new message while this many offsets above its
+/// commit point are received (complete or not): completions above a held-back message are not
+/// bounded by `max_in_flight`, and each run of them costs metadata. 1,000 offsets in the worst
+/// layout (every other one a transaction marker of the upstream producer) encode to ~2.7 KB,
+/// under the 4,000-byte cap (`kafka::offsets` tests it).
+pub const EXACTLY_ONCE_MAX_PENDING: usize = 1000;
+
 /// Under `group_protocol = "consumer"` the session timeout is the broker's
 /// `group.consumer.session.timeout.ms`, which a client cannot read; keyflow assumes Kafka's
 /// default (also its default minimum) for the checks that depend on it.
@@ -317,10 +324,10 @@ fn default_commit_interval() -> HumanDuration {
 fn default_commit_every() -> u64 {
     1000
 }
-// Kafka Streams' choice for exactly-once: short enough that a crashed member's open
-// transaction does not hold back read_committed readers for long.
+// Short enough that a crashed member's open transaction does not hold back read_committed
+// readers for long, long enough to hold the default drain (10 s) twice over.
 fn default_transaction_timeout() -> HumanDuration {
-    HumanDuration::from_secs(10)
+    HumanDuration::from_secs(30)
 }
 fn default_drain_timeout() -> HumanDuration {
     HumanDuration::from_secs(10)
@@ -679,6 +686,21 @@ fn validate_pipeline(
                 "transaction_timeout",
                 format!("expected between 1s and 15m (the broker's transaction.max.timeout.ms), found {t:?}"),
             );
+        } else {
+            // A transaction stays open until the next commit (or the end of a drain): the
+            // broker aborts it at the timeout and fences the producer.
+            for (field, d) in [
+                ("commit_interval", f.commit_interval.get()),
+                ("drain_timeout", f.drain_timeout.get()),
+            ] {
+                if d * 2 > t {
+                    e(
+                        errs,
+                        field,
+                        format!("expected at most half of transaction_timeout ({t:?}) under delivery = \"exactly_once\" (the broker aborts a transaction left open that long), found {d:?}"),
+                    );
+                }
+            }
         }
     }
     if f.commit_every == 0 {

@@ -410,7 +410,7 @@ fn exactly_once_refuses_http_and_more_in_flight_than_the_metadata_holds() {
     let p = write(&dir, "orders.toml", &ok);
     let s = load_pipeline(&p, &Global::default(), &Env::default()).unwrap();
     assert_eq!(s.delivery, Delivery::ExactlyOnce);
-    assert_eq!(s.transaction_timeout, std::time::Duration::from_secs(10));
+    assert_eq!(s.transaction_timeout, std::time::Duration::from_secs(30));
 
     let e = errors(
         &format!(

@@ -141,6 +141,14 @@ pub struct Transactions {
     /// The last committed point per partition: unchanged partitions are not sent again.
     last: Mutex<HashMap<i32, (i64, Option<String>)>>,
     due: Notify,
+    /// Processors' `completed` hooks (e.g. `dedup` recording an id) of messages written in the
+    /// open transaction: run once it commits, dropped if it aborts (the messages run again).
+    deferred: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+    /// Partitions given up (revoke, lost) whose drain may still write: an abort closes them too.
+    given_up: Mutex<Vec<Arc<Ownership>>>,
+    /// Messages whose records the broker refused for good, with how often: after the rewind
+    /// they are dead-lettered instead (see [`Self::refused`]).
+    poison: Mutex<HashMap<(i32, i64), (u32, String)>>,
     failed: Mutex<Option<String>>,
     stopped: AtomicBool,
     fatal: UnboundedSender<String>,
@@ -191,6 +199,9 @@ impl Transactions {
             coordinator: std::sync::OnceLock::new(),
             last: Mutex::new(HashMap::new()),
             due: Notify::new(),
+            deferred: Mutex::new(Vec::new()),
+            given_up: Mutex::new(Vec::new()),
+            poison: Mutex::new(HashMap::new()),
             failed: Mutex::new(None),
             stopped: AtomicBool::new(false),
             fatal,
@@ -227,12 +238,48 @@ impl Transactions {
     }
 
     /// Partitions being given up: their final points come with the drain's commit.
-    pub fn deregister(&self, partitions: impl IntoIterator<Item = i32>) {
+    ///
+    /// Their owners stay known until closed: an abort while they drain closes them, so that no
+    /// late write of theirs joins the next transaction. `close` (lost partitions) closes them
+    /// at once.
+    pub fn deregister(&self, partitions: impl IntoIterator<Item = i32>, close: bool) {
         let mut s = self.supervisors.lock().unwrap();
         let mut last = self.last.lock().unwrap();
+        let mut given_up = self.given_up.lock().unwrap();
+        given_up.retain(|o| !o.is_closed());
         for p in partitions {
-            s.remove(&p);
+            if let Some((_, owner)) = s.remove(&p) {
+                if close {
+                    owner.close();
+                } else {
+                    given_up.push(owner);
+                }
+            }
             last.remove(&p);
+        }
+    }
+
+    /// Runs `hook` (a processor's `completed`) once the open transaction commits; never if it
+    /// aborts. Call it under the write guard of the message ([`TxnGuard`]).
+    pub fn defer(&self, hook: Box<dyn FnOnce() + Send>) {
+        self.deferred.lock().unwrap().push(hook);
+    }
+
+    /// Why the broker refused the records of the message at `offset` of `partition`, and how
+    /// often, if it did (its reruns are dead-lettered instead of written).
+    pub fn refused(&self, partition: i32, offset: i64) -> Option<(u32, String)> {
+        self.poison
+            .lock()
+            .unwrap()
+            .get(&(partition, offset))
+            .cloned()
+    }
+
+    /// The message is complete after all: forget its refusals.
+    pub fn settled(&self, partition: i32, offset: i64) {
+        let mut p = self.poison.lock().unwrap();
+        if !p.is_empty() {
+            p.remove(&(partition, offset));
         }
     }
 
@@ -243,10 +290,16 @@ impl Transactions {
 
     /// Writes `records` in the open transaction, waiting for acknowledgement. The returned guard
     /// must be held until the message's completion has been sent to its supervisor.
+    ///
+    /// `source` is the input message (partition, offset): if the broker refuses a record for
+    /// good (too large for the topic, invalid), it is remembered, the transaction aborts, and
+    /// after the rewind the message is dead-lettered ([`Self::refused`]) instead of aborting
+    /// again for ever.
     pub async fn write(
         &self,
         owner: &Arc<Ownership>,
         records: Vec<Record>,
+        source: (i32, i64),
     ) -> Result<TxnGuard, WriteError> {
         let lock = self.lock.clone().read_owned().await;
         if let Some(f) = self.failure() {
@@ -306,7 +359,16 @@ impl Transactions {
         for (ack, topic) in acks {
             let failed = match ack.await {
                 Ok(Ok(_)) => None,
-                Ok(Err((e, _))) => Some(format!("write to {topic} failed: {e}")),
+                Ok(Err((e, _))) => {
+                    let why = format!("write to {topic} failed: {e}");
+                    if !crate::processors::write_error("forward", topic, &e).is_retryable() {
+                        let mut p = self.poison.lock().unwrap();
+                        let entry = p.entry(source).or_insert((0, String::new()));
+                        entry.0 += 1;
+                        entry.1 = why.clone();
+                    }
+                    Some(why)
+                }
                 Err(_) => Some(format!("write to {topic}: producer gone")),
             };
             if let Some(cause) = failed {
@@ -337,6 +399,9 @@ impl Transactions {
         if let Some(f) = self.failure() {
             return Err(f);
         }
+        // The hooks of the messages written in this transaction (taken under the write lock:
+        // none of the next one's); run only if it commits.
+        let hooks = std::mem::take(&mut *self.deferred.lock().unwrap());
         let finals = if finals_epoch == self.epoch() {
             finals
         } else {
@@ -374,9 +439,16 @@ impl Transactions {
                 Ok(CallResult::Success(None)) => {}
                 other => {
                     // Its writes may be in this transaction while its completions are not
-                    // known: commit nothing this time (the next cycle, or the revoke that
-                    // stopped it, commits them with their offsets).
+                    // known: commit nothing this time (the next cycle commits them with their
+                    // offsets). Final points cannot wait: the partitions are being given up
+                    // with their writes in this transaction, so it must abort.
+                    if !finals.is_empty() {
+                        let cause = format!("no commit point from partition {partition} while committing given-up partitions: {other:?}", other = other.map(|_| ()));
+                        self.fail(&cause);
+                        return Err(cause);
+                    }
                     warn!(pipeline = %self.pipeline, partition, answer = ?other.map(|_| ()), "no commit point; transaction commit postponed");
+                    self.deferred.lock().unwrap().splice(0..0, hooks);
                     return Ok(());
                 }
             }
@@ -389,6 +461,7 @@ impl Transactions {
             });
         }
         if points.is_empty() {
+            self.deferred.lock().unwrap().splice(0..0, hooks);
             return Ok(());
         }
         let Some(group) = consumer.group_metadata() else {
@@ -424,9 +497,14 @@ impl Transactions {
             Ok(()) => {
                 debug!(pipeline = %self.pipeline, ?offsets, took = ?started.elapsed(), "transaction committed");
                 self.stats.commit_answered(true, &offsets);
-                let mut last = self.last.lock().unwrap();
-                for (p, n, m) in points {
-                    last.insert(p, (n, m));
+                {
+                    let mut last = self.last.lock().unwrap();
+                    for (p, n, m) in points {
+                        last.insert(p, (n, m));
+                    }
+                }
+                for h in hooks {
+                    h();
                 }
                 Ok(())
             }
@@ -451,6 +529,11 @@ impl Transactions {
         for (_, (_, owner)) in self.supervisors.lock().unwrap().drain() {
             owner.close();
         }
+        for owner in self.given_up.lock().unwrap().drain(..) {
+            owner.close();
+        }
+        // Their messages run again; their hooks (dedup ids) would drop the reruns.
+        self.deferred.lock().unwrap().clear();
         self.last.lock().unwrap().clear();
         self.epoch.fetch_add(1, SeqCst);
         let producer = self.producer.clone();
@@ -528,7 +611,7 @@ impl Transactions {
     /// Nothing can be committed any more (fenced by another producer with the same
     /// `transactional.id`, or the abort itself failed): the runtime stops; the restart resumes
     /// from the last committed transaction.
-    fn fatal(&self, cause: &str) {
+    pub fn fatal(&self, cause: &str) {
         *self.failed.lock().unwrap() = Some(cause.to_string());
         error!(pipeline = %self.pipeline, cause, "exactly-once: transaction aborted for good; stopping");
         let _ = self.fatal.send(format!(
