@@ -10,7 +10,6 @@
 //! `read_committed` reader: every input exactly once.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::time::{Duration, Instant};

@@ -998,12 +998,8 @@ impl Broker {
                     last_progress = Instant::now();
                     continue;
                 }
-                Some(Err(e)) => {
-                    if errors.len() < 10 {
-                        errors.push(e.to_string());
-                    }
-                }
-                None => {}
+                Some(Err(e)) if errors.len() < 10 => errors.push(e.to_string()),
+                Some(Err(_)) | None => {}
             }
             if out.len() >= expected
                 && (last_progress.elapsed() >= quiet || start.elapsed() >= timeout)
