@@ -97,9 +97,9 @@ fn histogram_samples_are_folded_without_the_http_endpoint() {
 }
 
 #[test]
-fn rss_stays_flat_over_a_million_messages_with_http_off() {
+fn rss_stays_flat_over_two_million_messages_with_http_off() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    const N: usize = 1_000_000;
+    const N: usize = 2_000_000;
     const PARTITIONS: i32 = 4;
     let broker = Broker::shared();
     let topic = unique("mem-http-off");
@@ -145,9 +145,14 @@ fn rss_stays_flat_over_a_million_messages_with_http_off() {
         "{N} messages, http off: RSS {warm} KiB after {} → {end} KiB at the end ({growth:+} KiB)",
         N / 5
     );
-    // Without upkeep the remaining 800k messages leave 2.4M samples (~19 MB) behind.
+    // Without upkeep the three hot-path histograms keep ~47 bytes per message (the test above:
+    // +46.9 MB per 1M), ~75 MB over the last 1.6M. RSS itself moves by up to ±18 MB between
+    // two samples of the same run with upkeep working (librdkafka's fetch buffers and glibc's
+    // high-water: +17.7 MB, +8.9, +3.4, -14.6 measured at 1M messages), so the bound sits
+    // between the two.
     assert!(
-        growth < 6 * 1024,
-        "RSS grew by {growth} KiB over 800k messages with the HTTP endpoint off"
+        growth < 30 * 1024,
+        "RSS grew by {growth} KiB over {} messages with the HTTP endpoint off",
+        N - N / 5
     );
 }
