@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::ordered::{check_output, parse};
+use support::ordered::{check_output, parse, produce_until};
 use support::{unique, Broker, Keyflow};
 
 /// The consumer group protocol a test runs under.
@@ -225,28 +225,7 @@ fn kill_9_at_twelve_moments_while_input_arrives(protocol: Protocol) {
     let mut metadata_sizes = MetadataSizes::default();
     std::thread::scope(|scope| {
         // ~1,000 msg/s in batches of 50, until stopped.
-        scope.spawn(|| {
-            let mut next: HashMap<String, usize> = HashMap::new();
-            let mut i = 0usize;
-            while !stop.load(Relaxed) {
-                let batch: Vec<_> = (0..50)
-                    .map(|_| {
-                        let k = format!("k{}", i % KEYS);
-                        i += 1;
-                        let seq = next.entry(k.clone()).or_insert(0);
-                        *seq += 1;
-                        (
-                            Some(k.clone().into_bytes()),
-                            format!("{k}:{seq}").into_bytes(),
-                        )
-                    })
-                    .collect();
-                broker.produce_keyed(&input, batch);
-                *expected.lock().unwrap() = next.clone();
-                produced.fetch_add(50, Relaxed);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
+        scope.spawn(|| produce_until(&broker, &input, KEYS, &stop, &produced, &expected));
         for crash in 0..CRASHES {
             // Let a backlog build while no member runs.
             let before = produced.load(Relaxed);

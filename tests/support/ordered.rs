@@ -2,7 +2,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::ConsumedMsg;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::{Broker, ConsumedMsg};
 
 /// `<key>:<seq>` → (key, seq).
 pub fn parse(payload: &[u8]) -> (String, usize) {
@@ -45,4 +49,36 @@ pub fn check_output(out: &[ConsumedMsg], expected: &HashMap<String, usize>) -> u
         );
     }
     dups
+}
+
+/// Writes `<key>:<seq>` at ~1,000 msg/s in batches of 50 until `stop`; `expected` holds the
+/// last sequence number per key.
+pub fn produce_until(
+    broker: &Broker,
+    input: &str,
+    keys: usize,
+    stop: &AtomicBool,
+    produced: &AtomicUsize,
+    expected: &Mutex<HashMap<String, usize>>,
+) {
+    let mut next: HashMap<String, usize> = HashMap::new();
+    let mut i = 0usize;
+    while !stop.load(Relaxed) {
+        let batch: Vec<_> = (0..50)
+            .map(|_| {
+                let k = format!("k{}", i % keys);
+                i += 1;
+                let seq = next.entry(k.clone()).or_insert(0);
+                *seq += 1;
+                (
+                    Some(k.clone().into_bytes()),
+                    format!("{k}:{seq}").into_bytes(),
+                )
+            })
+            .collect();
+        broker.produce_keyed(input, batch);
+        *expected.lock().unwrap() = next.clone();
+        produced.fetch_add(50, Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
