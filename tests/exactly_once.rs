@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use support::ordered::{check_output, produce_until};
+use support::ordered::{check_output, output_progress, produce_until, wait_progress};
 use support::{unique, Broker, Keyflow};
 
 fn pipeline(input: &str, output: &str, group: &str, extra: &str) -> String {
@@ -35,12 +35,6 @@ type = "forward"
 topic = "{output}"
 "#
     )
-}
-
-/// Sum of the output's high watermarks: moves with every write, committed or not (and with
-/// each transaction marker), so it shows progress, never a count of messages.
-fn output_progress(broker: &Broker, topic: &str) -> i64 {
-    broker.high_watermarks(topic).iter().sum()
 }
 
 fn member(broker: &Broker, toml: &str, instance: &str) -> Keyflow {
@@ -132,11 +126,11 @@ fn every_input_exactly_once_through_ten_kills_and_a_rebalance() {
         let mut b = member(&broker, &toml, "b");
         b.wait_for_log("partition supervisor started", Duration::from_secs(60));
         broker.wait_group_stable(&group, 2, Duration::from_secs(60));
-        let out = output_progress(&broker, &output);
-        support::wait_until(
+        wait_progress(
+            &broker,
+            &output,
+            499,
             Duration::from_secs(60),
-            Duration::from_millis(20),
-            || output_progress(&broker, &output) >= out + 500,
             "progress with two members",
         );
         b.sigterm();
@@ -199,22 +193,22 @@ fn a_zombie_member_cannot_commit() {
         let mut b = member(&broker, &toml, "b");
         b.wait_for_log("partition supervisor started", Duration::from_secs(60));
         broker.wait_group_stable(&group, 2, Duration::from_secs(60));
-        let out = output_progress(&broker, &output);
-        support::wait_until(
+        wait_progress(
+            &broker,
+            &output,
+            499,
             Duration::from_secs(60),
-            Duration::from_millis(20),
-            || output_progress(&broker, &output) >= out + 500,
             "progress with two members",
         );
         // A freezes mid-transaction; its session expires and B takes its partitions over.
         a.signal(libc::SIGSTOP);
         let frozen = Instant::now();
         broker.wait_group_stable(&group, 1, Duration::from_secs(60));
-        let out = output_progress(&broker, &output);
-        support::wait_until(
+        wait_progress(
+            &broker,
+            &output,
+            499,
             Duration::from_secs(60),
-            Duration::from_millis(20),
-            || output_progress(&broker, &output) >= out + 500,
             "B processing A's partitions",
         );
         // A wakes up believing it still owns them: the broker refuses its offsets (stale

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::ordered::{check_output, parse, produce_until};
+use support::ordered::{check_output, output_progress, parse, produce_until, wait_progress};
 use support::{unique, Broker, Keyflow};
 
 /// The consumer group protocol a test runs under.
@@ -65,10 +65,6 @@ type = "forward"
 topic = "{output}"
 "#
     )
-}
-
-fn output_progress(broker: &Broker, topic: &str) -> i64 {
-    broker.high_watermarks(topic).iter().sum()
 }
 
 /// Input and output topics of 4 partitions; 4,000 messages `p<partition>:<seq>` on the input.
@@ -355,17 +351,6 @@ impl std::fmt::Display for MetadataSizes {
         }
         Ok(())
     }
-}
-
-/// Waits until `more` output records beyond the current count have been written.
-fn wait_progress(broker: &Broker, output: &str, more: i64, timeout: Duration, what: &str) {
-    let before = output_progress(broker, output);
-    support::wait_until(
-        timeout,
-        Duration::from_millis(50),
-        || output_progress(broker, output) > before + more,
-        what,
-    );
 }
 
 /// Starts a member and waits until it processes and the group is stable with `members`.

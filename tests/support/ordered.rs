@@ -82,3 +82,20 @@ pub fn produce_until(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Sum of `topic`'s high watermarks: moves with every write (committed or not, and with each
+/// transaction marker), so it shows progress, never a count of messages.
+pub fn output_progress(broker: &Broker, topic: &str) -> i64 {
+    broker.high_watermarks(topic).iter().sum()
+}
+
+/// Waits until `topic` has moved by more than `more` beyond where it is now.
+pub fn wait_progress(broker: &Broker, topic: &str, more: i64, timeout: Duration, what: &str) {
+    let before = output_progress(broker, topic);
+    super::wait_until(
+        timeout,
+        Duration::from_millis(50),
+        || output_progress(broker, topic) > before + more,
+        what,
+    );
+}
