@@ -882,8 +882,9 @@ async fn a_draining_supervisor_does_not_pause_for_the_gate() {
 #[test]
 fn http_answers_and_sigterm_ends_the_wait_while_brokers_are_unreachable_at_start() {
     use keyflow::http::get_blocking;
-    let bootstrap = format!("127.0.0.1:{}", support::free_port());
-    let http = format!("127.0.0.1:{}", support::free_port());
+    let [broker_port, http_port] = support::free_ports();
+    let bootstrap = format!("127.0.0.1:{broker_port}");
+    let http = format!("127.0.0.1:{http_port}");
     let toml = format!(
         "name = \"waiting\"\n{}startup_timeout = \"300s\"\n[[processors]]\ntype = \"log\"\n",
         support::pipeline_header("waiting-topic", "waiting-g", "")

@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{cache_dir, free_port, log_stdio, spawn_tied, temp_dir, unique};
+use super::{cache_dir, free_ports, log_stdio, spawn_tied, temp_dir, unique};
 use tempfile::TempDir;
 
 /// The Apache Kafka release every test, benchmark and end-to-end run uses.
@@ -316,7 +316,7 @@ impl KafkaProcess {
         let libs = kafka_libs();
         let dir = temp_dir("keyflow-kafka-");
         let tls = Tls::generate(dir.path());
-        let (port, sasl_port, controller_port) = (free_port(), free_port(), free_port());
+        let [port, sasl_port, controller_port] = free_ports();
         // Random per broker, so a test can grep every log for it.
         let scram_password = format!("pw-{}", unique("scram").replace(['-', '.'], ""));
         let data = dir.path().join("data");

@@ -539,9 +539,18 @@ pub struct Broker {
 }
 
 pub fn free_port() -> u16 {
-    let l =
-        TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
-    l.local_addr().unwrap().port()
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct free loopback ports. The listeners are held until all are chosen: dropping
+/// each before binding the next let the kernel hand out the same port twice (a broker then
+/// refused `PLAINTEXT://127.0.0.1:P,CONTROLLER://127.0.0.1:P` in CI).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: [TcpListener; N] = std::array::from_fn(|_| {
+        TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"))
+    });
+    listeners.map(|l| l.local_addr().unwrap().port())
 }
 
 /// How long a broker may take to start on a busy 2-core machine.
