@@ -11,7 +11,6 @@
 //! violations); the io scenarios also await a 2 ms (or 1 ms) "downstream call".
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
@@ -574,7 +573,7 @@ fn main() {
         return child(a);
     }
     let k = if a.smoke { 100 } else { 1 };
-    let scenarios = vec![
+    let scenarios = [
         Scenario {
             name: "cpu",
             messages: a.cpu_messages.unwrap_or(1_000_000 / k),

@@ -163,7 +163,7 @@ fn sigterm_drains_commits_and_exits_zero(protocol: Protocol) {
     let committed = broker.committed_offsets(&group, &input, 4);
     let total: i64 = committed.iter().sum();
     assert!(
-        total >= 400 && total < 4000,
+        (400..4000).contains(&total),
         "stopped mid-stream: {committed:?}"
     );
     let out = broker.consume_all(&output, total as usize, Duration::from_secs(60));

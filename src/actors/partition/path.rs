@@ -1,0 +1,421 @@
+//! The per-message path of a partition, top to bottom: fetch (take messages off the partition
+//! queue while flow control has room) → admit (record the offset, skip what a previous owner
+//! completed, hand the message to the key scheduler) → start (on an idle or new worker, or park
+//! it until one is free) → complete (`Done`: the offset completes, the budget is freed, the key's
+//! next message starts on the same worker) → commit (the commit point and the offsets completed
+//! above it, every `commit_every` completions or `commit_interval`). Flow control pauses the
+//! partition on the consumer when it stays congested.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rdkafka::consumer::Consumer as _;
+use rdkafka::TopicPartitionList;
+use tracing::{debug, error, warn};
+
+use super::{drain, PartitionMsg, PartitionQueue, PartitionState, Slot};
+use crate::actors::worker::{Worker, WorkerArgs, WorkerMsg};
+use crate::config::EXACTLY_ONCE_MAX_PENDING;
+use crate::kafka::committer::Point;
+use crate::kafka::Consumer;
+use crate::message::Message;
+use crate::pipeline::Outcome;
+
+/// Messages taken off the queue per `Fetch` before yielding to the mailbox, so completions
+/// interleave with fetching.
+const FETCH_BATCH: usize = 512;
+
+/// (Re)sets the queue's non-empty callback: librdkafka calls it when the queue goes from empty
+/// to non-empty; coalesced through `scheduled` so that the mailbox holds at most one pending
+/// `Fetch`. Replacing a callback is safe: librdkafka swaps it under the queue's lock.
+pub(super) fn arm_wakeup(
+    queue: &mut PartitionQueue,
+    scheduled: &Arc<AtomicBool>,
+    me: &ActorRef<PartitionMsg>,
+) {
+    let (f, m) = (scheduled.clone(), me.clone());
+    queue.set_nonempty_callback(move || {
+        if !f.swap(true, AcqRel) {
+            let _ = m.cast(PartitionMsg::Fetch);
+        }
+    });
+}
+
+/// Takes messages off the partition queue while the budget has room.
+pub(super) async fn fetch(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+) -> Result<(), ActorProcessingErr> {
+    if s.draining.is_some() || s.gate_held {
+        return Ok(());
+    }
+    // Taken out for the loop: a polled message borrows the queue while `s` is mutated.
+    let Some(queue) = s.queue.take() else {
+        return Ok(());
+    };
+    let mut taken = 0;
+    let mut result = Ok(());
+    while s.flow.has_room() && !metadata_full(s) {
+        if taken == FETCH_BATCH {
+            let _ = me.cast(PartitionMsg::Fetch);
+            break;
+        }
+        let m = match queue.poll(Duration::ZERO) {
+            None => break,
+            Some(Err(e)) => {
+                warn!(topic = %s.topic, partition = s.partition, error = %e, "fetch error");
+                continue;
+            }
+            Some(Ok(b)) => Message::from_borrowed(&b, &s.topic),
+        };
+        taken += 1;
+        if let Err(e) = admit(me, s, m).await {
+            result = Err(e);
+            break;
+        }
+    }
+    s.queue = Some(queue);
+    if taken > 0 {
+        tracing::trace!(topic = %s.topic, partition = s.partition, taken, in_flight = s.flow.count(), "fetched");
+    }
+    apply_flow(me, s);
+    result
+}
+
+/// Exactly-once: the offsets received above the commit point are at
+/// [`EXACTLY_ONCE_MAX_PENDING`], the most the commit metadata is sure to hold. Completions free
+/// flow-control room but not this: one held-back message (a retry, a slow key) with completions
+/// above it, split into runs by an upstream producer's transaction markers, would otherwise
+/// outgrow the metadata, and a cut one's outputs would be written again after a crash. Taking
+/// waits until the commit point moves (the lag and the stuck watchdog show it meanwhile).
+fn metadata_full(s: &PartitionState) -> bool {
+    s.pipeline.txn.is_some() && s.tracker.pending() >= EXACTLY_ONCE_MAX_PENDING
+}
+
+pub(super) async fn admit(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+    m: Message,
+) -> Result<(), ActorProcessingErr> {
+    if !s.tracker.received(m.offset) {
+        debug!(topic = %s.topic, partition = s.partition, offset = m.offset, "already received; skipped");
+        return Ok(());
+    }
+    if s.first_received.is_none() {
+        s.first_received = Some(m.offset);
+    }
+    if s.skip.take(m.offset) {
+        // Completed by the previous owner above its commit point: done, not run again.
+        s.tracker.completed(m.offset);
+        s.stats.metrics.pipeline.skipped.increment(1);
+        count_completion(s);
+        return Ok(());
+    }
+    s.flow.admit(m.size());
+    // An atomic store only when the high water rises, not a read-modify-write per message.
+    if s.flow.count() > s.high_water {
+        s.high_water = s.flow.count();
+        s.stats.in_flight_high_water.store(s.high_water, Relaxed);
+    }
+    if let Some(m) = s.scheduler.admit(Arc::new(m)) {
+        start_or_park(me, s, m, 1).await?;
+    }
+    Ok(())
+}
+
+/// Starts `m` on an idle or new worker, or parks it until a worker is free (`max_workers`).
+pub(super) async fn start_or_park(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+    m: Arc<Message>,
+    attempt: u32,
+) -> Result<(), ActorProcessingErr> {
+    match acquire_worker(me, s).await? {
+        Some(id) => start(s, id, m, attempt),
+        None => {
+            s.ready.push_back((m, attempt));
+            Ok(())
+        }
+    }
+}
+
+/// An idle worker, or a new one while the pool is below `max_workers`.
+async fn acquire_worker(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+) -> Result<Option<usize>, ActorProcessingErr> {
+    if let Some(id) = s.idle.pop() {
+        return Ok(Some(id));
+    }
+    if s.workers.len() >= s.spec.max_workers {
+        return Ok(None);
+    }
+    let id = s.workers.len();
+    let progress = Arc::new(AtomicU32::new(0));
+    let actor = spawn_worker(me, s, id, progress.clone()).await?;
+    s.workers.push(Slot {
+        actor,
+        running: None,
+        attempt: 1,
+        crashes: 0,
+        started: Instant::now(),
+        progress,
+    });
+    Ok(Some(id))
+}
+
+pub(super) async fn spawn_worker(
+    me: &ActorRef<PartitionMsg>,
+    s: &PartitionState,
+    id: usize,
+    progress: Arc<AtomicU32>,
+) -> Result<ActorRef<WorkerMsg>, ActorProcessingErr> {
+    let args = WorkerArgs {
+        id,
+        pipeline: s.pipeline.clone(),
+        parent: me.clone(),
+        progress,
+        owner: s.owner.clone(),
+    };
+    let (actor, _) = Actor::spawn_linked(None, Worker, args, me.get_cell()).await?;
+    Ok(actor)
+}
+
+fn start(
+    s: &mut PartitionState,
+    id: usize,
+    m: Arc<Message>,
+    attempt: u32,
+) -> Result<(), ActorProcessingErr> {
+    let now = Instant::now();
+    s.stats
+        .metrics
+        .pipeline
+        .queue_wait
+        .record(now.saturating_duration_since(m.received));
+    let slot = &mut s.workers[id];
+    slot.running = Some(m.clone());
+    slot.attempt = attempt;
+    slot.crashes = 0;
+    slot.started = now;
+    s.running += 1;
+    slot.actor.cast(WorkerMsg::Run(m, attempt))?;
+    Ok(())
+}
+
+pub(super) async fn on_done(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+    worker: usize,
+    outcome: Outcome,
+) -> Result<(), ActorProcessingErr> {
+    let Some((m, started)) = s
+        .workers
+        .get_mut(worker)
+        .and_then(|w| Some((w.running.take()?, w.started)))
+    else {
+        return Ok(());
+    };
+    let now = Instant::now();
+    s.last_progress = now;
+    s.last_completion = Some(now);
+    s.stats
+        .metrics
+        .pipeline
+        .process_duration
+        .record(now.saturating_duration_since(started));
+    s.running -= 1;
+    if let Outcome::Retry { attempt, after } = outcome {
+        // The key stays held (the scheduler is not told), the offset stays incomplete and the
+        // budget stays taken; only the worker is freed, for other keys or a parked message.
+        match s.ready.pop_front() {
+            Some((next, a)) => start(s, worker, next, a)?,
+            None => s.idle.push(worker),
+        }
+        if s.draining.is_some() {
+            if s.running == 0 {
+                drain::finish(me, s);
+            }
+            return Ok(());
+        }
+        s.retrying += 1;
+        s.backoffs.push((m.clone(), attempt, now));
+        me.send_after(after, move || PartitionMsg::Retry(m, attempt));
+        return Ok(());
+    }
+    let pm = &s.stats.metrics.pipeline;
+    if let Some(ts) = m.timestamp_ms.filter(|&t| t > 0) {
+        pm.end_to_end.record((now_ms() - ts).max(0) as f64 / 1000.0);
+    }
+    match outcome {
+        Outcome::Processed => &pm.processed,
+        Outcome::Filtered => &pm.filtered,
+        Outcome::Deduplicated => &pm.deduplicated,
+        Outcome::DeadLettered | Outcome::Retry { .. } => &pm.dead_lettered,
+    }
+    .increment(1);
+    s.tracker.completed(m.offset);
+    s.flow.release(m.size());
+    s.stats.processed.fetch_add(1, Relaxed);
+    count_completion(s);
+    // Dead letters are counted by the writer, once acknowledged.
+    match outcome {
+        Outcome::Processed => s.pipeline.stats.processed.fetch_add(1, Relaxed),
+        // The in-process snapshot counts every processor drop (filter or dedup) as filtered.
+        Outcome::Filtered | Outcome::Deduplicated => {
+            s.pipeline.stats.filtered.fetch_add(1, Relaxed)
+        }
+        Outcome::DeadLettered | Outcome::Retry { .. } => 0,
+    };
+    if s.draining.is_some() {
+        if s.running == 0 {
+            drain::finish(me, s);
+        }
+        return Ok(());
+    }
+    // The next message of the same key starts on the worker that just finished; it then
+    // hands over to the parked key, else to the oldest message waiting for a worker.
+    match s.scheduler.complete(m.key.as_ref()) {
+        Some(next) => {
+            if s.ready.is_empty() {
+                start(s, worker, next, 1)?;
+            } else {
+                s.ready.push_back((next, 1));
+                let (oldest, attempt) = s.ready.pop_front().expect("not empty");
+                start(s, worker, oldest, attempt)?;
+            }
+        }
+        None => match s.ready.pop_front() {
+            Some((next, attempt)) => start(s, worker, next, attempt)?,
+            None => s.idle.push(worker),
+        },
+    }
+    apply_flow(me, s);
+    if s.flow.has_room() {
+        fetch(me, s).await?;
+    }
+    Ok(())
+}
+
+/// Pauses or resumes the partition on the consumer when the budget says so.
+pub(super) fn apply_flow(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
+    let Some(signal) = s.flow.signal(Instant::now()) else {
+        if let (Some(due), false) = (s.flow.pause_due(), s.flow_check_scheduled) {
+            s.flow_check_scheduled = true;
+            me.send_after(due.saturating_duration_since(Instant::now()), || {
+                PartitionMsg::FlowCheck
+            });
+        }
+        return;
+    };
+    s.stats.in_flight.store(s.flow.count(), Relaxed);
+    debug!(topic = %s.topic, partition = s.partition, ?signal, in_flight = s.flow.count(), bytes = s.flow.bytes(), "flow control");
+    sync_pause(s);
+}
+
+/// Pauses the partition on the consumer while flow control or the pipeline gate wants it
+/// paused, and resumes it once neither does.
+pub(super) fn sync_pause(s: &mut PartitionState) {
+    let want = s.flow.paused() || s.gate_held;
+    if want == s.consumer_paused {
+        return;
+    }
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    tpl.add_partition(&s.topic, s.partition);
+    let r = if want {
+        s.stats.pauses.fetch_add(1, Relaxed);
+        s.stats.metrics.pauses.increment(1);
+        s.consumer.pause(&tpl)
+    } else {
+        s.stats.resumes.fetch_add(1, Relaxed);
+        s.consumer.resume(&tpl)
+    };
+    s.consumer_paused = want;
+    s.stats.paused.store(want, Relaxed);
+    s.stats.metrics.paused.set(if want { 1.0 } else { 0.0 });
+    if let Err(e) = r {
+        warn!(topic = %s.topic, partition = s.partition, paused = want, error = %e, "pause/resume failed");
+    }
+}
+
+/// A supervisor starts with the partition resumed, and makes it so on the consumer (STYLE 15).
+/// librdkafka keeps the application's pause flag across a revoke and a later reassignment (it
+/// clears only its own flag): a partition paused by an earlier supervisor of this process and
+/// given back to it would otherwise never be fetched again. Runs once per assignment, not per
+/// message.
+pub(super) fn resume_on_start(consumer: &Consumer, topic: &str, partition: i32) {
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    tpl.add_partition(topic, partition);
+    if let Err(e) = consumer.resume(&tpl) {
+        warn!(topic, partition, error = %e, "resume on start failed");
+    }
+}
+
+/// One more offset completed: commit now once `commit_every` completed since the last commit
+/// (an integer compare per message; the commit itself every `commit_every` messages).
+fn count_completion(s: &mut PartitionState) {
+    s.uncommitted += 1;
+    if s.uncommitted >= s.spec.commit_every {
+        commit_progress(s);
+    }
+}
+
+/// Hands the commit point, with the offsets completed above it, to the pipeline's committer if
+/// anything completed since the last time (the committer sends one commit for all partitions at
+/// a time and the client context records the broker's answer). A draining partition hands
+/// nothing more: its final commit is synchronous, through the coordinator.
+pub(super) fn commit_progress(s: &mut PartitionState) {
+    if let Some(t) = &s.pipeline.txn {
+        // Exactly-once: the pipeline's transaction asks for the point when it commits.
+        if s.uncommitted >= s.spec.commit_every {
+            t.request_commit();
+            s.uncommitted = 0;
+        }
+        return;
+    }
+    let Some(next) = s.tracker.committable() else {
+        return;
+    };
+    if s.draining.is_some() || (s.commit_sent == Some(next) && s.uncommitted == 0) {
+        return;
+    }
+    let metadata = commit_metadata(s);
+    debug!(topic = %s.topic, partition = s.partition, next, completed = s.uncommitted, metadata_bytes = metadata.as_ref().map_or(0, String::len), "commit point handed to the committer");
+    let point = Point { next, metadata };
+    s.consumer
+        .context()
+        .committer
+        .submit(&s.consumer, s.partition, point);
+    s.commit_sent = Some(next);
+    s.uncommitted = 0;
+}
+
+/// The completed-offsets metadata for the current commit point, measured.
+pub(super) fn commit_metadata(s: &PartitionState) -> Option<String> {
+    let pm = &s.stats.metrics.pipeline;
+    let Some(m) = s.tracker.metadata() else {
+        pm.commit_metadata_bytes.record(0.0);
+        return None;
+    };
+    pm.commit_metadata_bytes.record(m.text.len() as f64);
+    if m.truncated {
+        pm.commit_metadata_truncated.increment(1);
+        if s.pipeline.txn.is_some() {
+            // Under exactly-once the cut offsets' outputs are committed with this transaction:
+            // a crash before the next commit would write them again.
+            error!(topic = %s.topic, partition = s.partition, pending = s.tracker.pending(), "exactly-once: completed offsets cut to fit the commit metadata cap; a crash before the next commit would duplicate their outputs");
+        }
+        debug!(topic = %s.topic, partition = s.partition, pending = s.tracker.pending(), "completed offsets cut to fit the commit metadata cap");
+    }
+    Some(m.text)
+}
+
+pub(super) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
