@@ -26,6 +26,7 @@ pub mod gate;
 pub mod http;
 pub mod introspect;
 pub mod kafka;
+pub mod memory;
 pub mod message;
 pub mod metrics;
 pub mod pipeline;

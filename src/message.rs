@@ -6,6 +6,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use rdkafka::message::{BorrowedMessage, Headers, Message as _, OwnedHeaders};
 
+/// What a held message costs beyond its key, payload and headers: the struct in its `Arc`
+/// (~180 bytes) and the allocator's overhead of its two buffers, rounded up.
+pub const MESSAGE_COST: usize = 256;
+
 /// One consumed record. Key and payload are `Bytes`, so passing a message between actors, or
 /// retrying it, never copies the payload: the one copy is out of librdkafka's buffer on receipt.
 #[derive(Debug, Clone)]
@@ -53,9 +57,20 @@ impl Message {
         }
     }
 
-    /// Bytes counted against a partition's `max_buffered_bytes`.
+    /// Bytes counted against a partition's buffer budget (`max_buffered_bytes`, its share of
+    /// `memory_limit`): key, payload, headers and [`MESSAGE_COST`] for the rest of what a held
+    /// message takes. Called twice per message (taken, completed): header bytes are summed only
+    /// when the message has headers.
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Bytes::len) + self.payload.as_ref().map_or(0, Bytes::len)
+        let headers = self.headers.as_ref().map_or(0, |h| {
+            h.iter()
+                .map(|x| x.key.len() + x.value.map_or(0, <[u8]>::len))
+                .sum()
+        });
+        MESSAGE_COST
+            + headers
+            + self.key.as_ref().map_or(0, Bytes::len)
+            + self.payload.as_ref().map_or(0, Bytes::len)
     }
 
     /// The payload as UTF-8, for processors that read text.

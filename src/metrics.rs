@@ -49,6 +49,15 @@ pub const PARTITION_PAUSED: &str = "keyflow_partition_paused";
 pub const PARTITION_PAUSES_TOTAL: &str = "keyflow_partition_pauses_total";
 /// 1 while the stuck-partition watchdog flags the partition.
 pub const PARTITION_STUCK: &str = "keyflow_partition_stuck";
+/// The process-wide memory budget for messages (`memory_limit`).
+pub const MEMORY_LIMIT_BYTES: &str = "keyflow_memory_limit_bytes";
+/// A pipeline's part of the budget, by `part`: `prefetch` (librdkafka's partition queues) or
+/// `buffers` (messages taken off the queues: waiting, running, in retry backoff).
+pub const MEMORY_BUDGET_BYTES: &str = "keyflow_memory_budget_bytes";
+/// What a pipeline holds now, by `part` (as `keyflow_memory_budget_bytes`): `buffers` counts
+/// keyflow's accounting (payload, key, headers and a fixed per-message cost), `prefetch`
+/// librdkafka's queued payload bytes (its statistics, every 2 s).
+pub const MEMORY_USED_BYTES: &str = "keyflow_memory_used_bytes";
 /// Partitions currently assigned to this instance.
 pub const ASSIGNED_PARTITIONS: &str = "keyflow_assigned_partitions";
 /// Rebalance events by `kind` (assign, revoke, lost).
@@ -169,6 +178,11 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
     HANDLE.get()
 }
 
+/// Exports the process-wide memory budget (`keyflow_memory_limit_bytes`).
+pub fn set_memory_limit(bytes: u64) {
+    gauge!(MEMORY_LIMIT_BYTES).set(bytes as f64);
+}
+
 pub fn set_stuck_after(d: Duration) {
     STUCK_AFTER_MS.store(d.as_millis() as u64, Relaxed);
 }
@@ -228,6 +242,21 @@ fn describe() {
         "1 while lag > 0 and nothing completed for stuck_after"
     );
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions assigned to this instance");
+    describe_gauge!(
+        MEMORY_LIMIT_BYTES,
+        Unit::Bytes,
+        "Process-wide memory budget for messages (memory_limit)"
+    );
+    describe_gauge!(
+        MEMORY_BUDGET_BYTES,
+        Unit::Bytes,
+        "A pipeline's part of the memory budget, by part (prefetch, buffers)"
+    );
+    describe_gauge!(
+        MEMORY_USED_BYTES,
+        Unit::Bytes,
+        "Message bytes a pipeline holds now, by part (prefetch, buffers)"
+    );
     describe_counter!(REBALANCES_TOTAL, "Rebalance events by kind");
     describe_counter!(COMMITS_TOTAL, "Offset commits by result");
     describe_counter!(
@@ -260,6 +289,10 @@ pub struct PipelineMetrics {
     pub queue_wait: Histogram,
     pub end_to_end: Histogram,
     pub assigned: Gauge,
+    pub memory_budget_prefetch: Gauge,
+    pub memory_budget_buffers: Gauge,
+    pub memory_used_prefetch: Gauge,
+    pub memory_used_buffers: Gauge,
     pub rebalance_assign: Counter,
     pub rebalance_revoke: Counter,
     pub rebalance_lost: Counter,
@@ -288,6 +321,10 @@ impl Default for PipelineMetrics {
             queue_wait: Histogram::noop(),
             end_to_end: Histogram::noop(),
             assigned: Gauge::noop(),
+            memory_budget_prefetch: Gauge::noop(),
+            memory_budget_buffers: Gauge::noop(),
+            memory_used_prefetch: Gauge::noop(),
+            memory_used_buffers: Gauge::noop(),
             rebalance_assign: Counter::noop(),
             rebalance_revoke: Counter::noop(),
             rebalance_lost: Counter::noop(),
@@ -309,6 +346,7 @@ impl PipelineMetrics {
         let msgs = |outcome: &'static str| counter!(MESSAGES_TOTAL, "pipeline" => p.clone(), "topic" => t.clone(), "outcome" => outcome);
         let rebalance = |kind: &'static str| counter!(REBALANCES_TOTAL, "pipeline" => p.clone(), "topic" => t.clone(), "kind" => kind);
         let commits = |result: &'static str| counter!(COMMITS_TOTAL, "pipeline" => p.clone(), "topic" => t.clone(), "result" => result);
+        let memory = |name: &'static str, part: &'static str| gauge!(name, "pipeline" => p.clone(), "topic" => t.clone(), "part" => part);
         let dlq = |result: &'static str| counter!(DEAD_LETTER_WRITES_TOTAL, "pipeline" => p.clone(), "topic" => t.clone(), "result" => result);
         let m = PipelineMetrics {
             processed: msgs(OUTCOME_PROCESSED),
@@ -323,6 +361,10 @@ impl PipelineMetrics {
             queue_wait: histogram!(QUEUE_WAIT_SECONDS, "pipeline" => p.clone(), "topic" => t.clone()),
             end_to_end: histogram!(END_TO_END_LATENCY_SECONDS, "pipeline" => p.clone(), "topic" => t.clone()),
             assigned: gauge!(ASSIGNED_PARTITIONS, "pipeline" => p.clone(), "topic" => t.clone()),
+            memory_budget_prefetch: memory(MEMORY_BUDGET_BYTES, "prefetch"),
+            memory_budget_buffers: memory(MEMORY_BUDGET_BYTES, "buffers"),
+            memory_used_prefetch: memory(MEMORY_USED_BYTES, "prefetch"),
+            memory_used_buffers: memory(MEMORY_USED_BYTES, "buffers"),
             rebalance_assign: rebalance("assign"),
             rebalance_revoke: rebalance("revoke"),
             rebalance_lost: rebalance("lost"),

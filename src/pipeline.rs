@@ -46,6 +46,8 @@ pub struct Pipeline {
     pub gate: Arc<Gate>,
     /// `delivery = "exactly_once"`: every write goes through the pipeline's transaction.
     pub txn: Option<Arc<Transactions>>,
+    /// This pipeline's part of the process memory budget.
+    pub memory: Arc<crate::memory::PipelineMemory>,
     /// Whether a processor of the chain has a `completed` hook (`dedup`, custom ones).
     completion_hooks: bool,
 }
@@ -67,6 +69,9 @@ impl Pipeline {
             stats,
             gate,
             txn: None,
+            memory: Arc::new(crate::memory::PipelineMemory::unbounded(
+                spec.max_buffered_bytes,
+            )),
             completion_hooks: spec.processors.iter().any(|p| {
                 matches!(
                     p,
@@ -81,6 +86,12 @@ impl Pipeline {
     /// dead letters, are written in `txn`.
     pub fn with_transactions(mut self, txn: Arc<Transactions>) -> Self {
         self.txn = Some(txn);
+        self
+    }
+
+    /// Bounds the pipeline's messages by its part of the process budget.
+    pub fn with_memory(mut self, memory: Arc<crate::memory::PipelineMemory>) -> Self {
+        self.memory = memory;
         self
     }
 

@@ -130,7 +130,25 @@ impl Runtime {
         let mut coordinators = Vec::new();
         let mut stats = Vec::new();
         let brokers = self.config.global.brokers.clone();
+        let (memory_limit, source) = crate::memory::resolve_limit(self.config.global.memory_limit);
+        crate::metrics::set_memory_limit(memory_limit);
+        let pipelines = self.config.pipelines.len();
+        info!(
+            memory_limit = %bytesize::ByteSize(memory_limit),
+            ?source,
+            pipelines,
+            "memory budget for messages"
+        );
         for (spec, pstats) in self.config.pipelines.into_iter().zip(self.stats) {
+            let memory = Arc::new(crate::memory::PipelineMemory::new(
+                memory_limit,
+                pipelines,
+                spec.max_buffered_bytes,
+            ));
+            pstats
+                .metrics
+                .memory_budget_buffers
+                .set(memory.buffer_share as f64);
             let name = spec.name.clone();
             let secrets = crate::kafka::context::secret_values(&spec.kafka);
             let kafka_error = |source: rdkafka::error::KafkaError| StartError::Kafka {
@@ -180,7 +198,8 @@ impl Runtime {
                 pipeline: name.clone(),
                 message,
             })?;
-            let mut pipeline = Pipeline::new(&spec, chain, producer, pstats.clone(), gate);
+            let mut pipeline =
+                Pipeline::new(&spec, chain, producer, pstats.clone(), gate).with_memory(memory);
             if let Some(t) = txn {
                 pipeline = pipeline.with_transactions(t);
             }

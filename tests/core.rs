@@ -268,10 +268,10 @@ async fn backpressure_pauses_and_bounds_memory() {
         );
     }
     let cfg = pipeline(&broker, &format!(
-        // librdkafka's own prefetch is bounded too: keyflow sets queued.max.messages.kbytes from
-        // max_buffered_bytes (16 MiB here, 64 MiB by default).
+        // librdkafka's own prefetch is bounded too, by the memory budget (`memory`); a partition
+        // at its bound for `pause_after` is paused (30 s by default, 1 s here).
         "{}\n[[processors]]\ntype = \"simulate\"\nlatency = {{ distribution = \"fixed\", value = \"5ms\" }}\n",
-        header(&input, &group, "ordering = \"key\"\nmax_in_flight = 100\nmax_buffered_bytes = \"16 MiB\"")
+        header(&input, &group, "ordering = \"key\"\nmax_in_flight = 100\nmax_buffered_bytes = \"16 MiB\"\npause_after = \"1s\"")
     ));
     let base = rss_kib();
     let running = Runtime::new(cfg).start().await.unwrap();

@@ -116,6 +116,75 @@ pub struct CoordinatorState {
 /// Sets the poll thread's stop flag when dropped (unless disarmed by taking the flag out).
 struct PollStopGuard(Option<Arc<AtomicBool>>);
 
+impl PollStopGuard {
+    fn disarm(mut self) -> Option<Arc<AtomicBool>> {
+        self.0.take()
+    }
+}
+
+/// A consumer with its poll thread running, not yet subscribed.
+struct Opened {
+    consumer: Arc<Consumer>,
+    poll_thread: Option<ThreadHandle<()>>,
+    poll_stop: Arc<AtomicBool>,
+    /// Stops the poll thread if the start fails or is dropped mid-await.
+    stop_guard: PollStopGuard,
+}
+
+impl Opened {
+    /// Stops the poll thread and waits for it. It holds the last reference to the consumer
+    /// (the commit-answer queue must be closed before the client), so ours goes first.
+    async fn close(self) {
+        let Opened {
+            consumer,
+            poll_thread,
+            stop_guard,
+            ..
+        } = self;
+        drop(stop_guard);
+        drop(consumer);
+        if let Some(t) = poll_thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// Makes the pipeline's consumer with `prefetch` and starts polling it at once: polling serves
+/// the client's error events, which name the cause if the brokers cannot be reached.
+fn open_consumer(
+    me: &ActorRef<CoordinatorMsg>,
+    a: &CoordinatorArgs,
+    prefetch: crate::memory::Prefetch,
+) -> Result<Opened, ActorProcessingErr> {
+    let ctx = KeyflowContext::new(
+        &a.spec.name,
+        &a.spec.topic,
+        a.spec.drain_timeout,
+        a.stats.clone(),
+        secret_values(&a.spec.kafka),
+    );
+    let consumer = client::create_consumer(&a.brokers, &a.spec, prefetch, ctx)?;
+    consumer.context().set_coordinator(me.clone());
+    consumer
+        .context()
+        .committer
+        .start(&consumer, a.stats.clone());
+    let poll_stop = Arc::new(AtomicBool::new(false));
+    let poll_thread = spawn_poll_thread(
+        &a.spec,
+        consumer.clone(),
+        me.clone(),
+        poll_stop.clone(),
+        a.stats.clone(),
+    )?;
+    Ok(Opened {
+        consumer,
+        poll_thread: Some(poll_thread),
+        stop_guard: PollStopGuard(Some(poll_stop.clone())),
+        poll_stop,
+    })
+}
+
 impl Drop for PollStopGuard {
     fn drop(&mut self) {
         if let Some(stop) = self.0.take() {
@@ -135,12 +204,13 @@ pub struct Unreachable {
 
 /// Waits until a broker answers a metadata request for the input topic, up to
 /// `startup_timeout`; fails at once on an authentication or certificate failure (configuration,
-/// not an outage). Runs once at start.
+/// not an outage). Runs once at start. Returns the topic's partition count (`None`: the topic
+/// does not exist yet).
 async fn wait_reachable(
     consumer: &Arc<Consumer>,
     spec: &PipelineSpec,
     stats: &Arc<PipelineStats>,
-) -> Result<(), ActorProcessingErr> {
+) -> Result<Option<usize>, ActorProcessingErr> {
     let (consumer, stats) = (consumer.clone(), stats.clone());
     let (topic, timeout) = (spec.topic.clone(), spec.startup_timeout);
     let res = tokio::task::spawn_blocking(move || {
@@ -149,10 +219,16 @@ async fn wait_reachable(
             let left = timeout.saturating_sub(start.elapsed());
             let slice = left.min(Duration::from_millis(500));
             let metadata = consumer.fetch_metadata(Some(&topic), slice);
-            if metadata.is_ok() {
+            if let Ok(m) = &metadata {
                 stats.brokers_up();
                 stats.clear_client_error();
-                return Ok(());
+                let partitions = m
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map(|t| t.partitions().len())
+                    .filter(|n| *n > 0);
+                return Ok(partitions);
             }
             let error = stats.client_error();
             if error.as_ref().is_some_and(|e| e.fatal_at_start) || start.elapsed() >= timeout {
@@ -184,40 +260,50 @@ impl Actor for Coordinator {
         me: ActorRef<CoordinatorMsg>,
         a: CoordinatorArgs,
     ) -> Result<CoordinatorState, ActorProcessingErr> {
-        let ctx = KeyflowContext::new(
-            &a.spec.name,
-            &a.spec.topic,
-            a.spec.drain_timeout,
-            a.stats.clone(),
-            secret_values(&a.spec.kafka),
-        );
-        let consumer = client::create_consumer(&a.brokers, &a.spec, ctx)?;
-        consumer.context().set_coordinator(me.clone());
         let me_for_txn = me.clone();
-        consumer
-            .context()
-            .committer
-            .start(&consumer, a.stats.clone());
-        let poll_stop = Arc::new(AtomicBool::new(false));
-        // Polling from the start serves the client's error events, which name the cause if the
-        // brokers cannot be reached.
-        let poll_thread = spawn_poll_thread(
-            &a.spec,
-            consumer.clone(),
-            me,
-            poll_stop.clone(),
-            a.stats.clone(),
-        )?;
-        // Stops the poll thread if start fails or this future is dropped mid-await.
-        let mut stop_guard = PollStopGuard(Some(poll_stop.clone()));
-        let reached = wait_reachable(&consumer, &a.spec, &a.stats).await;
-        if let Err(e) = reached.and_then(|()| Ok(consumer.subscribe(&[&a.spec.topic])?)) {
-            drop(stop_guard);
-            drop(consumer);
-            let _ = tokio::task::spawn_blocking(move || poll_thread.join()).await;
-            return Err(e);
+        let memory = a.pipeline.memory.clone();
+        // librdkafka's prefetch is fixed when the consumer is made, and its share of the memory
+        // budget depends on the topic's partition count: a first consumer, made with the
+        // prefetch for an unknown topic, waits for the brokers and reads the count; if the
+        // prefetch it needs differs, it is closed (it never subscribed) and a second one is made
+        // with the right one. Once per start.
+        let probe = memory.prefetch_for(None);
+        let opened = open_consumer(&me, &a, probe)?;
+        let reached = wait_reachable(&opened.consumer, &a.spec, &a.stats).await;
+        let reached = match reached {
+            Ok(partitions) => {
+                let prefetch = memory.prefetch_for(partitions);
+                info!(pipeline = %a.spec.name, topic = %a.spec.topic, partitions = ?partitions, prefetch_per_partition = %bytesize::ByteSize(prefetch.bytes_per_partition), prefetch_messages = prefetch.messages_per_partition, buffers = %bytesize::ByteSize(memory.buffer_share), "memory share");
+                memory.set_prefetch(prefetch);
+                a.stats
+                    .metrics
+                    .memory_budget_prefetch
+                    .set((prefetch.bytes_per_partition * partitions.unwrap_or(1) as u64) as f64);
+                if prefetch == probe {
+                    Ok(opened)
+                } else {
+                    opened.close().await;
+                    open_consumer(&me, &a, prefetch)
+                }
+            }
+            Err(e) => {
+                opened.close().await;
+                Err(e)
+            }
+        };
+        let opened = reached?;
+        if let Err(e) = opened.consumer.subscribe(&[&a.spec.topic]) {
+            opened.close().await;
+            return Err(e.into());
         }
-        stop_guard.0 = None;
+        let Opened {
+            consumer,
+            poll_thread,
+            poll_stop,
+            stop_guard,
+        } = opened;
+        let poll_thread = poll_thread.expect("open until closed");
+        drop(stop_guard.disarm());
         let txn_cycle = a.pipeline.txn.clone().map(|t| {
             t.attach(me_for_txn.clone());
             tokio::spawn(t.run(consumer.clone(), a.spec.commit_interval))
@@ -269,6 +355,7 @@ impl Actor for Coordinator {
                     .iter()
                     .filter_map(|(_, p)| s.partitions.remove(p))
                     .collect();
+                s.pipeline.memory.set_assigned(s.partitions.len());
                 let txn = s.pipeline.txn.clone();
                 let epoch = txn.as_ref().map_or(0, |t| t.epoch());
                 if let Some(t) = &txn {
@@ -356,6 +443,7 @@ impl Actor for Coordinator {
                 .map(|(p, _)| *p);
             if let Some(p) = partition {
                 s.partitions.remove(&p);
+                s.pipeline.memory.set_assigned(s.partitions.len());
             }
             let msg = format!(
                 "pipeline {}: partition {:?} failed: {reason}",
@@ -391,6 +479,13 @@ async fn start_supervisors(
     list: Vec<AssignedPartition>,
     mut skips: HashMap<i32, offsets::SkipSet>,
 ) -> Result<(), ActorProcessingErr> {
+    // The buffer share is split over every partition of the new assignment before the first
+    // supervisor starts taking messages.
+    let new = list
+        .iter()
+        .filter(|a| !s.partitions.contains_key(&a.partition))
+        .count();
+    s.pipeline.memory.set_assigned(s.partitions.len() + new);
     for a in list {
         let skip = skips.remove(&a.partition).unwrap_or_default();
         if let Some(old) = s.partitions.remove(&a.partition) {
@@ -414,6 +509,7 @@ async fn start_supervisors(
         }
         s.partitions.insert(a.partition, sup);
     }
+    s.pipeline.memory.set_assigned(s.partitions.len());
     Ok(())
 }
 

@@ -54,6 +54,17 @@ impl FlowControl {
         }
     }
 
+    /// Sets the byte bound (a partition's share of the memory budget, re-split on assignment
+    /// changes). A lower bound than what is held stops taking until completions fall below it.
+    pub fn set_max_bytes(&mut self, max_bytes: u64, resume_at: f64) {
+        if max_bytes == self.max_bytes {
+            return;
+        }
+        self.max_bytes = max_bytes;
+        self.resume_bytes =
+            ((max_bytes as f64 * resume_at) as u64).min(max_bytes.saturating_sub(1));
+    }
+
     /// Whether another message may be taken off the queue.
     pub fn has_room(&self) -> bool {
         self.count < self.max_count && self.bytes < self.max_bytes

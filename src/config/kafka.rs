@@ -40,8 +40,23 @@ const MANAGED: &[(&str, &str)] = &[
     ("metadata.broker.list", "brokers (or KEYFLOW_BROKERS)"),
     (
         "queued.max.messages.kbytes",
-        "max_buffered_bytes (keyflow caps librdkafka's prefetch per partition with it, which \
-         bounds memory)",
+        "memory_limit in the global file (keyflow derives librdkafka's prefetch per partition \
+         from its share of the memory budget)",
+    ),
+    (
+        "queued.min.messages",
+        "memory_limit in the global file (keyflow derives librdkafka's prefetch per partition \
+         from its share of the memory budget)",
+    ),
+    (
+        "fetch.max.bytes",
+        "memory_limit in the global file (keyflow derives librdkafka's prefetch per partition \
+         from its share of the memory budget)",
+    ),
+    (
+        "max.partition.fetch.bytes",
+        "memory_limit in the global file (keyflow derives librdkafka's prefetch per partition \
+         from its share of the memory budget)",
     ),
     (
         "statistics.interval.ms",

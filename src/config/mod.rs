@@ -165,6 +165,10 @@ pub struct GlobalFile {
     pub pipelines: PathBuf,
     #[serde(default)]
     pub http: HttpConfig,
+    /// The memory budget for messages of the whole process (see `memory`): librdkafka's
+    /// prefetch, buffered, running and retrying messages. Default: half the container's memory
+    /// limit, else 256 MiB.
+    pub memory_limit: Option<ByteSize>,
     /// Passed verbatim to librdkafka for every client (security.protocol, sasl.*, ssl.*…).
     #[serde(default)]
     pub kafka: BTreeMap<String, toml::Value>,
@@ -213,6 +217,8 @@ pub struct Global {
     pub http_address: Option<String>,
     /// `[http] stuck_after`: the stuck-partition watchdog threshold.
     pub stuck_after: Duration,
+    /// `memory_limit` as written (`None`: derived at start, see [`crate::memory::resolve_limit`]).
+    pub memory_limit: Option<u64>,
     pub kafka: Vec<(String, String)>,
 }
 
@@ -223,6 +229,7 @@ impl Default for Global {
             pipelines: default_pipelines_dir(),
             http_address: Some(default_http_address()),
             stuck_after: default_stuck_after().get(),
+            memory_limit: None,
             kafka: Vec::new(),
         }
     }
@@ -313,8 +320,11 @@ fn default_max_workers() -> usize {
     256
 }
 // Longer than a refetch after resume (~0.5 s measured): only sustained congestion pauses.
+// The last resort: librdkafka's prefetch is already bounded by the memory budget, so a pause
+// frees little, and each costs a refetch (~0.5 s) after the resume. A processor that keeps a
+// partition at its bound for this long gives the prefetch back.
 fn default_pause_after() -> HumanDuration {
-    HumanDuration::from_secs(1)
+    HumanDuration::from_secs(30)
 }
 fn default_commit_interval() -> HumanDuration {
     HumanDuration::from_secs(1)
@@ -551,7 +561,12 @@ pub fn load_global(path: Option<&Path>, env: &Env) -> Result<Global, ConfigError
     let overrides = env::overlay(
         &mut table,
         "KEYFLOW_",
-        |f| matches!(f, "brokers" | "pipelines" | "http" | "kafka"),
+        |f| {
+            matches!(
+                f,
+                "brokers" | "pipelines" | "http" | "memory_limit" | "kafka"
+            )
+        },
         env,
     );
     let Some(file) = decode::<GlobalFile>(&src, table, &overrides, env, &mut errs) else {
@@ -565,6 +580,19 @@ pub fn load_global(path: Option<&Path>, env: &Env) -> Result<Global, ConfigError
             "expected a comma-separated list of host:port, found \"\"",
         ));
     }
+    if let Some(l) = file
+        .memory_limit
+        .filter(|l| l.as_u64() < crate::memory::MIN_LIMIT)
+    {
+        errs.push(err(
+            &src,
+            "memory_limit",
+            format!(
+                "expected at least {}, found {l}",
+                ByteSize(crate::memory::MIN_LIMIT)
+            ),
+        ));
+    }
     if !errs.is_empty() {
         return Err(ConfigErrors(errs));
     }
@@ -574,6 +602,7 @@ pub fn load_global(path: Option<&Path>, env: &Env) -> Result<Global, ConfigError
         pipelines: file.pipelines,
         http_address,
         stuck_after: file.http.stuck_after.get(),
+        memory_limit: file.memory_limit.map(|l| l.as_u64()),
         kafka,
     })
 }

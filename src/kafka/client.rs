@@ -9,6 +9,7 @@ use rdkafka::ClientConfig;
 
 use super::context::KeyflowContext;
 use crate::config::{GroupProtocol, PipelineSpec};
+use crate::memory::Prefetch;
 
 /// The consumer: a `BaseConsumer`, polled on a dedicated thread (see `actors::coordinator`) so
 /// that the rebalance callback may block while partitions drain without stalling the runtime.
@@ -22,7 +23,7 @@ fn apply_user(cfg: &mut ClientConfig, kafka: &[(String, String)]) {
     }
 }
 
-pub fn consumer_config(brokers: &str, spec: &PipelineSpec) -> ClientConfig {
+pub fn consumer_config(brokers: &str, spec: &PipelineSpec, prefetch: Prefetch) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set("group.id", &spec.group_id)
@@ -51,16 +52,40 @@ pub fn consumer_config(brokers: &str, spec: &PipelineSpec) -> ClientConfig {
         .set("enable.partition.eof", "false")
         // Broker connection states for readiness: a broker UP again ends an outage.
         .set("statistics.interval.ms", "2000")
-        // librdkafka's prefetch per partition, capped at keyflow's own byte budget: together
-        // they bound a partition's memory at about twice `max_buffered_bytes`.
+        // librdkafka's prefetch per partition queue, from the pipeline's part of the memory
+        // budget (see `memory`): payload bytes, a message count (small messages cost more than
+        // their payload), and the size of one partition's fetch response, by which a queue may
+        // overshoot the first two.
+        .set("queued.max.messages.kbytes", prefetch.kbytes().to_string())
         .set(
-            "queued.max.messages.kbytes",
-            (spec.max_buffered_bytes / 1024)
-                .clamp(1, 2_097_151)
+            "queued.min.messages",
+            prefetch.messages_per_partition.to_string(),
+        )
+        .set(
+            "max.partition.fetch.bytes",
+            prefetch.partition_fetch_bytes().to_string(),
+        )
+        // librdkafka refuses a `fetch.max.bytes` below `message.max.bytes` (1,000,000 unless
+        // the `[kafka]` table sets it).
+        .set(
+            "fetch.max.bytes",
+            prefetch
+                .fetch_max_bytes
+                .max(message_max_bytes(&spec.kafka))
+                .min(100_000_000 - 512)
                 .to_string(),
         );
     apply_user(&mut cfg, &spec.kafka);
     cfg
+}
+
+fn message_max_bytes(kafka: &[(String, String)]) -> u64 {
+    kafka
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "message.max.bytes")
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(1_000_000)
 }
 
 pub fn producer_config(brokers: &str, spec: &PipelineSpec) -> ClientConfig {
@@ -104,9 +129,10 @@ fn is_consumer_only(key: &str) -> bool {
 pub fn create_consumer(
     brokers: &str,
     spec: &PipelineSpec,
+    prefetch: Prefetch,
     ctx: KeyflowContext,
 ) -> KafkaResult<Arc<Consumer>> {
-    let consumer: Consumer = consumer_config(brokers, spec).create_with_context(ctx)?;
+    let consumer: Consumer = consumer_config(brokers, spec, prefetch).create_with_context(ctx)?;
     let consumer = Arc::new(consumer);
     consumer.context().set_consumer(Arc::downgrade(&consumer));
     Ok(consumer)
@@ -155,6 +181,31 @@ mod tests {
         load_pipeline(&p, &Global::default(), &Env::default()).unwrap()
     }
 
+    fn prefetch() -> Prefetch {
+        crate::memory::PipelineMemory::new(256 << 20, 1, 64 << 20).prefetch_for(Some(8))
+    }
+
+    #[test]
+    fn prefetch_comes_from_the_memory_share() {
+        let s = spec("", "");
+        let cfg = consumer_config("b:9092", &s, prefetch());
+        // 32 MiB of useful prefetch over 8 partitions.
+        // Half queued, half for the fetch response that may land on a queue just below it.
+        assert_eq!(cfg.get("queued.max.messages.kbytes"), Some("2048"));
+        assert_eq!(cfg.get("max.partition.fetch.bytes"), Some("2097152"));
+        assert_eq!(cfg.get("queued.min.messages"), Some("16384"));
+        assert_eq!(cfg.get("fetch.max.bytes"), Some("4194304"));
+        // Never below message.max.bytes, which librdkafka requires.
+        let small =
+            crate::memory::PipelineMemory::new(256 << 20, 1, 64 << 20).prefetch_for(Some(64));
+        let cfg = consumer_config("b:9092", &s, small);
+        assert_eq!(cfg.get("fetch.max.bytes"), Some("1000000"));
+        let c: rdkafka::error::KafkaResult<BaseConsumer> = cfg.create();
+        assert!(c.is_ok(), "{:?}", c.err());
+        let c: rdkafka::error::KafkaResult<BaseConsumer> = cfg.create();
+        assert!(c.is_ok(), "{:?}", c.err());
+    }
+
     const CLASSIC_ONLY: [&str; 3] = [
         "session.timeout.ms",
         "heartbeat.interval.ms",
@@ -166,6 +217,7 @@ mod tests {
         let cfg = consumer_config(
             "b:9092",
             &spec("session_timeout = \"6s\"\ndrain_timeout = \"2s\"", ""),
+            prefetch(),
         );
         assert_eq!(cfg.get("group.protocol"), Some("classic"));
         assert_eq!(cfg.get("session.timeout.ms"), Some("6000"));
@@ -182,7 +234,7 @@ mod tests {
     #[test]
     fn consumer_protocol_sets_none_of_what_librdkafka_refuses() {
         let s = spec("group_protocol = \"consumer\"", "");
-        let cfg = consumer_config("b:9092", &s);
+        let cfg = consumer_config("b:9092", &s, prefetch());
         assert_eq!(cfg.get("group.protocol"), Some("consumer"));
         for k in CLASSIC_ONLY {
             assert_eq!(cfg.get(k), None, "{k} is set under the consumer protocol");

@@ -92,11 +92,37 @@ fn configuration_error(code: Option<RDKafkaErrorCode>, reason: &str) -> bool {
     BAD_CERTIFICATE.iter().any(|c| reason.contains(c))
 }
 
-/// librdkafka's statistics, reduced to what keyflow reads: the brokers' connection states.
+/// librdkafka's statistics, reduced to what keyflow reads: the brokers' connection states and
+/// the bytes queued in each partition's prefetch.
 #[derive(serde::Deserialize)]
 struct BrokerStates {
     #[serde(default)]
     brokers: std::collections::HashMap<String, BrokerState>,
+    #[serde(default)]
+    topics: std::collections::HashMap<String, TopicStats>,
+}
+
+#[derive(serde::Deserialize)]
+struct TopicStats {
+    #[serde(default)]
+    partitions: std::collections::HashMap<String, PartitionQueueStats>,
+}
+
+#[derive(serde::Deserialize)]
+struct PartitionQueueStats {
+    /// Payload bytes in the partition's fetch queue.
+    #[serde(default)]
+    fetchq_size: u64,
+}
+
+impl BrokerStates {
+    fn prefetched_bytes(&self) -> u64 {
+        self.topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .map(|p| p.fetchq_size)
+            .sum()
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -327,6 +353,16 @@ impl ClientContext for KeyflowContext {
         let Ok(s) = serde_json::from_slice::<BrokerStates>(statistics) else {
             return;
         };
+        // The memory budget's use, every statistics interval (not per message).
+        let m = &self.stats.metrics;
+        m.memory_used_prefetch.set(s.prefetched_bytes() as f64);
+        let buffered: usize = self
+            .stats
+            .partitions()
+            .iter()
+            .map(|(_, p)| p.buffered_bytes.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        m.memory_used_buffers.set(buffered as f64);
         if s.brokers.values().any(|b| b.state == "UP") {
             if self.stats.brokers_unreachable_for().is_some() {
                 info!(pipeline = %self.pipeline, "brokers reachable again");

@@ -198,6 +198,7 @@ impl Actor for PartitionSupervisor {
         let flag = Arc::new(AtomicBool::new(false));
         arm_wakeup(&mut queue, &flag, &me);
         let spec = a.spec;
+        let byte_cap = a.pipeline.memory.partition_cap();
         let _ = a.stats.actor.set(me.clone());
         resume_on_start(&a.consumer, &a.topic, a.partition);
         let span = tracing::info_span!("partition", pipeline = %spec.name, topic = %a.topic, partition = a.partition);
@@ -215,7 +216,7 @@ impl Actor for PartitionSupervisor {
             scheduler: KeyScheduler::new(spec.ordering),
             flow: FlowControl::new(
                 spec.max_in_flight,
-                spec.max_buffered_bytes,
+                byte_cap,
                 spec.resume_at,
                 spec.pause_after,
             ),

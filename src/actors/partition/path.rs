@@ -22,6 +22,7 @@ use crate::actors::worker::{Worker, WorkerArgs, WorkerMsg};
 use crate::config::EXACTLY_ONCE_MAX_PENDING;
 use crate::kafka::committer::Point;
 use crate::kafka::Consumer;
+use crate::memory::PipelineMemory;
 use crate::message::Message;
 use crate::pipeline::Outcome;
 
@@ -53,6 +54,11 @@ pub(super) async fn fetch(
     if s.draining.is_some() || s.gate_held {
         return Ok(());
     }
+    // This partition's share of the pipeline's buffer budget, re-split when the assignment
+    // changes: read once per fetch, not per message.
+    // Its workers' cost comes out of it first.
+    let cap = PipelineMemory::message_cap(s.pipeline.memory.partition_cap(), s.workers.len());
+    s.flow.set_max_bytes(cap, s.spec.resume_at);
     // Taken out for the loop: a polled message borrows the queue while `s` is mutated.
     let Some(queue) = s.queue.take() else {
         return Ok(());
@@ -151,7 +157,9 @@ async fn acquire_worker(
     if let Some(id) = s.idle.pop() {
         return Ok(Some(id));
     }
-    if s.workers.len() >= s.spec.max_workers {
+    // Within `max_workers` and half the partition's memory share (see `memory::WORKER_COST`).
+    let cap = PipelineMemory::worker_cap(s.pipeline.memory.partition_cap(), s.spec.max_workers);
+    if s.workers.len() >= cap {
         return Ok(None);
     }
     let id = s.workers.len();

@@ -1,0 +1,322 @@
+//! One memory budget for the messages of the whole process (`memory_limit` in the global file).
+//!
+//! What it bounds: every message keyflow holds, wherever it is — librdkafka's prefetch of each
+//! partition queue, messages taken off a queue and waiting for their key or a worker, running
+//! messages, and messages waiting out a retry backoff. What it does not bound: the process
+//! itself (code, runtime, client buffers, metrics: ~20–40 MiB), a processor's own memory (an
+//! `http` connection pool) or what a custom processor allocates.
+//!
+//! How it is split:
+//! - equally between pipelines;
+//! - within a pipeline, half for librdkafka's prefetch and half for keyflow's own buffers;
+//! - the prefetch half over the input topic's partitions (all of them: a member may be given
+//!   every partition, and librdkafka's prefetch settings are fixed when the consumer is made),
+//!   and never more than [`PREFETCH_USEFUL`] in all: prefetch only covers fetch round trips,
+//!   keyflow's buffers hold the backlog it works on;
+//! - keyflow's half over the partitions assigned now, re-split on every assignment change
+//!   (each supervisor reads its share when it fetches), within `max_buffered_bytes`.
+//!
+//! librdkafka's prefetch is bounded per partition queue by `queued.max.messages.kbytes`
+//! (payload bytes), `queued.min.messages` (a count: small messages cost more than their
+//! payload) and `max.partition.fetch.bytes` (one fetch response may overshoot the first two by
+//! that much), and per fetch response by `fetch.max.bytes`; [`Prefetch`] derives all four from
+//! the share. Pausing a partition drops its
+//! prefetch, and the refetch after a resume costs ~0.5 s, so sizing the prefetch, not pausing,
+//! is what keeps memory bounded; a pause stays the last resort of flow control.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+/// Without `memory_limit` and without a container limit.
+pub const DEFAULT_LIMIT: u64 = 256 << 20;
+/// Part of a container's memory limit (cgroup v2 `memory.max`, v1 `memory.limit_in_bytes`)
+/// that `memory_limit` defaults to: the rest is the process itself, the allocator's slack and
+/// the processors' own memory.
+pub const CGROUP_SHARE: f64 = 0.5;
+/// The smallest `memory_limit` accepted.
+pub const MIN_LIMIT: u64 = 16 << 20;
+/// More prefetch than this per pipeline buys no throughput: at 300 MB/s it covers a 100 ms
+/// fetch round trip. The rest of the pipeline's prefetch half is left unused, so that peak
+/// memory does not grow with the number of partitions.
+pub const PREFETCH_USEFUL: u64 = 32 << 20;
+/// A partition's prefetch never goes below this, so that it can fetch at all (a topic with
+/// more partitions than `prefetch share / 64 KiB` exceeds the prefetch half by that floor).
+pub const MIN_PREFETCH: u64 = 64 << 10;
+/// Bytes a queued message costs librdkafka beyond its payload (its op and message structs):
+/// `queued.min.messages` is derived with it, so that a queue of small messages stays within
+/// the share too.
+pub const QUEUED_MESSAGE_COST: u64 = 256;
+/// What a worker actor costs while it exists (its task, mailboxes and ractor cell; ~10 KiB
+/// measured with massif, ~12 KiB per worker seen as RSS with 8,192 workers). A partition's
+/// workers share its buffer budget with its messages: the pool grows to at most half the
+/// partition's share, the messages get what the workers leave.
+pub const WORKER_COST: u64 = 12 << 10;
+/// Assumed when the input topic does not exist yet at start (the consumer waits for it).
+pub const UNKNOWN_TOPIC_PARTITIONS: usize = 64;
+
+/// Where the limit came from, for the start log and `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitSource {
+    Configured,
+    /// Half of the container's limit (the value in bytes).
+    Container(u64),
+    Default,
+}
+
+/// `memory_limit` as configured, else derived from the container's limit, else
+/// [`DEFAULT_LIMIT`].
+pub fn resolve_limit(configured: Option<u64>) -> (u64, LimitSource) {
+    if let Some(l) = configured {
+        return (l, LimitSource::Configured);
+    }
+    match container_limit() {
+        Some(c) => (
+            ((c as f64 * CGROUP_SHARE) as u64).max(MIN_LIMIT),
+            LimitSource::Container(c),
+        ),
+        None => (DEFAULT_LIMIT, LimitSource::Default),
+    }
+}
+
+/// The cgroup memory limit of this process, if it has one (v2, then v1).
+pub fn container_limit() -> Option<u64> {
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok();
+    let v1 = || std::fs::read_to_string("/sys/fs/cgroup/memory/memory.limit_in_bytes").ok();
+    parse_cgroup_limit(v2.or_else(v1)?.as_str())
+}
+
+/// `max` (v2) or a page-rounded `i64::MAX` (v1) mean no limit.
+fn parse_cgroup_limit(text: &str) -> Option<u64> {
+    let n: u64 = text.trim().parse().ok()?;
+    (n < 1 << 60).then_some(n)
+}
+
+/// librdkafka's per-partition prefetch settings for one pipeline's consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefetch {
+    /// Payload bytes queued per partition (`queued.max.messages.kbytes` × 1024).
+    pub bytes_per_partition: u64,
+    /// Messages queued per partition (`queued.min.messages`).
+    pub messages_per_partition: u64,
+    /// One fetch response from one broker (`fetch.max.bytes`): one partition's prefetch.
+    /// librdkafka keeps an uncompressed response's buffer until every message of it, on every
+    /// partition it covers, has been taken off its queue: responses as large as the whole
+    /// prefetch, each pinned by the slowest partition's last message, held ~200 MiB over a
+    /// 32-partition backlog (`tests/memory_budget.rs`). librdkafka raises it to
+    /// `message.max.bytes` (1 MB) if lower.
+    pub fetch_max_bytes: u64,
+}
+
+impl Prefetch {
+    /// `queued.max.messages.kbytes`: half the partition's prefetch. librdkafka fetches while the
+    /// queue is below it, and a fetch adds up to `max.partition.fetch.bytes` (the other half).
+    pub fn kbytes(&self) -> u64 {
+        (self.bytes_per_partition / 2 / 1024).clamp(1, 2_097_151)
+    }
+
+    /// `max.partition.fetch.bytes`: the other half.
+    pub fn partition_fetch_bytes(&self) -> u64 {
+        (self.bytes_per_partition / 2).clamp(1024, i32::MAX as u64)
+    }
+}
+
+/// One pipeline's part of the budget.
+#[derive(Debug)]
+pub struct PipelineMemory {
+    /// This pipeline's part of `memory_limit`.
+    pub share: u64,
+    /// For librdkafka's prefetch (half of `share`).
+    pub prefetch_share: u64,
+    /// For messages taken off the queues (the other half).
+    pub buffer_share: u64,
+    max_buffered_bytes: u64,
+    /// Partitions assigned to this pipeline now (the coordinator keeps it current).
+    assigned: AtomicUsize,
+    /// The prefetch the consumer was made with (bytes per partition), for `/metrics`.
+    prefetch: AtomicU64,
+}
+
+impl PipelineMemory {
+    /// `limit` split over `pipelines`; `max_buffered_bytes` caps a partition's buffer share.
+    pub fn new(limit: u64, pipelines: usize, max_buffered_bytes: u64) -> Self {
+        let share = limit / pipelines.max(1) as u64;
+        let prefetch_share = share / 2;
+        PipelineMemory {
+            share,
+            prefetch_share,
+            buffer_share: share - prefetch_share,
+            max_buffered_bytes,
+            assigned: AtomicUsize::new(0),
+            prefetch: AtomicU64::new(0),
+        }
+    }
+
+    /// Unbounded by a process budget: `max_buffered_bytes` alone (library use without a
+    /// runtime, tests).
+    pub fn unbounded(max_buffered_bytes: u64) -> Self {
+        Self::new(u64::MAX / 4, 1, max_buffered_bytes)
+    }
+
+    /// The prefetch for a topic of `partitions` partitions (`None`: not known yet).
+    pub fn prefetch_for(&self, partitions: Option<usize>) -> Prefetch {
+        let n = partitions
+            .filter(|n| *n > 0)
+            .unwrap_or(UNKNOWN_TOPIC_PARTITIONS) as u64;
+        let total = self.prefetch_share.min(PREFETCH_USEFUL);
+        let bytes = (total / n).max(MIN_PREFETCH);
+        Prefetch {
+            bytes_per_partition: bytes,
+            messages_per_partition: (bytes / QUEUED_MESSAGE_COST).max(16),
+            fetch_max_bytes: bytes,
+        }
+    }
+
+    pub fn set_prefetch(&self, p: Prefetch) {
+        self.prefetch.store(p.bytes_per_partition, Relaxed);
+    }
+
+    /// Prefetch bytes per partition the consumer was made with (0 before).
+    pub fn prefetch_per_partition(&self) -> u64 {
+        self.prefetch.load(Relaxed)
+    }
+
+    pub fn set_assigned(&self, n: usize) {
+        self.assigned.store(n, Relaxed);
+    }
+
+    pub fn assigned(&self) -> usize {
+        self.assigned.load(Relaxed)
+    }
+
+    /// What one assigned partition may hold in keyflow's buffers now: its part of the buffer
+    /// share, within `max_buffered_bytes`. A load and a division: read per fetch, not per
+    /// message.
+    pub fn partition_cap(&self) -> u64 {
+        let n = self.assigned().max(1) as u64;
+        (self.buffer_share / n).min(self.max_buffered_bytes)
+    }
+
+    /// How many workers a partition may have with `cap` (its [`partition_cap`]), within
+    /// `max_workers`: at least one.
+    ///
+    /// [`partition_cap`]: PipelineMemory::partition_cap
+    pub fn worker_cap(cap: u64, max_workers: usize) -> usize {
+        ((cap / 2 / WORKER_COST) as usize).clamp(1, max_workers.max(1))
+    }
+
+    /// What a partition's messages may take when it has `workers`: its cap less the workers'
+    /// cost (at least [`MIN_PREFETCH`], so that a message can always be taken).
+    pub fn message_cap(cap: u64, workers: usize) -> u64 {
+        cap.saturating_sub(workers as u64 * WORKER_COST)
+            .max(MIN_PREFETCH.min(cap))
+    }
+
+    /// The most this pipeline's messages can take with `assigned` of the topic's `partitions`:
+    /// prefetch of every assigned partition plus the buffer caps (each may overshoot by one
+    /// message, see `FlowControl`).
+    pub fn bound(&self, prefetch: Prefetch, assigned: usize) -> u64 {
+        let per_partition_prefetch = prefetch
+            .bytes_per_partition
+            .max(prefetch.messages_per_partition * QUEUED_MESSAGE_COST);
+        assigned as u64 * per_partition_prefetch
+            + (self.buffer_share / assigned.max(1) as u64).min(self.max_buffered_bytes)
+                * assigned as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn cgroup_limits_parse() {
+        assert_eq!(parse_cgroup_limit("536870912\n"), Some(512 * MIB));
+        assert_eq!(parse_cgroup_limit("max\n"), None);
+        // cgroup v1 "no limit".
+        assert_eq!(parse_cgroup_limit("9223372036854771712"), None);
+        assert_eq!(parse_cgroup_limit(""), None);
+    }
+
+    #[test]
+    fn configured_limit_wins() {
+        assert_eq!(
+            resolve_limit(Some(128 * MIB)),
+            (128 * MIB, LimitSource::Configured)
+        );
+    }
+
+    #[test]
+    fn prefetch_total_does_not_grow_with_partitions() {
+        let m = PipelineMemory::new(256 * MIB, 1, 64 * MIB);
+        let p8 = m.prefetch_for(Some(8));
+        let p64 = m.prefetch_for(Some(64));
+        assert_eq!(p8.bytes_per_partition * 8, PREFETCH_USEFUL);
+        assert_eq!(p64.bytes_per_partition * 64, PREFETCH_USEFUL);
+        // A small limit: the prefetch half, not the useful amount, bounds it.
+        let small = PipelineMemory::new(32 * MIB, 1, 64 * MIB);
+        assert_eq!(
+            small.prefetch_for(Some(32)).bytes_per_partition * 32,
+            16 * MIB
+        );
+        // Unknown topic: the documented assumption.
+        assert_eq!(
+            m.prefetch_for(None),
+            m.prefetch_for(Some(UNKNOWN_TOPIC_PARTITIONS))
+        );
+    }
+
+    #[test]
+    fn buffer_share_is_resplit_on_assignment() {
+        let m = PipelineMemory::new(128 * MIB, 2, 64 * MIB);
+        assert_eq!(m.share, 64 * MIB);
+        m.set_assigned(4);
+        assert_eq!(m.partition_cap(), 8 * MIB);
+        m.set_assigned(32);
+        assert_eq!(m.partition_cap(), MIB);
+        // max_buffered_bytes stays a per-partition cap inside the budget.
+        m.set_assigned(1);
+        let capped = PipelineMemory::new(128 * MIB, 1, 4 * MIB);
+        capped.set_assigned(1);
+        assert_eq!(capped.partition_cap(), 4 * MIB);
+    }
+
+    proptest! {
+        /// Whatever the limit, the pipelines and the assignment, the pipeline's prefetch plus
+        /// its buffers stay within its share (above the per-partition floors).
+        #[test]
+        fn split_never_exceeds_the_share(
+            limit_mib in 16u64..4096,
+            pipelines in 1usize..8,
+            partitions in 1usize..512,
+            assigned_frac in 0.0f64..=1.0,
+            max_buffered_mib in 1u64..128,
+        ) {
+            let m = PipelineMemory::new(limit_mib * MIB, pipelines, max_buffered_mib * MIB);
+            let assigned = ((partitions as f64 * assigned_frac) as usize).max(1);
+            m.set_assigned(assigned);
+            let p = m.prefetch_for(Some(partitions));
+            prop_assert!(p.bytes_per_partition >= MIN_PREFETCH);
+            let floor_hit = m.prefetch_share.min(PREFETCH_USEFUL) / partitions as u64 <= MIN_PREFETCH;
+            if !floor_hit {
+                // The prefetch half, counted for every partition of the topic.
+                prop_assert!(p.bytes_per_partition * partitions as u64 <= m.prefetch_share);
+                prop_assert!(p.messages_per_partition * QUEUED_MESSAGE_COST * partitions as u64 <= m.prefetch_share);
+                prop_assert!(m.bound(p, assigned) <= m.share);
+            }
+            prop_assert!(m.partition_cap() * assigned as u64 <= m.buffer_share);
+            prop_assert!(m.partition_cap() <= max_buffered_mib * MIB);
+            // Workers and messages of a partition share its cap.
+            let cap = m.partition_cap();
+            let workers = PipelineMemory::worker_cap(cap, 256);
+            prop_assert!(workers >= 1 && workers <= 256);
+            if cap >= 2 * WORKER_COST {
+                prop_assert!(workers as u64 * WORKER_COST <= cap / 2);
+                prop_assert!(
+                    workers as u64 * WORKER_COST + PipelineMemory::message_cap(cap, workers) <= cap.max(MIN_PREFETCH + workers as u64 * WORKER_COST)
+                );
+            }
+        }
+    }
+}

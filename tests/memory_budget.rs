@@ -1,0 +1,168 @@
+//! `memory_limit` bounds what keyflow holds for messages, whatever the backlog and the number of
+//! partitions (issue 10): a 1 GiB backlog on 32 partitions, a 2 s processor with 1,000 in
+//! flight per partition (so that keyflow's buffers fill and the backlog stays), `memory_limit =
+//! 128 MiB`.
+//!
+//! Before the budget, librdkafka's prefetch was `max_buffered_bytes` (64 MiB) per partition
+//! queue: 32 partitions could pull the whole backlog into memory.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use keyflow::http::get_blocking;
+use support::{free_port, pipeline_header, prometheus_sample, unique, wait_until, Broker, Keyflow};
+
+const MIB: u64 = 1 << 20;
+const PARTITIONS: i32 = 32;
+const PAYLOAD: usize = 1024;
+/// 1 GiB of payload.
+const MESSAGES: usize = 1 << 20;
+const LIMIT: u64 = 128 * MIB;
+/// What the limit does not cover, measured and bounded here: librdkafka's per-message structs
+/// beyond `QUEUED_MESSAGE_COST`, fetch responses kept until their last message is taken, and the
+/// allocator's slack. The backlog is 8× the limit, so a runtime that buffers it still fails.
+const MARGIN: u64 = 64 * MIB;
+
+fn pipeline(topic: &str, group: &str) -> String {
+    format!(
+        "{}\n[[processors]]\ntype = \"simulate\"\nlatency = {{ distribution = \"fixed\", value = \"2s\" }}\n",
+        pipeline_header(topic, group, "")
+    )
+}
+
+fn metrics(address: &str) -> String {
+    let (status, body) = get_blocking(address, "/metrics", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn gauge(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    prometheus_sample(text, name, labels)
+        .unwrap_or_else(|| panic!("{name}{labels:?} missing from /metrics:\n{text}"))
+}
+
+/// Starts keyflow on `topic` with the memory limit and waits until every partition is assigned.
+fn start(broker: &Broker, topic: &str, address: &str) -> Keyflow {
+    let group = unique("mem-budget-g");
+    let k = Keyflow::start_many(
+        &broker.bootstrap,
+        &[&pipeline(topic, &group)],
+        &[
+            ("KEYFLOW_HTTP__ADDRESS", address),
+            ("KEYFLOW_MEMORY_LIMIT", "128MiB"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            get_blocking(address, "/metrics", Duration::from_secs(2)).is_ok_and(|(_, m)| {
+                prometheus_sample(&m, "keyflow_assigned_partitions", &[])
+                    == Some(f64::from(PARTITIONS))
+            })
+        },
+        "every partition assigned",
+    );
+    k
+}
+
+#[test]
+fn a_1gib_backlog_on_32_partitions_stays_within_memory_limit() {
+    let broker = Broker::shared();
+    let (empty, backlog) = (unique("mem-budget-empty"), unique("mem-budget"));
+    broker.create_topic_blocking(&empty, PARTITIONS);
+    broker.create_topic_blocking(&backlog, PARTITIONS);
+    let t = Instant::now();
+    let pad: Vec<u8> = (0..PAYLOAD).map(|i| b'a' + (i % 26) as u8).collect();
+    broker.produce_keyed(
+        &backlog,
+        (0..MESSAGES).map(|i| (Some(format!("k{}", i % 4096).into_bytes()), pad.clone())),
+    );
+    println!(
+        "backlog: {MESSAGES} × {PAYLOAD} B on {PARTITIONS} partitions in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // The same process on an empty topic: runtime, clients and 32 idle supervisors.
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut idle = start(&broker, &empty, &address);
+    std::thread::sleep(Duration::from_secs(3)); // settled: a few ticks, nothing to fetch
+    let base = idle.rss_kib() * 1024;
+    idle.sigterm();
+    idle.wait_exit(Duration::from_secs(30));
+
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut k = start(&broker, &backlog, &address);
+    let started = Instant::now();
+    let mut peak = 0u64;
+    let mut samples = 0;
+    // Prefetch fills within a second; keyflow's buffers within a few; 20 s of 32,000 messages
+    // running 2 s each works through a third of the backlog, so it stays a backlog throughout.
+    while started.elapsed() < Duration::from_secs(20) {
+        peak = peak.max(k.rss_kib() * 1024);
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = metrics(&address);
+    let limit = gauge(&m, "keyflow_memory_limit_bytes", &[]);
+    let budget_prefetch = gauge(&m, "keyflow_memory_budget_bytes", &[("part", "prefetch")]);
+    let budget_buffers = gauge(&m, "keyflow_memory_budget_bytes", &[("part", "buffers")]);
+    let used_prefetch = gauge(&m, "keyflow_memory_used_bytes", &[("part", "prefetch")]);
+    let used_buffers = gauge(&m, "keyflow_memory_used_bytes", &[("part", "buffers")]);
+    let processed = gauge(&m, "keyflow_messages_total", &[("outcome", "processed")]);
+    let pauses: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("keyflow_partition_pauses_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    k.sigterm();
+    let status = k.wait_exit(Duration::from_secs(60));
+    let growth = peak.saturating_sub(base);
+    println!(
+        "RSS idle {} MiB, peak {} MiB over {samples} samples: growth {} MiB (limit {} MiB + margin {} MiB); \
+         budget prefetch {:.1} MiB used {:.1} MiB, buffers {:.1} MiB used {:.1} MiB; processed {processed}; pauses {pauses}",
+        base / MIB,
+        peak / MIB,
+        growth / MIB,
+        LIMIT / MIB,
+        MARGIN / MIB,
+        budget_prefetch / MIB as f64,
+        used_prefetch / MIB as f64,
+        budget_buffers / MIB as f64,
+        used_buffers / MIB as f64,
+    );
+    assert!(
+        status.success(),
+        "keyflow exited {status:?}:\n{}",
+        k.log_tail(40)
+    );
+    assert_eq!(limit, LIMIT as f64, "memory_limit exported");
+    assert_eq!(
+        budget_buffers,
+        (LIMIT / 2) as f64,
+        "one pipeline: half of the limit for buffers"
+    );
+    assert!(
+        budget_prefetch > 0.0 && budget_prefetch <= (LIMIT / 2) as f64,
+        "prefetch budget {budget_prefetch} within its half"
+    );
+    assert!(
+        used_buffers <= budget_buffers,
+        "buffers {used_buffers} over their budget {budget_buffers}"
+    );
+    assert!(
+        used_prefetch <= budget_prefetch * 2.0,
+        "prefetch {used_prefetch} over twice its budget {budget_prefetch} (one fetch response per partition may overshoot)"
+    );
+    assert!(processed > 0.0, "the pipeline made progress");
+    assert!(
+        growth <= LIMIT + MARGIN,
+        "RSS grew by {} MiB with a 1 GiB backlog: over memory_limit ({} MiB) + {} MiB",
+        growth / MIB,
+        LIMIT / MIB,
+        MARGIN / MIB
+    );
+}
