@@ -310,7 +310,7 @@ mod tests {
             // Workers and messages of a partition share its cap.
             let cap = m.partition_cap();
             let workers = PipelineMemory::worker_cap(cap, 256);
-            prop_assert!(workers >= 1 && workers <= 256);
+            prop_assert!((1..=256).contains(&workers));
             if cap >= 2 * WORKER_COST {
                 prop_assert!(workers as u64 * WORKER_COST <= cap / 2);
                 prop_assert!(

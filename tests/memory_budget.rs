@@ -88,14 +88,14 @@ fn a_1gib_backlog_on_32_partitions_stays_within_memory_limit() {
 
     // The same process on an empty topic: runtime, clients and 32 idle supervisors.
     let address = format!("127.0.0.1:{}", free_port());
-    let mut idle = start(&broker, &empty, &address);
+    let mut idle = start(broker, &empty, &address);
     std::thread::sleep(Duration::from_secs(3)); // settled: a few ticks, nothing to fetch
     let base = idle.rss_kib() * 1024;
     idle.sigterm();
     idle.wait_exit(Duration::from_secs(30));
 
     let address = format!("127.0.0.1:{}", free_port());
-    let mut k = start(&broker, &backlog, &address);
+    let mut k = start(broker, &backlog, &address);
     let started = Instant::now();
     let mut peak = 0u64;
     let mut samples = 0;
