@@ -79,7 +79,8 @@ pub async fn run(paths: &[PathBuf], out: &mut dyn Write) -> u8 {
         }
     };
     let total: usize = suites.iter().map(|s| s.spec.cases.len()).sum();
-    let _ = writeln!(out, "\nrunning {total} tests");
+    let plural = if total == 1 { "" } else { "s" };
+    let _ = writeln!(out, "\nrunning {total} test{plural}");
     let (mut passed, mut failures) = (0usize, Vec::new());
     for s in &suites {
         let stub = match needs_stub(&s.pipeline) {
