@@ -73,6 +73,12 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Run pipeline tests (`<name>.test.toml` next to `<name>.toml`) without a broker; exit 1
+    /// if a case fails, 2 if a file is malformed.
+    Test {
+        /// Test or pipeline files, or directories (default: "pipelines").
+        paths: Vec<PathBuf>,
+    },
     /// Dead-letter topic tools.
     Dlq {
         #[command(subcommand)]
@@ -255,6 +261,11 @@ fn main() -> ExitCode {
             }))
         }
         Command::Dlq { command } => dlq(command, cli.log_format),
+        Command::Test { paths } => {
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let code = rt.block_on(keyflow::testing::run(&paths, &mut std::io::stdout()));
+            ExitCode::from(code)
+        }
     }
 }
 

@@ -922,7 +922,8 @@ fn output_topics(p: &ProcessorConfig) -> Vec<(String, &str)> {
     }
 }
 
-/// Expands files and directories (every `*.toml` inside, sorted) into pipeline files.
+/// Expands files and directories (every `*.toml` inside but `*.test.toml`, sorted) into pipeline
+/// files.
 pub fn pipeline_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ConfigErrors> {
     let mut out = Vec::new();
     let mut errs = Vec::new();
@@ -933,6 +934,8 @@ pub fn pipeline_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ConfigErrors> {
                     let mut files: Vec<PathBuf> = rd
                         .filter_map(|e| e.ok().map(|e| e.path()))
                         .filter(|f| f.extension().is_some_and(|x| x == "toml"))
+                        // `x.test.toml`: the tests of `x.toml` (`keyflow test`), not a pipeline.
+                        .filter(|f| !f.to_string_lossy().ends_with(".test.toml"))
                         .collect();
                     files.sort();
                     if files.is_empty() {

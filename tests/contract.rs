@@ -1,0 +1,233 @@
+//! `keyflow test`: the shipped pipelines' tests pass (the JSON Schemas in `pipelines/schemas/`
+//! are the contract they exercise), and a wrong expectation fails readably. No broker.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use support::{temp_dir, Keyflow};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `keyflow test <args>` from the repository root, with none of the shipped pipelines'
+/// variables set: the test files must fix what they depend on.
+fn keyflow_test(args: &[&str]) -> (Output, String, String) {
+    let out = Command::new(Keyflow::bin())
+        .arg("test")
+        .args(args)
+        .current_dir(repo())
+        .env_remove("WELCOME_MAIL_URL")
+        .env_remove("WELCOME_MAIL_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stdout, stderr)
+}
+
+/// `[[case]]` headers in a test file.
+fn cases_in(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| l.trim() == "[[case]]")
+        .count()
+}
+
+#[test]
+fn the_shipped_pipelines_pass_their_tests() {
+    let dir = repo().join("pipelines");
+    let mut expected = 0;
+    let mut pipelines = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".test.toml") {
+            expected += cases_in(&p);
+            assert!(
+                dir.join(format!("{stem}.toml")).exists(),
+                "{name}: no pipeline"
+            );
+        } else if let Some(stem) = name.strip_suffix(".toml") {
+            pipelines += 1;
+            let t = dir.join(format!("{stem}.test.toml"));
+            assert!(
+                t.exists(),
+                "every example pipeline has tests: {} missing",
+                t.display()
+            );
+        }
+    }
+    assert!(
+        pipelines >= 4 && expected >= 30,
+        "{pipelines} pipelines, {expected} cases"
+    );
+
+    let started = Instant::now();
+    let (out, stdout, stderr) = keyflow_test(&["pipelines/"]);
+    let took = started.elapsed();
+    println!("{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("test result: ok. {expected} passed; 0 failed")),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with(" ... ok")).count(),
+        expected,
+        "{stdout}"
+    );
+    for line in [
+        "test pipelines/welcome-mail.test.toml::a_new_user_gets_a_welcome_mail ... ok",
+        "test pipelines/orders.test.toml::contract_rejects_a_negative_total ... ok",
+        "test pipelines/saga-ship.test.toml::a_redelivered_payment_emits_one_command ... ok",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "{line:?} in\n{stdout}");
+    }
+    // welcome-mail's 503 case runs 8 attempts under `backoff = "200ms"`: slept, its backoffs
+    // alone would take at least 12.7 s (jitter halves them at most). Retries do not sleep.
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    println!("{expected} cases in {took:?}");
+}
+
+/// A pipeline and its schema copied to a temporary directory, with `test` as its test file.
+fn temp_pipeline(test: &str) -> tempfile::TempDir {
+    let dir = temp_dir("keyflow-contract-");
+    std::fs::create_dir(dir.path().join("schemas")).unwrap();
+    std::fs::copy(
+        repo().join("pipelines/schemas/payment.completed.json"),
+        dir.path().join("schemas/payment.completed.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("pipelines/saga-ship.toml"),
+        dir.path().join("saga-ship.toml"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("saga-ship.test.toml"), test).unwrap();
+    dir
+}
+
+#[test]
+fn a_wrong_expectation_fails_with_a_diff_naming_the_field_and_both_values() {
+    let dir = temp_pipeline(
+        r#"
+[[case]]
+name = "right"
+[[case.message]]
+value = { payment_id = "p-1", order_id = "o-1", amount = 5 }
+expect.outputs = { "shipment.commands" = [{ key = "o-1", value = { payment_id = "p-1", order_id = "o-1", paid_amount = 5, command = "ShipOrder", saga = { step = "ship" } } }] }
+
+[[case]]
+name = "wrong_amount"
+[[case.message]]
+value = { payment_id = "p-2", order_id = "o-2", amount = 5 }
+expect.outputs = { "shipment.commands" = [{ key = "o-2", value = { payment_id = "p-2", order_id = "o-2", paid_amount = 6, command = "ShipOrder", saga = { step = "ship" } } }] }
+
+[[case]]
+name = "expects_a_schema_error_for_a_valid_payment"
+[[case.message]]
+value = { payment_id = "p-3", order_id = "o-3", amount = 5 }
+expect.dead_lettered = { kind = "schema" }
+"#,
+    );
+    let p = dir.path().display().to_string();
+    let (out, stdout, stderr) = keyflow_test(&[&p]);
+    println!("{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let file = format!("{p}/saga-ship.test.toml");
+    for line in [
+        format!("test {file}::right ... ok"),
+        format!("test {file}::wrong_amount ... FAILED"),
+        format!("test {file}::expects_a_schema_error_for_a_valid_payment ... FAILED"),
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "{line:?} in\n{stdout}");
+    }
+    let diff = format!(
+        "---- {file}::wrong_amount ----\n\
+         message 1 of 1 (key none): 1 difference(s) (- expected, + actual)\n  \
+         outputs.\"shipment.commands\"[0].value.paid_amount:\n    - 6\n    + 5\n"
+    );
+    assert!(stdout.contains(&diff), "{diff}\nin\n{stdout}");
+    // The outcome itself differs: both sides shown whole, the actual one with what went out.
+    let outcome = stdout
+        .split(&format!(
+            "---- {file}::expects_a_schema_error_for_a_valid_payment ----"
+        ))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no diff for the outcome case in\n{stdout}"));
+    for l in [
+        "  outcome:",
+        "    -   \"dead_lettered\": {",
+        "    -     \"kind\": \"schema\"",
+        "    +   \"outputs\": {",
+        "    +     \"shipment.commands\": [",
+        "    +             \"step\": \"ship\"",
+    ] {
+        assert!(outcome.lines().any(|x| x == l), "{l:?} in\n{outcome}");
+    }
+    assert!(
+        stdout.contains("test result: FAILED. 1 passed; 2 failed"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_malformed_test_file_names_the_file_and_the_field() {
+    let dir = temp_pipeline(
+        r#"
+[[case]]
+name = "x"
+[[case.message]]
+value = { payment_id = "p-1", order_id = "o-1", amount = 5 }
+expect = { dropped = true, duplicate = true }
+[[case.message]]
+value = { payment_id = "p-1", order_id = "o-1", amount = 5 }
+expect.dead_lettered = { knd = "schema" }
+"#,
+    );
+    let p = dir.path().display().to_string();
+    let (out, stdout, stderr) = keyflow_test(&[&p]);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    let first = format!("{p}/saga-ship.test.toml: field `case[0].message[1].expect.dead_lettered.knd`: unknown field `knd`, expected `kind` or `message_contains` (line 9, column 26)");
+    assert!(stderr.lines().any(|l| l == first), "{first:?} in\n{stderr}");
+    assert!(!stdout.contains("test result"), "nothing ran: {stdout}");
+
+    // Once that is fixed, the semantic errors.
+    std::fs::write(
+        dir.path().join("saga-ship.test.toml"),
+        r#"
+[[case]]
+name = "x"
+[[case.message]]
+value = { payment_id = "p-1", order_id = "o-1", amount = 5 }
+expect = { dropped = true, duplicate = true }
+"#,
+    )
+    .unwrap();
+    let (out, stdout, stderr) = keyflow_test(&[&p]);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    let want = format!("{p}/saga-ship.test.toml: field `case[0].message[0].expect`: expected exactly one of outputs, dropped, duplicate, dead_lettered; found 2");
+    assert!(stderr.lines().any(|l| l == want), "{want:?} in\n{stderr}");
+}
+
+#[test]
+fn run_and_validate_do_not_take_a_test_file_for_a_pipeline() {
+    let out = Command::new(Keyflow::bin())
+        .args(["validate", "pipelines/"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("welcome-mail.toml"), "{stdout}");
+    assert!(!stdout.contains(".test.toml"), "{stdout}");
+}
