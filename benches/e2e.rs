@@ -2,8 +2,16 @@
 //! real broker (Apache Kafka, installed and started the way the tests do it).
 //!
 //! `cargo bench --bench e2e` runs every scenario 3 times per side and prints a table of medians;
-//! `-- --scenario io --runs 1`, `-- --smoke` (tiny sizes, what CI runs) and size flags adjust it.
-//! Results go to `target/bench/<scenario>.json`.
+//! `-- --scenario io --runs 1` (or a list, `--scenario cpu8,cpu64`), `-- --smoke` (tiny sizes,
+//! what CI runs) and size flags adjust it. Results go to `target/bench/<scenario>.json`.
+//!
+//! Per side and run: peak RSS (VmHWM), CPU seconds (user+sys, getrusage of the child at its
+//! end) and CPU µs per message, the steady rate after the first message, keyflow's partition
+//! pauses (the baseline never pauses), and with `gaps` (the backlog scenarios) the processing
+//! gaps: a partition that completes nothing for ≥ 50 ms and then resumes. That is the stall a
+//! pause/resume cycle costs when the refetch after the resume comes later than the buffered
+//! messages run out. keyflow's stats have no resume → next-fetch timestamp, so the refetch
+//! delay itself is not measured.
 //!
 //! Each side runs in its own child process (this executable, re-invoked with `--child`), so that
 //! peak RSS is that side's alone. Both sides do the same per-message work: parse the JSON
@@ -29,7 +37,8 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Parser, Debug, Clone)]
 struct Args {
-    /// cpu | io | skew | backlog | latency | all
+    /// cpu | cpu8 | cpu64 | io | skew | backlog | backlog1g | latency | all, or a
+    /// comma-separated list of them.
     #[arg(long, default_value = "all")]
     scenario: String,
     #[arg(long, default_value_t = 3)]
@@ -43,6 +52,16 @@ struct Args {
     io_messages: Option<usize>,
     #[arg(long)]
     backlog_messages: Option<usize>,
+    /// Messages of cpu8 and cpu64 (2,000,000).
+    #[arg(long)]
+    cpu_n_messages: Option<usize>,
+    /// Messages of backlog1g (1 KiB each; 1,048,576 = 1 GiB of values).
+    #[arg(long)]
+    backlog1g_messages: Option<usize>,
+    /// keyflow's process-wide memory budget, passed to the keyflow side only (see
+    /// `apply_memory_limit`: ignored, with a warning, until keyflow's global config has it).
+    #[arg(long)]
+    memory_limit: Option<u64>,
     /// Messages per second produced during the latency scenario.
     #[arg(long, default_value_t = 20_000)]
     latency_rate: usize,
@@ -69,6 +88,12 @@ struct Args {
     hot_key: Option<u32>,
     #[arg(long, default_value_t = 600)]
     max_seconds: u64,
+    /// Stop this many seconds after the first message (0: no cap but `max_seconds`).
+    #[arg(long, default_value_t = 0)]
+    cap_seconds: u64,
+    /// Track per-partition processing gaps (a little work per message; backlog scenarios).
+    #[arg(long)]
+    gaps: bool,
     #[arg(long)]
     latency: bool,
     /// cargo passes --bench to benchmark executables.
@@ -100,6 +125,53 @@ struct RunResult {
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
     p999_ms: Option<f64>,
+    /// Processed when the run stopped (all expected, or the time cap), before shutdown.
+    stop_messages: u64,
+    /// First message → the run stopped: the rate of capped runs, without the shutdown drain.
+    stop_seconds: f64,
+    /// User + system CPU seconds of the whole child (getrusage at its end).
+    cpu_seconds: f64,
+    /// Of which before the first message (start, join, first fetch).
+    cpu_seconds_before_first: f64,
+    /// Partition pauses (keyflow's stats; always 0 for the baseline) and resumes.
+    pauses: u64,
+    resumes: u64,
+    /// Processing gaps ≥ `GAP_MS` (only with `--gaps`): count, total and longest.
+    gaps: u64,
+    gap_seconds: f64,
+    gap_max_ms: f64,
+    /// The keyflow side's `memory_limit`, when it was applied.
+    memory_limit: Option<u64>,
+}
+
+impl RunResult {
+    /// The steady rate after the first message: to the last commit for complete runs, to the
+    /// cap for capped ones (a capped run's shutdown drain is not steady state).
+    fn rate(&self) -> f64 {
+        if self.complete || self.stop_seconds <= 0.0 {
+            self.msgs_per_sec
+        } else {
+            self.stop_messages as f64 / self.stop_seconds
+        }
+    }
+
+    fn cpu_us_per_msg(&self) -> f64 {
+        self.cpu_seconds * 1e6 / (self.messages.max(1) as f64)
+    }
+}
+
+/// A partition that completes nothing for this long and then completes again had a gap.
+const GAP_MS: u64 = 50;
+
+/// User + system CPU seconds of this process, all threads.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass and reads nothing else.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 #[derive(Deserialize)]
@@ -132,6 +204,16 @@ struct Check {
     nonhot_done: AtomicU64,
     nonhot_done_at: OnceLock<Instant>,
     latencies_us: Option<Mutex<Vec<u32>>>,
+    cpu_at_first: OnceLock<f64>,
+    /// Per partition, µs since `epoch` + 1 of its last completion (0: none yet); empty unless
+    /// gaps are tracked.
+    last_done_us: Vec<AtomicU64>,
+    epoch: Instant,
+    gaps: AtomicU64,
+    gap_total_us: AtomicU64,
+    gap_max_us: AtomicU64,
+    /// Set when the run stops: (processed then, when).
+    stopped: OnceLock<(u64, Instant)>,
 }
 
 impl Check {
@@ -141,6 +223,7 @@ impl Check {
         hot_key: Option<u32>,
         nonhot_expected: u64,
         latency: bool,
+        gap_partitions: usize,
     ) -> Self {
         Check {
             counts: (0..expect).map(|_| AtomicU8::new(0)).collect(),
@@ -153,11 +236,31 @@ impl Check {
             nonhot_done: AtomicU64::new(0),
             nonhot_done_at: OnceLock::new(),
             latencies_us: latency.then(|| Mutex::new(Vec::with_capacity(expect))),
+            cpu_at_first: OnceLock::new(),
+            last_done_us: (0..gap_partitions).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
+            gaps: AtomicU64::new(0),
+            gap_total_us: AtomicU64::new(0),
+            gap_max_us: AtomicU64::new(0),
+            stopped: OnceLock::new(),
         }
     }
 
-    fn record(&self, payload: Option<&[u8]>) -> Result<(), String> {
-        self.first.get_or_init(Instant::now);
+    fn record(&self, partition: i32, payload: Option<&[u8]>) -> Result<(), String> {
+        self.first.get_or_init(|| {
+            let _ = self.cpu_at_first.set(cpu_seconds());
+            Instant::now()
+        });
+        if let Some(last) = self.last_done_us.get(partition as usize) {
+            let now = self.epoch.elapsed().as_micros() as u64 + 1;
+            let prev = last.swap(now, Relaxed);
+            let gap = now.saturating_sub(prev);
+            if prev != 0 && gap >= GAP_MS * 1000 {
+                self.gaps.fetch_add(1, Relaxed);
+                self.gap_total_us.fetch_add(gap, Relaxed);
+                self.gap_max_us.fetch_max(gap, Relaxed);
+            }
+        }
         let p: Payload =
             serde_json::from_slice(payload.unwrap_or_default()).map_err(|e| e.to_string())?;
         if let Some(c) = self.counts.get(p.id) {
@@ -181,8 +284,31 @@ impl Check {
         Ok(())
     }
 
+    /// Whether the run should stop: everything done, the cap after the first message passed, or
+    /// `max_seconds` after start. Records the moment and count of the stop.
+    fn should_stop(&self, a: &Args, start: Instant) -> bool {
+        let now = Instant::now();
+        let capped = a.cap_seconds > 0
+            && self
+                .first
+                .get()
+                .is_some_and(|f| now.duration_since(*f) >= Duration::from_secs(a.cap_seconds));
+        let stop = self.done(a.expect as u64)
+            || capped
+            || now.duration_since(start) >= Duration::from_secs(a.max_seconds);
+        if stop {
+            let _ = self.stopped.set((self.processed.load(Relaxed), now));
+        }
+        stop
+    }
+
     fn finish(&self, side: &str, scenario: &str, start: Instant, committed: Instant) -> RunResult {
+        let cpu = cpu_seconds();
         let first = *self.first.get().unwrap_or(&committed);
+        let (stop_messages, stopped_at) = *self
+            .stopped
+            .get()
+            .unwrap_or(&(self.processed.load(Relaxed), committed));
         let seconds = committed.duration_since(first).as_secs_f64();
         let messages = self.processed.load(Relaxed);
         let (mut lost, mut duplicated) = (0, 0);
@@ -235,6 +361,16 @@ impl Check {
             p50_ms: p50,
             p99_ms: p99,
             p999_ms: p999,
+            stop_messages,
+            stop_seconds: stopped_at.saturating_duration_since(first).as_secs_f64(),
+            cpu_seconds: cpu,
+            cpu_seconds_before_first: *self.cpu_at_first.get().unwrap_or(&cpu),
+            pauses: 0,
+            resumes: 0,
+            gaps: self.gaps.load(Relaxed),
+            gap_seconds: self.gap_total_us.load(Relaxed) as f64 / 1e6,
+            gap_max_ms: self.gap_max_us.load(Relaxed) as f64 / 1e3,
+            memory_limit: None,
         }
     }
 
@@ -259,7 +395,7 @@ impl Processor for BenchProcessor {
             tokio::time::sleep(d).await;
         }
         self.check
-            .record(msg.payload.as_deref())
+            .record(msg.partition, msg.payload.as_deref())
             .map_err(|e| ProcessError::permanent("decode", e))?;
         Ok(Flow::Continue)
     }
@@ -272,7 +408,19 @@ fn child_check(a: &Args) -> Arc<Check> {
         .hot_key
         .map(|_| (a.expect - hot_count(a.expect)) as u64)
         .unwrap_or(0);
-    Arc::new(Check::new(a.expect, a.keys, a.hot_key, nonhot, a.latency))
+    let gap_partitions = if a.gaps {
+        a.partitions.max(0) as usize
+    } else {
+        0
+    };
+    Arc::new(Check::new(
+        a.expect,
+        a.keys,
+        a.hot_key,
+        nonhot,
+        a.latency,
+        gap_partitions,
+    ))
 }
 
 fn hot_count(expect: usize) -> usize {
@@ -295,10 +443,13 @@ async fn run_keyflow(a: &Args) -> RunResult {
         ),
     )
     .unwrap();
-    let global = Global {
+    let mut global = Global {
         brokers: a.bootstrap.clone(),
         ..Global::default()
     };
+    let memory_limit = a
+        .memory_limit
+        .filter(|&bytes| apply_memory_limit(&mut global, bytes));
     let spec =
         config::load_pipeline(&path, &global, &Env::default()).unwrap_or_else(|e| panic!("{e}"));
     let cfg = config::Config {
@@ -322,8 +473,7 @@ async fn run_keyflow(a: &Args) -> RunResult {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     println!("READY");
-    let deadline = start + Duration::from_secs(a.max_seconds);
-    while !check.done(a.expect as u64) && Instant::now() < deadline {
+    while !check.should_stop(a, start) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let snap = stats.snapshot();
@@ -336,7 +486,28 @@ async fn run_keyflow(a: &Args) -> RunResult {
         snap.partitions.iter().map(|p| p.pauses).sum::<u64>()
     );
     running.shutdown().await;
-    check.finish("keyflow", &a.scenario, start, Instant::now())
+    RunResult {
+        pauses: snap.partitions.iter().map(|p| p.pauses).sum(),
+        resumes: snap.partitions.iter().map(|p| p.resumes).sum(),
+        memory_limit,
+        ..check.finish("keyflow", &a.scenario, start, Instant::now())
+    }
+}
+
+/// Whether keyflow's global config has a `memory_limit` this bench can set. The lead is adding
+/// it (issue 10, item 1); until then `--memory-limit` is reported as ignored.
+const MEMORY_LIMIT_WIRED: bool = false;
+
+/// Sets keyflow's process-wide memory budget to `bytes`; returns whether it was applied.
+/// To wire once `Global::memory_limit` lands: assign it here (in the type it takes) and set
+/// `MEMORY_LIMIT_WIRED` to true.
+fn apply_memory_limit(_global: &mut Global, bytes: u64) -> bool {
+    if !MEMORY_LIMIT_WIRED {
+        eprintln!(
+            "   keyflow: --memory-limit {bytes} ignored: keyflow's global config has no memory_limit yet"
+        );
+    }
+    MEMORY_LIMIT_WIRED
 }
 
 fn baseline_config(a: &Args) -> ClientConfig {
@@ -365,12 +536,11 @@ fn run_baseline_loop(a: &Args) -> RunResult {
     let start = Instant::now();
     consumer.assign(&all_partitions(a)).unwrap();
     println!("READY");
-    let deadline = start + Duration::from_secs(a.max_seconds);
-    while !check.done(a.expect as u64) && Instant::now() < deadline {
+    while !check.should_stop(a, start) {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 use rdkafka::Message as _;
-                check.record(m.payload()).unwrap();
+                check.record(m.partition(), m.payload()).unwrap();
                 consumer.store_offset_from_message(&m).unwrap();
             }
             Some(Err(e)) => eprintln!("baseline: {e}"),
@@ -407,7 +577,7 @@ async fn run_baseline_tasks(a: &Args) -> RunResult {
                     tokio::time::sleep(sleep).await;
                 }
                 use rdkafka::Message as _;
-                check.record(m.payload()).unwrap();
+                check.record(m.partition(), m.payload()).unwrap();
                 c.store_offset_from_message(&m).unwrap();
             }
         }));
@@ -422,8 +592,7 @@ async fn run_baseline_tasks(a: &Args) -> RunResult {
         })
     };
     println!("READY");
-    let deadline = start + Duration::from_secs(a.max_seconds);
-    while !check.done(a.expect as u64) && Instant::now() < deadline {
+    while !check.should_stop(a, start) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     for t in &tasks {
@@ -460,15 +629,45 @@ struct Scenario {
     hot: bool,
     latency: bool,
     max_seconds: u64,
+    /// Stop this long after the first message (0: run to the end).
+    cap_seconds: u64,
+    /// Size of every value in bytes (0: ~100 bytes, the fields plus 40 bytes of padding).
+    value_bytes: usize,
+    /// Track processing gaps (see `GAP_MS`).
+    gaps: bool,
 }
 
-fn payload(id: usize, k: u32, seq: u32, ts: u64) -> Vec<u8> {
-    // ~100 bytes, as the issue asks.
-    format!(
-        r#"{{"id":{id},"k":{k},"seq":{seq},"ts":{ts},"p":"{}"}}"#,
-        "x".repeat(40)
-    )
-    .into_bytes()
+impl Scenario {
+    /// The defaults of the 12-partition scenarios; each scenario states what differs.
+    const BASE: Scenario = Scenario {
+        name: "",
+        messages: 0,
+        partitions: 12,
+        keys: 10_000,
+        sleep_us: 0,
+        max_in_flight: 1000,
+        hot: false,
+        latency: false,
+        max_seconds: 600,
+        cap_seconds: 0,
+        value_bytes: 0,
+        gaps: false,
+    };
+}
+
+/// The JSON value both sides parse: `value_bytes` long (padded), or the fields plus 40 bytes
+/// of padding (~100 bytes) when 0.
+fn payload(id: usize, k: u32, seq: u32, ts: u64, value_bytes: usize) -> Vec<u8> {
+    let head = format!(r#"{{"id":{id},"k":{k},"seq":{seq},"ts":{ts},"p":""#);
+    let pad = match value_bytes {
+        0 => 40,
+        n => n.saturating_sub(head.len() + 2),
+    };
+    let mut v = Vec::with_capacity(head.len() + pad + 2);
+    v.extend_from_slice(head.as_bytes());
+    v.resize(v.len() + pad, b'x');
+    v.extend_from_slice(b"\"}");
+    v
 }
 
 /// Messages of a scenario: keys round-robin (or 30% on key 0 for skew), per-key sequences.
@@ -484,13 +683,19 @@ fn messages(s: &Scenario) -> impl Iterator<Item = support::OutMsg> + '_ {
         seq[k as usize] += 1;
         support::OutMsg {
             key: Some(format!("k{k}").into_bytes()),
-            payload: payload(id, k, seq[k as usize], now_us()),
+            payload: payload(id, k, seq[k as usize], now_us(), s.value_bytes),
             ..Default::default()
         }
     })
 }
 
-fn spawn_child(side: &str, s: &Scenario, bootstrap: &str, topic: &str) -> std::process::Child {
+fn spawn_child(
+    side: &str,
+    s: &Scenario,
+    bootstrap: &str,
+    topic: &str,
+    memory_limit: Option<u64>,
+) -> std::process::Child {
     let exe = std::env::current_exe().unwrap();
     // KEYFLOW_BENCH_WRAP="valgrind --tool=massif" profiles the keyflow side.
     let mut cmd = match std::env::var("KEYFLOW_BENCH_WRAP")
@@ -529,7 +734,14 @@ fn spawn_child(side: &str, s: &Scenario, bootstrap: &str, topic: &str) -> std::p
         "--max-in-flight",
         &s.max_in_flight.to_string(),
     ])
-    .args(["--max-seconds", &s.max_seconds.to_string()]);
+    .args(["--max-seconds", &s.max_seconds.to_string()])
+    .args(["--cap-seconds", &s.cap_seconds.to_string()]);
+    if let Some(limit) = memory_limit.filter(|_| side == "keyflow") {
+        cmd.args(["--memory-limit", &limit.to_string()]);
+    }
+    if s.gaps {
+        cmd.arg("--gaps");
+    }
     if s.hot {
         cmd.args(["--hot-key", "0"]);
     }
@@ -577,57 +789,71 @@ fn main() {
         Scenario {
             name: "cpu",
             messages: a.cpu_messages.unwrap_or(1_000_000 / k),
-            partitions: 12,
             keys: 10_000 / k,
-            sleep_us: 0,
-            max_in_flight: 1000,
-            hot: false,
-            latency: false,
-            max_seconds: 600,
+            ..Scenario::BASE
+        },
+        // Issue 10: 2,000,000 preloaded ~90-byte messages, 1,000 keys, no sleep, on 8 and on 64
+        // partitions (the 64/8 peak-RSS ratio is printed after the table).
+        Scenario {
+            name: "cpu8",
+            messages: a.cpu_n_messages.unwrap_or(2_000_000 / k),
+            partitions: 8,
+            keys: 1000,
+            value_bytes: 90,
+            ..Scenario::BASE
+        },
+        Scenario {
+            name: "cpu64",
+            messages: a.cpu_n_messages.unwrap_or(2_000_000 / k),
+            partitions: 64,
+            keys: 1000,
+            value_bytes: 90,
+            ..Scenario::BASE
         },
         Scenario {
             name: "io",
             messages: a.io_messages.unwrap_or(200_000 / k),
-            partitions: 12,
             keys: 10_000 / k,
             sleep_us: 2000,
-            max_in_flight: 1000,
-            hot: false,
-            latency: false,
-            max_seconds: 600,
+            ..Scenario::BASE
         },
         Scenario {
             name: "skew",
             messages: a.io_messages.unwrap_or(200_000 / k),
-            partitions: 12,
             keys: 10_000 / k,
             sleep_us: 2000,
-            max_in_flight: 1000,
             hot: true,
-            latency: false,
-            max_seconds: 600,
+            ..Scenario::BASE
         },
         Scenario {
             name: "backlog",
             messages: a.backlog_messages.unwrap_or(2_000_000 / k),
-            partitions: 12,
             keys: 10_000 / k,
             sleep_us: 1000,
-            max_in_flight: 1000,
-            hot: false,
-            latency: false,
             max_seconds: if a.smoke { 60 } else { 120 },
+            ..Scenario::BASE
+        },
+        // Issue 10: a 1 GiB preloaded backlog (1,048,576 values of 1 KiB) on 32 partitions, a
+        // 5 ms processor, max_in_flight 1000; stopped 60 s after the first message.
+        Scenario {
+            name: "backlog1g",
+            messages: a.backlog1g_messages.unwrap_or(1_048_576 / k),
+            partitions: 32,
+            keys: 1000,
+            sleep_us: 5000,
+            max_seconds: 600,
+            cap_seconds: 60,
+            value_bytes: 1024,
+            gaps: true,
+            ..Scenario::BASE
         },
         Scenario {
             name: "latency",
             messages: a.latency_rate * a.latency_seconds / k,
-            partitions: 12,
             keys: 10_000 / k,
-            sleep_us: 0,
-            max_in_flight: 1000,
-            hot: false,
             latency: true,
             max_seconds: 120,
+            ..Scenario::BASE
         },
     ];
     let runs = if a.smoke { 1 } else { a.runs };
@@ -637,7 +863,7 @@ fn main() {
     let mut table = Vec::new();
     for s in scenarios
         .iter()
-        .filter(|s| a.scenario == "all" || a.scenario == s.name)
+        .filter(|s| a.scenario == "all" || a.scenario.split(',').any(|n| n == s.name))
     {
         eprintln!(
             "== {} ({} messages, {} partitions, {} keys)",
@@ -659,7 +885,7 @@ fn main() {
                     broker.create_topic_blocking(&t, s.partitions);
                     t
                 });
-                let child = spawn_child(side, s, &broker.bootstrap, &topic);
+                let child = spawn_child(side, s, &broker.bootstrap, &topic, a.memory_limit);
                 let r = if s.latency {
                     // Produce at a fixed rate once the consumer is ready.
                     let (b, t, rate, n) = (&broker, topic.clone(), a.latency_rate / k, s.messages);
@@ -678,8 +904,13 @@ fn main() {
                     read_result(child, || {})
                 };
                 eprintln!(
-                    "   run {run} {side:8} {:>9} msgs {:>7.2} s {:>10.0} msg/s join {:.1} s peak {:.0} MiB viol {} lost {} dup {}{}",
-                    r.messages, r.seconds, r.msgs_per_sec, r.join_seconds, r.peak_rss_mib, r.order_violations, r.lost, r.duplicated,
+                    "   run {run} {side:8} {:>9} msgs {:>7.2} s {:>10.0} msg/s{} join {:.1} s peak {:.0} MiB cpu {:.2} s ({:.2} µs/msg, {:.2} s before the first) pauses {} resumes {}{} viol {} lost {} dup {}{}",
+                    r.messages, r.seconds, r.msgs_per_sec,
+                    if r.complete { String::new() } else { format!(" (capped: {} msgs in {:.1} s = {:.0} msg/s)", r.stop_messages, r.stop_seconds, r.rate()) },
+                    r.join_seconds, r.peak_rss_mib, r.cpu_seconds, r.cpu_us_per_msg(), r.cpu_seconds_before_first,
+                    r.pauses, r.resumes,
+                    if s.gaps { format!(" gaps≥{GAP_MS}ms {} ({:.2} s, max {:.0} ms)", r.gaps, r.gap_seconds, r.gap_max_ms) } else { String::new() },
+                    r.order_violations, r.lost, r.duplicated,
                     r.p99_ms.map(|p| format!(" p99 {p:.1} ms")).unwrap_or_default()
                 );
                 results.push(r);
@@ -714,6 +945,7 @@ fn produce_at_rate(broker: &support::Broker, topic: &str, s: &Scenario, rate: us
                         p["k"].as_u64().unwrap() as u32,
                         p["seq"].as_u64().unwrap() as u32,
                         now_us(),
+                        s.value_bytes,
                     );
                     m
                 })
@@ -728,61 +960,85 @@ fn produce_at_rate(broker: &support::Broker, topic: &str, s: &Scenario, rate: us
 
 fn print_table(table: &[(&str, Vec<RunResult>)]) {
     println!(
-        "\n{:<9} {:<9} {:>12} {:>14} {:>10} {:>10} {:>6} {:>5} {:>5} {:>9} {:>9}",
+        "\n{:<9} {:<9} {:>11} {:>15} {:>8} {:>7} {:>7} {:>7} {:>7} {:>12} {:>5} {:>4} {:>4} {:>7} {:>7}",
         "scenario",
         "side",
         "msg/s (med)",
         "spread",
         "peak MiB",
         "end MiB",
+        "cpu s",
+        "µs/msg",
+        "pauses",
+        "gaps (s)",
         "viol",
         "lost",
         "dup",
         "p99 ms",
-        "non-hot s"
+        "nonhot"
     );
+    let mut peaks = std::collections::HashMap::new();
     for (name, results) in table {
         let mut med = std::collections::HashMap::new();
         for side in ["keyflow", "baseline"] {
             let rs: Vec<&RunResult> = results.iter().filter(|r| r.side == side).collect();
-            let (m, lo, hi) = median(rs.iter().map(|r| r.msgs_per_sec).collect());
-            let (peak, _, _) = median(rs.iter().map(|r| r.peak_rss_mib).collect());
-            let (end, _, _) = median(rs.iter().map(|r| r.end_rss_mib).collect());
+            let of = |f: &dyn Fn(&RunResult) -> f64| median(rs.iter().map(|r| f(r)).collect());
+            let (m, lo, hi) = of(&|r| r.rate());
+            let (peak, _, _) = of(&|r| r.peak_rss_mib);
+            let (end, _, _) = of(&|r| r.end_rss_mib);
+            let (cpu, _, _) = of(&|r| r.cpu_seconds);
+            let (us, _, _) = of(&|r| r.cpu_us_per_msg());
+            let (pauses, _, _) = of(&|r| r.pauses as f64);
+            let (gaps, _, _) = of(&|r| r.gaps as f64);
+            let (gap_s, _, _) = of(&|r| r.gap_seconds);
             let p99 = rs.iter().filter_map(|r| r.p99_ms).collect::<Vec<_>>();
             let nh = rs
                 .iter()
                 .filter_map(|r| r.nonhot_seconds)
                 .collect::<Vec<_>>();
+            let opt = |v: Vec<f64>| {
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.2}", median(v).0)
+                }
+            };
             println!(
-                "{:<9} {:<9} {:>12.0} {:>14} {:>10.0} {:>10.0} {:>6} {:>5} {:>5} {:>9} {:>9}",
+                "{:<9} {:<9} {:>11.0} {:>15} {:>8.0} {:>7.0} {:>7.2} {:>7.2} {:>7.0} {:>12} {:>5} {:>4} {:>4} {:>7} {:>7}",
                 name,
                 side,
                 m,
                 format!("{lo:.0}–{hi:.0}"),
                 peak,
                 end,
+                cpu,
+                us,
+                pauses,
+                format!("{gaps:.0} ({gap_s:.1})"),
                 rs.iter().map(|r| r.order_violations).sum::<u64>(),
                 rs.iter().map(|r| r.lost).sum::<u64>(),
                 rs.iter().map(|r| r.duplicated).sum::<u64>(),
-                if p99.is_empty() {
-                    "-".into()
-                } else {
-                    format!("{:.1}", median(p99).0)
-                },
-                if nh.is_empty() {
-                    "-".into()
-                } else {
-                    format!("{:.2}", median(nh).0)
-                },
+                opt(p99),
+                opt(nh),
             );
-            med.insert(side, (m, peak));
+            med.insert(side, (m, peak, us));
+            peaks.insert((*name, side), peak);
         }
         let (k, b) = (med["keyflow"], med["baseline"]);
         println!(
-            "{:<9} ratio     keyflow/baseline msg/s {:.2}×, peak RSS {:.2}×",
+            "{:<9} ratio     keyflow/baseline: msg/s {:.2}×, peak RSS {:.2}×, CPU s/msg {:.2}×",
             name,
             k.0 / b.0,
-            k.1 / b.1
+            k.1 / b.1,
+            k.2 / b.2
         );
+    }
+    for side in ["keyflow", "baseline"] {
+        if let (Some(p64), Some(p8)) = (peaks.get(&("cpu64", side)), peaks.get(&("cpu8", side))) {
+            println!(
+                "{side}: peak RSS on 64 partitions / on 8 partitions {:.2}× ({p64:.0} / {p8:.0} MiB)",
+                p64 / p8
+            );
+        }
     }
 }
