@@ -868,9 +868,8 @@ mod tests {
     fn validates_without_a_database() {
         let base = std::path::Path::new(".");
         assert!(cfg("").validate(base).is_empty());
-        let mut c = cfg(
-            "params = [\"id\", \"$nope\", \"/a~2\"]\npool_size = 0\napplied_table = \"x; drop\"",
-        );
+        let mut c = cfg("pool_size = 0\napplied_table = \"x; drop\"");
+        c.params = vec!["id".into(), "$nope".into(), "/a~2".into()];
         c.url = "postgres://u:s3cret@db:notaport/x".into();
         let errs = c.validate(base);
         let text = format!("{errs:?}");
