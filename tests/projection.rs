@@ -544,3 +544,44 @@ fn the_example_pipeline_keeps_the_orders_table() {
     );
     assert!(kinds.contains(&("o3".into(), "sql".into())), "{kinds:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database() {
+    let pg = Postgres::start_tls();
+    pg.psql("CREATE TABLE tls_check (id TEXT PRIMARY KEY, ssl BOOL NOT NULL)");
+    let statement = r#"statement = "INSERT INTO tls_check SELECT $1, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+params = ["$key"]"#;
+    let with = |tls: &str| -> Sql {
+        let mut cfg: SqlConfig =
+            toml::from_str(&format!("url = \"{}\"\n{tls}\n{statement}", pg.url())).unwrap();
+        let errs = cfg.validate(std::path::Path::new("."));
+        assert!(errs.is_empty(), "{errs:?}");
+        Sql::new(&cfg, &Arc::new(Gate::default()), tls).unwrap()
+    };
+    let crt = pg.certificate();
+    let cases = [
+        ("tls = \"disable\"".to_string(), "disable"),
+        ("tls = \"require\"".to_string(), "require"),
+        (
+            format!("tls = \"verify_full\"\nca_file = \"{}\"", crt.display()),
+            "verify_full",
+        ),
+    ];
+    for (i, (tls, key)) in cases.iter().enumerate() {
+        let mut m = Message::new("t", 0, i as i64, Some(key.as_bytes()), b"{}");
+        let r = with(tls).process(&mut m).await;
+        assert_eq!(r.unwrap(), Flow::Continue, "{tls}");
+    }
+    assert_eq!(
+        pg.psql("SELECT string_agg(id || '=' || ssl, ' ' ORDER BY id) FROM tls_check"),
+        "disable=false require=true verify_full=true"
+    );
+    // The self-signed certificate is not trusted by the system's roots.
+    let e = with("tls = \"verify_full\"")
+        .process(&mut Message::new("t", 0, 9, Some(b"untrusted"), b"{}"))
+        .await
+        .unwrap_err();
+    println!("untrusted certificate: {e}");
+    assert!(e.is_retryable(), "{e}");
+    assert!(e.message().contains("certificate"), "{e}");
+}

@@ -605,10 +605,15 @@ fn db_error(target: &str, e: &tokio_postgres::Error) -> ProcessError {
         }
         // No SQLSTATE: the connection failed (refused, reset, closed, TLS), a retryable error.
         None => {
+            // `error connecting to server`, then its causes (`Connection refused`), each once.
             let mut text = format!("{target}: {e}");
             let mut cause = std::error::Error::source(e);
             while let Some(c) = cause {
-                text.push_str(&format!(": {c}"));
+                let c_text = c.to_string();
+                if !text.contains(&c_text) {
+                    text.push_str(": ");
+                    text.push_str(&c_text);
+                }
                 cause = c.source();
             }
             ProcessError::retryable(KIND, text)

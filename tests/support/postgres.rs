@@ -74,6 +74,21 @@ impl Postgres {
 
     /// Like [`Postgres::start_new`], with `(setting, value)` pairs given as `-c` options.
     pub fn start_with(settings: &[(&str, &str)]) -> Postgres {
+        Self::init(settings, false)
+    }
+
+    /// Like [`Postgres::start_new`], with TLS on: a self-signed certificate for `127.0.0.1` and
+    /// `localhost` (made with the `openssl` command), at [`Postgres::certificate`].
+    pub fn start_tls() -> Postgres {
+        Self::init(&[], true)
+    }
+
+    /// The server's self-signed certificate (PEM), when started by [`Postgres::start_tls`].
+    pub fn certificate(&self) -> PathBuf {
+        self.dir_path.join("server.crt")
+    }
+
+    fn init(settings: &[(&str, &str)], tls: bool) -> Postgres {
         let bin = bin_dir();
         let dir = temp_dir("keyflow-pg-");
         let run_as = (unsafe { libc::geteuid() } == 0).then(postgres_user);
@@ -96,6 +111,36 @@ impl Postgres {
             .arg("--no-sync");
         run_checked(&mut initdb, "initdb");
         let mut conf = String::new();
+        if tls {
+            ensure_command("openssl", "openssl");
+            let (crt, key) = (pg.certificate(), pg.dir_path.join("server.key"));
+            run_checked(
+                Command::new("openssl")
+                    .args([
+                        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    ])
+                    .args(["-subj", "/CN=localhost"])
+                    .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+                    .arg("-keyout")
+                    .arg(&key)
+                    .arg("-out")
+                    .arg(&crt),
+                "a certificate for postgres",
+            );
+            // The server refuses a key readable by others, or not its own.
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some((uid, gid)) = pg.run_as {
+                for f in [&crt, &key] {
+                    std::os::unix::fs::chown(f, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            conf.push_str(&format!(
+                "ssl = 'on'\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                crt.display(),
+                key.display()
+            ));
+        }
         for (k, v) in settings {
             conf.push_str(&format!("{k} = '{v}'\n"));
         }
