@@ -51,6 +51,12 @@
 //! committed offset and skips. The statement and the claim commit or roll back together, so a
 //! crash at any point leaves either both or neither.
 //!
+//! Cancellation: a message whose future is dropped mid-transaction (`timeout`, a drain
+//! deadline, a stopped worker) closes its connection rather than return it to the pool inside a
+//! transaction (`Conn`). The server then rolls the transaction back, unless its COMMIT had
+//! already been sent (it is pipelined behind the statement): then it committed as a whole, and
+//! the message's retry finds its claim and is skipped. Either way it is applied once.
+//!
 //! Consequences: a message **without a key** cannot be placed in that order and is refused
 //! (permanent error, dead-lettered); `ordering = "unordered"` is refused by `keyflow validate`.
 //! The table holds one row per key ever seen (as many as the read model); it is created when
