@@ -684,6 +684,17 @@ fn validate_pipeline(
             ),
         );
     }
+    if f.ordering == Ordering::Unordered {
+        for (i, p) in f.processors.iter().enumerate() {
+            if let ProcessorConfig::Sql(_) = p {
+                e(
+                    errs,
+                    &format!("processors[{i}]"),
+                    "`sql` records the last applied offset per key, which needs each key's messages in offset order: use ordering = \"key\" (or \"partition\"), not \"unordered\"".into(),
+                );
+            }
+        }
+    }
     if f.commit_interval.get().is_zero() {
         e(
             errs,

@@ -11,6 +11,7 @@ pub mod json;
 pub mod log;
 pub mod route;
 pub mod simulate;
+pub mod sql;
 pub mod transform;
 
 use std::sync::Arc;
@@ -168,6 +169,8 @@ pub enum ProcessorConfig {
     Http(http::HttpConfig),
     /// Drop a message whose business id already completed within a TTL.
     Dedup(dedup::DedupConfig),
+    /// Run a statement per message in PostgreSQL, exactly once (a read model).
+    Sql(sql::SqlConfig),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -191,6 +194,7 @@ impl ProcessorConfig {
             ProcessorConfig::Route(c) => c.validate(input_topic),
             ProcessorConfig::Http(c) => c.validate(),
             ProcessorConfig::Dedup(c) => c.validate(),
+            ProcessorConfig::Sql(c) => c.validate(base),
         }
     }
 
@@ -208,7 +212,8 @@ impl ProcessorConfig {
             | ProcessorConfig::Simulate(_)
             | ProcessorConfig::Decode(_)
             | ProcessorConfig::Validate(_)
-            | ProcessorConfig::Transform(_) => false,
+            | ProcessorConfig::Transform(_)
+            | ProcessorConfig::Sql(_) => false,
         }
     }
 
@@ -225,6 +230,7 @@ impl ProcessorConfig {
             ProcessorConfig::Route(_) => "route",
             ProcessorConfig::Http(_) => "http",
             ProcessorConfig::Dedup(_) => "dedup",
+            ProcessorConfig::Sql(_) => "sql",
         }
     }
 }
@@ -285,6 +291,10 @@ pub fn build_chain(
                         .map_err(|e| format!("processors[{i}]: {e}"))?,
                 ),
                 ProcessorConfig::Dedup(c) => Arc::new(dedup::Dedup::new(c)),
+                ProcessorConfig::Sql(c) => Arc::new(
+                    sql::Sql::new(c, ctx.gate, ctx.pipeline)
+                        .map_err(|e| format!("processors[{i}]: {e}"))?,
+                ),
             })
         })
         .collect()

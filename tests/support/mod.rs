@@ -1477,3 +1477,4 @@ pub fn prometheus_sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Opt
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+pub mod postgres;
