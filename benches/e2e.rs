@@ -58,8 +58,8 @@ struct Args {
     /// Messages of backlog1g (1 KiB each; 1,048,576 = 1 GiB of values).
     #[arg(long)]
     backlog1g_messages: Option<usize>,
-    /// keyflow's process-wide memory budget, passed to the keyflow side only (see
-    /// `apply_memory_limit`: ignored, with a warning, until keyflow's global config has it).
+    /// keyflow's process-wide memory budget (`memory_limit`, bytes), keyflow side only; without
+    /// it keyflow's default applies (half the cgroup limit, else 256 MiB).
     #[arg(long)]
     memory_limit: Option<u64>,
     /// Messages per second produced during the latency scenario.
@@ -494,20 +494,10 @@ async fn run_keyflow(a: &Args) -> RunResult {
     }
 }
 
-/// Whether keyflow's global config has a `memory_limit` this bench can set. The lead is adding
-/// it (issue 10, item 1); until then `--memory-limit` is reported as ignored.
-const MEMORY_LIMIT_WIRED: bool = false;
-
-/// Sets keyflow's process-wide memory budget to `bytes`; returns whether it was applied.
-/// To wire once `Global::memory_limit` lands: assign it here (in the type it takes) and set
-/// `MEMORY_LIMIT_WIRED` to true.
-fn apply_memory_limit(_global: &mut Global, bytes: u64) -> bool {
-    if !MEMORY_LIMIT_WIRED {
-        eprintln!(
-            "   keyflow: --memory-limit {bytes} ignored: keyflow's global config has no memory_limit yet"
-        );
-    }
-    MEMORY_LIMIT_WIRED
+/// Sets keyflow's process-wide memory budget (`memory_limit`) to `bytes`.
+fn apply_memory_limit(global: &mut Global, bytes: u64) -> bool {
+    global.memory_limit = Some(bytes);
+    true
 }
 
 fn baseline_config(a: &Args) -> ClientConfig {
