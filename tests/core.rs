@@ -309,11 +309,11 @@ async fn backpressure_pauses_and_bounds_memory() {
         "buffered messages exceeded the bound: {}",
         part.in_flight_high_water
     );
-    // The bound: librdkafka's prefetch budget (16 MiB here) + 100 in-flight 1 KiB messages +
-    // the runtime's own allocations, with headroom for the allocator. Measured peak growth: 32 MiB
-    // on tansu, 100 MiB on Apache Kafka 4.1 (not yet explained: issue 10's memory budget is
-    // where keyflow accounts for librdkafka's fetch buffers exactly). The backlog is ~200 MiB
-    // (and the process held 181 MiB before), so a runtime that buffers the backlog still fails.
+    // The bound: the default memory budget (256 MiB: 32 MiB of prefetch used, a 16 MiB buffer
+    // cap here) + the runtime's own allocations, with headroom for the allocator. Measured peak
+    // growth: 100 MiB on Apache Kafka 4.1 before the budget (a whole-prefetch fetch response kept
+    // alive by the slowest message), 87 MiB with it. The backlog is ~200 MiB, so a runtime that
+    // buffers the backlog still fails.
     assert!(
         growth_mib <= 128,
         "RSS grew by {growth_mib} MiB during the run"
