@@ -19,6 +19,7 @@ fn canonical(key: &str) -> &str {
         "max.in.flight" => "max.in.flight.requests.per.connection",
         "retries" => "message.send.max.retries",
         "auto.commit.enable" => "enable.auto.commit",
+        "max.partition.fetch.bytes" => "fetch.message.max.bytes",
         other => other,
     }
 }
@@ -54,7 +55,12 @@ const MANAGED: &[(&str, &str)] = &[
          from its share of the memory budget)",
     ),
     (
-        "max.partition.fetch.bytes",
+        "fetch.queue.backoff.ms",
+        "nothing: keyflow sizes the partition queues from memory_limit and fetches a full one \
+         again after 10 ms",
+    ),
+    (
+        "fetch.message.max.bytes",
         "memory_limit in the global file (keyflow derives librdkafka's prefetch per partition \
          from its share of the memory budget)",
     ),
@@ -340,6 +346,12 @@ mod tests {
             ("topic.partitioner", "random"),
             ("queued.max.messages.kbytes", "2097151"),
             ("statistics.interval.ms", "0"),
+            // The prefetch comes from memory_limit: each property and its alias (review M2).
+            ("queued.min.messages", "100000"),
+            ("fetch.max.bytes", "52428800"),
+            ("max.partition.fetch.bytes", "1048576"),
+            ("fetch.message.max.bytes", "1048576"),
+            ("fetch.queue.backoff.ms", "1000"),
         ] {
             assert!(refusal(k, v).is_some(), "{k} = {v} accepted");
         }

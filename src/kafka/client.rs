@@ -57,6 +57,10 @@ pub fn consumer_config(brokers: &str, spec: &PipelineSpec, prefetch: Prefetch) -
         // their payload), and the size of one partition's fetch response, by which a queue may
         // overshoot the first two.
         .set("queued.max.messages.kbytes", prefetch.kbytes().to_string())
+        // A queue at its threshold is looked at again after this, not librdkafka's 1 s: with
+        // queues sized from the budget, one fetch response fills one, and a 1 s wait would cap
+        // a backlog at one fetch per partition per second.
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string())
         .set(
             "queued.min.messages",
             prefetch.messages_per_partition.to_string(),
@@ -78,6 +82,10 @@ pub fn consumer_config(brokers: &str, spec: &PipelineSpec, prefetch: Prefetch) -
     apply_user(&mut cfg, &spec.kafka);
     cfg
 }
+
+/// `fetch.queue.backoff.ms`: how soon librdkafka fetches again for a partition whose queue was
+/// full (its default, 1,000 ms, is meant for large queues).
+pub const FETCH_QUEUE_BACKOFF_MS: u64 = 10;
 
 fn message_max_bytes(kafka: &[(String, String)]) -> u64 {
     kafka
@@ -117,6 +125,8 @@ fn is_consumer_only(key: &str) -> bool {
             | "fetch.max.bytes"
             | "fetch.wait.max.ms"
             | "max.partition.fetch.bytes"
+            | "fetch.message.max.bytes"
+            | "fetch.queue.backoff.ms"
             | "queued.min.messages"
             | "queued.max.messages.kbytes"
             | "isolation.level"
@@ -195,6 +205,8 @@ mod tests {
         assert_eq!(cfg.get("max.partition.fetch.bytes"), Some("2097152"));
         assert_eq!(cfg.get("queued.min.messages"), Some("16384"));
         assert_eq!(cfg.get("fetch.max.bytes"), Some("4194304"));
+        // A full queue is fetched again within 10 ms, not librdkafka's 1 s (review H1).
+        assert_eq!(cfg.get("fetch.queue.backoff.ms"), Some("10"));
         // Never below message.max.bytes, which librdkafka requires.
         let small =
             crate::memory::PipelineMemory::new(256 << 20, 1, 64 << 20).prefetch_for(Some(64));
