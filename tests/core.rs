@@ -55,6 +55,7 @@ fn parse(payload: &[u8]) -> (String, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordering_per_key_through_simulate_and_forward() {
+    let _shared = RSS_ALONE.read().await;
     const N: usize = 100_000;
     const KEYS: usize = 1_000;
     let broker = Broker::shared();
@@ -174,6 +175,7 @@ async fn run_timed(broker: &Broker, ordering: &str, n: usize, keys: usize) -> Du
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_is_not_capped_by_partitions() {
+    let _shared = RSS_ALONE.read().await;
     // 1 partition, 200 keys, 10 ms per message, max_in_flight = 200.
     let broker = Broker::shared();
     let n = 1000;
@@ -193,6 +195,7 @@ async fn concurrency_is_not_capped_by_partitions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_key_does_not_hold_back_other_keys() {
+    let _shared = RSS_ALONE.read().await;
     let broker = Broker::shared();
     let (input, group) = (unique("slow-in"), unique("slow-g"));
     broker.create_topic(&input, 1).await;
@@ -244,12 +247,19 @@ async fn a_slow_key_does_not_hold_back_other_keys() {
     );
 }
 
+/// `backpressure_pauses_and_bounds_memory` measures this process's RSS: the other tests of the
+/// file (which share the process) wait while it runs (it once read +142 MiB, 196 MiB before,
+/// beside a restart test).
+static RSS_ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn rss_kib() -> u64 {
     support::rss_kib(std::process::id())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backpressure_pauses_and_bounds_memory() {
+    // Process-wide RSS: no other test of this file runs meanwhile.
+    let _alone = RSS_ALONE.write().await;
     // A 200,000-message backlog of 1 KiB payloads (~200 MiB) on one partition, 5 ms per
     // message, max_in_flight = 100. Without backpressure the backlog would be pulled into memory.
     const N: usize = 200_000;
@@ -335,6 +345,7 @@ impl Processor for PanicOnce {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_worker_is_restarted_and_its_message_runs_again() {
+    let _shared = RSS_ALONE.read().await;
     let broker = Broker::shared();
     let (input, group) = (unique("panic-in"), unique("panic-g"));
     broker.create_topic(&input, 1).await;
@@ -373,6 +384,7 @@ async fn a_panicking_worker_is_restarted_and_its_message_runs_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_restart_budget_fails_the_partition_loudly() {
+    let _shared = RSS_ALONE.read().await;
     struct AlwaysPanics;
     #[async_trait]
     impl Processor for AlwaysPanics {
