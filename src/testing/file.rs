@@ -639,4 +639,31 @@ expect.dead_lettered = { kind = "decode" }
             ["FILE: field `case`: expected at least one [[case]], found none"]
         );
     }
+
+    #[test]
+    fn database_rows_and_offset_errors_name_their_field() {
+        assert_eq!(
+            errors("[[case]]\nname = \"a\"\n[[case.message]]\nkey = \"k\"\noffset = -1\nexpect.outputs = {}\nexpect.rows = { query = \"SELECT 1\", equals = [[1]] }\n"),
+            [
+                "FILE: field `case[0].message[0].offset`: expected an offset of 0 or more, found -1",
+                "FILE: field `case[0].message[0].expect.rows`: rows are read from the database of [database] url_env, which this file does not give",
+            ]
+        );
+        let e = errors("[database]\nurl_env = \"1 DB\"\nsetup = \"missing.sql\"\n[[case]]\nname = \"a\"\n[[case.message]]\nexpect.outputs = {}\nexpect.rows = { query = \" \", equals = [] }\n");
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert_eq!(e[0], "FILE: field `database.url_env`: expected the name of an environment variable (letters, digits, _), found \"1 DB\"");
+        assert!(
+            e[1].starts_with("FILE: field `database.setup`: cannot read ")
+                && e[1].contains("missing.sql (relative to the test file)"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e[2],
+            "FILE: field `case[0].message[0].expect.rows.query`: expected an SQL query, found \"\""
+        );
+        assert_eq!(
+            errors("[database]\nurl_env = \"ORDERS_DB_URL\"\nreset = \"TRUNCATE t\"\n[[case]]\nname = \"a\"\n[[case.message]]\nkey = \"k\"\noffset = 3\nexpect.duplicate = true\nexpect.rows = { query = \"SELECT 'x', 1\", equals = [[\"x\", 1]] }\n"),
+            Vec::<String>::new()
+        );
+    }
 }
