@@ -248,8 +248,9 @@ fn sql_cases_without_a_database_fail_naming_the_variable() {
     );
 }
 
-#[test]
-fn a_wrong_rows_expectation_fails_with_a_diff_of_the_rows() {
+/// order-read-model, its schema and DDL copied to a temporary directory, with `test` as its
+/// test file.
+fn temp_read_model(test: &str) -> tempfile::TempDir {
     let dir = temp_dir("keyflow-contract-");
     for d in ["schemas", "sql"] {
         std::fs::create_dir(dir.path().join(d)).unwrap();
@@ -261,8 +262,49 @@ fn a_wrong_rows_expectation_fails_with_a_diff_of_the_rows() {
     ] {
         std::fs::copy(repo().join("pipelines").join(f), dir.path().join(f)).unwrap();
     }
-    std::fs::write(
-        dir.path().join("order-read-model.test.toml"),
+    std::fs::write(dir.path().join("order-read-model.test.toml"), test).unwrap();
+    dir
+}
+
+/// `url = "${ORDERS_DB_URL}"` without a default still loads when the variable is unset: the
+/// case that reaches `sql` fails naming it (exit 1), not the pipeline file (exit 2).
+#[test]
+fn a_url_variable_without_default_unset_fails_the_case_not_the_file() {
+    let dir = temp_read_model(
+        r#"
+[database]
+url_env = "ORDERS_DB_URL"
+
+[[case]]
+name = "applied"
+[[case.message]]
+key = "o-1"
+value = { order_id = "o-1", status = "created", total = 1, at = "2026-12-01T10:00:00Z" }
+expect.outputs = {}
+"#,
+    );
+    let pipeline = dir.path().join("order-read-model.toml");
+    let text = std::fs::read_to_string(&pipeline).unwrap();
+    let no_default = text.replace(
+        "${ORDERS_DB_URL:-postgres://keyflow@localhost:5432/orders}",
+        "${ORDERS_DB_URL}",
+    );
+    assert_ne!(text, no_default);
+    std::fs::write(&pipeline, no_default).unwrap();
+    let p = dir.path().display().to_string();
+    let (out, stdout, stderr) = keyflow_test(&[&p]);
+    println!("{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let want = format!(
+        "---- {p}/order-read-model.test.toml::applied ----\n\
+         message 1 of 1 (key \"o-1\"): needs a database: set ORDERS_DB_URL\n"
+    );
+    assert!(stdout.contains(&want), "{want}\nin\n{stdout}");
+}
+
+#[test]
+fn a_wrong_rows_expectation_fails_with_a_diff_of_the_rows() {
+    let dir = temp_read_model(
         r#"
 [database]
 url_env = "ORDERS_DB_URL"
@@ -281,8 +323,7 @@ value = { order_id = "o-1", status = "paid", total = 1, at = "2026-12-01T10:01:0
 expect.outputs = {}
 expect.rows = { query = "SELECT status, version FROM orders", equals = [["paid", 1]] }
 "#,
-    )
-    .unwrap();
+    );
     let pg = Postgres::start_new();
     let url = pg.url();
     let p = dir.path().display().to_string();

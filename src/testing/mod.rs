@@ -251,6 +251,13 @@ fn load(
         // the same wherever the test runs.
         let mut env = Env::from_process();
         env.0.extend(spec.env.clone());
+        // The database variable unset: `${VAR}` still loads (a stand-in that is never
+        // connected to); the cases that reach `sql` fail naming VAR.
+        if let Some(d) = &spec.database {
+            env.0
+                .entry(d.url_env.clone())
+                .or_insert_with(|| "postgres://keyflow-test@127.0.0.1:9/unset".into());
+        }
         let p = match config::load_pipeline(&pipeline, &Global::default(), &env) {
             Ok(p) => p,
             Err(e) => {
