@@ -1,5 +1,6 @@
 //! `keyflow test`: the shipped pipelines' tests pass (the JSON Schemas in `pipelines/schemas/`
-//! are the contract they exercise), and a wrong expectation fails readably. No broker.
+//! are the contract they exercise), and a wrong expectation fails readably. No broker; the
+//! `sql` cases run against a real PostgreSQL (tests/support/postgres.rs).
 
 mod support;
 
@@ -7,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use support::postgres::Postgres;
 use support::{temp_dir, Keyflow};
 
 fn repo() -> &'static Path {
@@ -16,12 +18,19 @@ fn repo() -> &'static Path {
 /// `keyflow test <args>` from the repository root, with none of the shipped pipelines'
 /// variables set: the test files must fix what they depend on.
 fn keyflow_test(args: &[&str]) -> (Output, String, String) {
+    keyflow_test_with(args, &[])
+}
+
+/// [`keyflow_test`] with these variables set (e.g. the database of the `sql` cases).
+fn keyflow_test_with(args: &[&str], vars: &[(&str, &str)]) -> (Output, String, String) {
     let out = Command::new(Keyflow::bin())
         .arg("test")
         .args(args)
         .current_dir(repo())
         .env_remove("WELCOME_MAIL_URL")
         .env_remove("WELCOME_MAIL_TOKEN")
+        .env_remove("ORDERS_DB_URL")
+        .envs(vars.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -67,8 +76,11 @@ fn the_shipped_pipelines_pass_their_tests() {
         "{pipelines} pipelines, {expected} cases"
     );
 
+    // order-read-model's `sql` cases run against this server.
+    let pg = Postgres::start_new();
+    let url = pg.url();
     let started = Instant::now();
-    let (out, stdout, stderr) = keyflow_test(&["pipelines/"]);
+    let (out, stdout, stderr) = keyflow_test_with(&["pipelines/"], &[("ORDERS_DB_URL", &url)]);
     let took = started.elapsed();
     println!("{stdout}{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
@@ -85,9 +97,21 @@ fn the_shipped_pipelines_pass_their_tests() {
         "test pipelines/welcome-mail.test.toml::a_new_user_gets_a_welcome_mail ... ok",
         "test pipelines/orders.test.toml::contract_rejects_a_negative_total ... ok",
         "test pipelines/saga-ship.test.toml::a_redelivered_payment_emits_one_command ... ok",
+        "test pipelines/order-read-model.test.toml::order_created_paid_shipped_keeps_one_row_at_version_3 ... ok",
+        "test pipelines/order-read-model.test.toml::order_redelivered_event_is_a_duplicate_and_not_applied_again ... ok",
     ] {
         assert!(stdout.lines().any(|l| l == line), "{line:?} in\n{stdout}");
     }
+    // The rows were written to this database, not elsewhere: the last case's row is there
+    // (each case starts from `reset`), and the runner's applied positions under its own name.
+    assert_eq!(
+        pg.psql("SELECT order_id, status, version FROM orders"),
+        "o-12|cancelled|1"
+    );
+    assert_eq!(
+        pg.psql("SELECT DISTINCT consumer FROM keyflow_applied"),
+        "keyflow-test"
+    );
     // welcome-mail's 503 case runs 8 attempts under `backoff = "200ms"`: slept, its backoffs
     // alone would take at least 12.7 s (jitter halves them at most). Retries do not sleep.
     assert!(took < Duration::from_secs(10), "took {took:?}");
@@ -172,6 +196,148 @@ expect.dead_lettered = { kind = "schema" }
     }
     assert!(
         stdout.contains("test result: FAILED. 1 passed; 2 failed"),
+        "{stdout}"
+    );
+}
+
+/// The `order_*` cases of order-read-model reach its `sql` processor; the `contract_*` ones stop
+/// at the schema.
+#[test]
+fn sql_cases_without_a_database_fail_naming_the_variable() {
+    let (out, stdout, stderr) = keyflow_test(&["pipelines/order-read-model.toml"]);
+    println!("{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let file = "pipelines/order-read-model.test.toml";
+    // (case, its messages, its key): each fails on its first message, at the `sql` processor.
+    for (case, n, key) in [
+        (
+            "order_created_paid_shipped_keeps_one_row_at_version_3",
+            3,
+            "o-10",
+        ),
+        (
+            "order_redelivered_event_is_a_duplicate_and_not_applied_again",
+            3,
+            "o-11",
+        ),
+        ("order_rows_are_reset_between_cases", 1, "o-12"),
+    ] {
+        let line = format!("test {file}::{case} ... FAILED");
+        assert!(stdout.lines().any(|l| l == line), "{line:?} in\n{stdout}");
+        let text = stdout
+            .split(&format!("---- {file}::{case} ----\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no failure text for {case} in\n{stdout}"));
+        assert_eq!(
+            text.lines().next(),
+            Some(
+                format!("message 1 of {n} (key {key:?}): needs a database: set ORDERS_DB_URL")
+                    .as_str()
+            ),
+            "{case}"
+        );
+    }
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with(" ... ok")).count(),
+        5,
+        "the contract cases need no database:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("test result: FAILED. 5 passed; 3 failed"),
+        "{stdout}"
+    );
+}
+
+/// order-read-model, its schema and DDL copied to a temporary directory, with `test` as its
+/// test file.
+fn temp_read_model(test: &str) -> tempfile::TempDir {
+    let dir = temp_dir("keyflow-contract-");
+    for d in ["schemas", "sql"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+    }
+    for f in [
+        "order-read-model.toml",
+        "schemas/order.status.json",
+        "sql/orders.sql",
+    ] {
+        std::fs::copy(repo().join("pipelines").join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(dir.path().join("order-read-model.test.toml"), test).unwrap();
+    dir
+}
+
+/// `url = "${ORDERS_DB_URL}"` without a default still loads when the variable is unset: the
+/// case that reaches `sql` fails naming it (exit 1), not the pipeline file (exit 2).
+#[test]
+fn a_url_variable_without_default_unset_fails_the_case_not_the_file() {
+    let dir = temp_read_model(
+        r#"
+[database]
+url_env = "ORDERS_DB_URL"
+
+[[case]]
+name = "applied"
+[[case.message]]
+key = "o-1"
+value = { order_id = "o-1", status = "created", total = 1, at = "2026-12-01T10:00:00Z" }
+expect.outputs = {}
+"#,
+    );
+    let pipeline = dir.path().join("order-read-model.toml");
+    let text = std::fs::read_to_string(&pipeline).unwrap();
+    let no_default = text.replace(
+        "${ORDERS_DB_URL:-postgres://keyflow@localhost:5432/orders}",
+        "${ORDERS_DB_URL}",
+    );
+    assert_ne!(text, no_default);
+    std::fs::write(&pipeline, no_default).unwrap();
+    let p = dir.path().display().to_string();
+    let (out, stdout, stderr) = keyflow_test(&[&p]);
+    println!("{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let want = format!(
+        "---- {p}/order-read-model.test.toml::applied ----\n\
+         message 1 of 1 (key \"o-1\"): needs a database: set ORDERS_DB_URL\n"
+    );
+    assert!(stdout.contains(&want), "{want}\nin\n{stdout}");
+}
+
+#[test]
+fn a_wrong_rows_expectation_fails_with_a_diff_of_the_rows() {
+    let dir = temp_read_model(
+        r#"
+[database]
+url_env = "ORDERS_DB_URL"
+setup = "sql/orders.sql"
+reset = "TRUNCATE orders"
+
+[[case]]
+name = "paid_twice_counted_once"
+[[case.message]]
+key = "o-1"
+value = { order_id = "o-1", status = "created", total = 1, at = "2026-12-01T10:00:00Z" }
+expect.outputs = {}
+[[case.message]]
+key = "o-1"
+value = { order_id = "o-1", status = "paid", total = 1, at = "2026-12-01T10:01:00Z" }
+expect.outputs = {}
+expect.rows = { query = "SELECT status, version FROM orders", equals = [["paid", 1]] }
+"#,
+    );
+    let pg = Postgres::start_new();
+    let url = pg.url();
+    let p = dir.path().display().to_string();
+    let (out, stdout, stderr) = keyflow_test_with(&[&p], &[("ORDERS_DB_URL", &url)]);
+    println!("{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let diff = format!(
+        "---- {p}/order-read-model.test.toml::paid_twice_counted_once ----\n\
+         message 2 of 2 (key \"o-1\"): 1 difference(s) (- expected, + actual)\n  \
+         rows[0][1]:\n    - 1\n    + 2\n"
+    );
+    assert!(stdout.contains(&diff), "{diff}\nin\n{stdout}");
+    assert!(
+        stdout.contains("test result: FAILED. 0 passed; 1 failed"),
         "{stdout}"
     );
 }

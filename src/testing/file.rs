@@ -17,8 +17,24 @@ struct RawFile {
     /// so a test does not depend on the shell it runs in.
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// The database of the pipeline's `sql` processors.
+    #[serde(default)]
+    database: Option<RawDatabase>,
     #[serde(default, rename = "case")]
     cases: Vec<RawCase>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    /// The environment variable holding the connection string.
+    url_env: String,
+    /// An SQL file run once before the cases, relative to the test file.
+    #[serde(default)]
+    setup: Option<std::path::PathBuf>,
+    /// SQL run before each case.
+    #[serde(default)]
+    reset: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -34,6 +50,10 @@ struct RawCase {
 struct RawMessage {
     #[serde(default)]
     key: Option<String>,
+    /// The Kafka offset (default: the message's index in its case); an earlier message's
+    /// offset again is a redelivery.
+    #[serde(default)]
+    offset: Option<i64>,
     /// The value as JSON (any TOML value but a date).
     #[serde(default)]
     value: Option<toml::Value>,
@@ -76,6 +96,8 @@ struct RawExpect {
     attempts: Option<u32>,
     #[serde(default)]
     http: Option<Vec<RawRequest>>,
+    #[serde(default)]
+    rows: Option<RawRows>,
     /// Reserved for per-key state expectations (stateful pipelines, issue 12 item 1).
     #[serde(default)]
     state: Option<toml::Value>,
@@ -92,6 +114,13 @@ struct RawRecord {
     raw: Option<String>,
     #[serde(default)]
     headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRows {
+    query: String,
+    equals: Vec<Vec<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,7 +150,24 @@ struct RawRequest {
 #[derive(Debug, Clone)]
 pub struct TestSpec {
     pub env: BTreeMap<String, String>,
+    pub database: Option<Database>,
     pub cases: Vec<Case>,
+}
+
+/// Where the `sql` processors run: the database named by an environment variable.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pub url_env: String,
+    /// The setup file as named (relative to the test file) and its text.
+    pub setup: Option<(String, String)>,
+    pub reset: Option<String>,
+}
+
+/// A query run after the message, and the rows it must return (each a JSON array of columns).
+#[derive(Debug, Clone)]
+pub struct Rows {
+    pub query: String,
+    pub equals: Value,
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +179,7 @@ pub struct Case {
 #[derive(Debug, Clone)]
 pub struct Input {
     pub key: Option<String>,
+    pub offset: Option<i64>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, String)>,
     pub answers: Vec<Answer>,
@@ -157,6 +204,7 @@ pub struct Expect {
     pub outcome: Outcome,
     pub attempts: Option<u32>,
     pub http: Option<Vec<Request>>,
+    pub rows: Option<Rows>,
 }
 
 #[derive(Debug, Clone)]
@@ -220,6 +268,9 @@ pub fn load(path: &Path) -> Result<TestSpec, Vec<ConfigError>> {
         vec![e(&field, message)]
     })?;
     let mut errs = Vec::new();
+    let database = raw
+        .database
+        .map(|d| database(d, path, &mut |f, m| errs.push(e(f, m))));
     if raw.cases.is_empty() {
         errs.push(e(
             "case",
@@ -254,7 +305,7 @@ pub fn load(path: &Path) -> Result<TestSpec, Vec<ConfigError>> {
         for (mi, m) in c.messages.into_iter().enumerate() {
             let at = format!("{at}.message[{mi}]");
             let mut field_err = |f: &str, msg: String| errs.push(e(&format!("{at}.{f}"), msg));
-            messages.push(input(m, &mut field_err));
+            messages.push(input(m, database.is_some(), &mut field_err));
         }
         cases.push(Case {
             name: c.name,
@@ -264,6 +315,7 @@ pub fn load(path: &Path) -> Result<TestSpec, Vec<ConfigError>> {
     if errs.is_empty() {
         Ok(TestSpec {
             env: raw.env,
+            database,
             cases,
         })
     } else {
@@ -271,7 +323,57 @@ pub fn load(path: &Path) -> Result<TestSpec, Vec<ConfigError>> {
     }
 }
 
-fn input(m: RawMessage, err: &mut dyn FnMut(&str, String)) -> Input {
+fn database(d: RawDatabase, test: &Path, err: &mut dyn FnMut(&str, String)) -> Database {
+    let name_ok = d
+        .url_env
+        .chars()
+        .next()
+        .is_some_and(|c| !c.is_ascii_digit())
+        && d.url_env
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !name_ok {
+        err(
+            "database.url_env",
+            format!(
+                "expected the name of an environment variable (letters, digits, _), found {:?}",
+                d.url_env
+            ),
+        );
+    }
+    let setup = d.setup.and_then(|f| {
+        let at = test.parent().unwrap_or(Path::new("")).join(&f);
+        match std::fs::read_to_string(&at) {
+            Ok(text) => Some((f.display().to_string(), text)),
+            Err(x) => {
+                err(
+                    "database.setup",
+                    format!(
+                        "cannot read {} (relative to the test file): {x}",
+                        at.display()
+                    ),
+                );
+                None
+            }
+        }
+    });
+    Database {
+        url_env: d.url_env,
+        setup,
+        reset: d.reset.filter(|r| !r.trim().is_empty()),
+    }
+}
+
+fn input(m: RawMessage, database: bool, err: &mut dyn FnMut(&str, String)) -> Input {
+    if m.offset.is_some_and(|o| o < 0) {
+        err(
+            "offset",
+            format!(
+                "expected an offset of 0 or more, found {}",
+                m.offset.unwrap_or_default()
+            ),
+        );
+    }
     let payload = match body(m.value, m.raw, "value", err) {
         Some(Body::Json(v)) => Some(serde_json::to_vec(&v).unwrap_or_default()),
         Some(Body::Raw(s)) => Some(s.into_bytes()),
@@ -339,6 +441,32 @@ fn input(m: RawMessage, err: &mut dyn FnMut(&str, String)) -> Input {
                 .into(),
         );
     }
+    let rows = x.rows.and_then(|r| {
+        if !database {
+            err(
+                "expect.rows",
+                "rows are read from the database of [database] url_env, which this file does not give".into(),
+            );
+        }
+        if r.query.trim().is_empty() {
+            err("expect.rows.query", "expected an SQL query, found \"\"".into());
+        }
+        let equals = r
+            .equals
+            .iter()
+            .map(|row| row.iter().map(to_json).collect::<Result<Vec<_>, _>>().map(Value::Array))
+            .collect::<Result<Vec<_>, _>>();
+        match equals {
+            Ok(rows) => Some(Rows {
+                query: r.query,
+                equals: Value::Array(rows),
+            }),
+            Err(m) => {
+                err("expect.rows.equals", m);
+                None
+            }
+        }
+    });
     if x.attempts == Some(0) {
         err("expect.attempts", "expected at least 1, found 0".into());
     }
@@ -371,6 +499,7 @@ fn input(m: RawMessage, err: &mut dyn FnMut(&str, String)) -> Input {
     };
     Input {
         key: m.key,
+        offset: m.offset,
         payload,
         headers: m.headers.into_iter().collect(),
         answers: m
@@ -385,6 +514,7 @@ fn input(m: RawMessage, err: &mut dyn FnMut(&str, String)) -> Input {
             outcome,
             attempts: x.attempts,
             http,
+            rows,
         },
     }
 }
@@ -507,6 +637,33 @@ expect.dead_lettered = { kind = "decode" }
         assert_eq!(
             errors(""),
             ["FILE: field `case`: expected at least one [[case]], found none"]
+        );
+    }
+
+    #[test]
+    fn database_rows_and_offset_errors_name_their_field() {
+        assert_eq!(
+            errors("[[case]]\nname = \"a\"\n[[case.message]]\nkey = \"k\"\noffset = -1\nexpect.outputs = {}\nexpect.rows = { query = \"SELECT 1\", equals = [[1]] }\n"),
+            [
+                "FILE: field `case[0].message[0].offset`: expected an offset of 0 or more, found -1",
+                "FILE: field `case[0].message[0].expect.rows`: rows are read from the database of [database] url_env, which this file does not give",
+            ]
+        );
+        let e = errors("[database]\nurl_env = \"1 DB\"\nsetup = \"missing.sql\"\n[[case]]\nname = \"a\"\n[[case.message]]\nexpect.outputs = {}\nexpect.rows = { query = \" \", equals = [] }\n");
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert_eq!(e[0], "FILE: field `database.url_env`: expected the name of an environment variable (letters, digits, _), found \"1 DB\"");
+        assert!(
+            e[1].starts_with("FILE: field `database.setup`: cannot read ")
+                && e[1].contains("missing.sql (relative to the test file)"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e[2],
+            "FILE: field `case[0].message[0].expect.rows.query`: expected an SQL query, found \"\""
+        );
+        assert_eq!(
+            errors("[database]\nurl_env = \"ORDERS_DB_URL\"\nreset = \"TRUNCATE t\"\n[[case]]\nname = \"a\"\n[[case.message]]\nkey = \"k\"\noffset = 3\nexpect.duplicate = true\nexpect.rows = { query = \"SELECT 'x', 1\", equals = [[\"x\", 1]] }\n"),
+            Vec::<String>::new()
         );
     }
 }

@@ -6,6 +6,9 @@
 //!   and `route` put their records in the message's outbox, and those records are the outputs
 //!   compared; the producer handle the build needs has no broker and is never called;
 //! - `http` processors call a local stub ([`stub`]) answering as the test file says;
+//! - `sql` processors run against the database the test file names (`[database] url_env`, see
+//!   [`db`]), or, when it is not given or not set, fail the case that reaches them (never a
+//!   skip, never a pass);
 //! - a retryable error is retried per the pipeline's `[retry]` at once (no backoff sleep), and
 //!   circuit breakers are left out (they change when a message is tried, not how it ends), so
 //!   the outcome is the one the runtime finally reaches: processed after retries, or
@@ -14,6 +17,7 @@
 //! Output and exit code like `cargo test`: 0 all passed, 1 a case failed, 2 a test or pipeline
 //! file is malformed (every error listed, naming file and field).
 
+pub mod db;
 pub mod diff;
 pub mod file;
 pub mod stub;
@@ -83,6 +87,7 @@ pub async fn run(paths: &[PathBuf], out: &mut dyn Write) -> u8 {
     let _ = writeln!(out, "\nrunning {total} test{plural}");
     let (mut passed, mut failures) = (0usize, Vec::new());
     for s in &suites {
+        let db = database(s).await;
         let stub = match needs_stub(&s.pipeline) {
             true => match stub::Stub::start().await {
                 Ok(st) => Some(st),
@@ -95,7 +100,7 @@ pub async fn run(paths: &[PathBuf], out: &mut dyn Write) -> u8 {
         };
         for case in &s.spec.cases {
             let name = format!("{}::{}", s.file.display(), case.name);
-            let r = run_case(s, case, stub.as_ref(), &producer).await;
+            let r = run_case(s, case, stub.as_ref(), &db, &producer).await;
             let _ = writeln!(
                 out,
                 "test {name} ... {}",
@@ -246,6 +251,13 @@ fn load(
         // the same wherever the test runs.
         let mut env = Env::from_process();
         env.0.extend(spec.env.clone());
+        // The database variable unset: `${VAR}` still loads (a stand-in that is never
+        // connected to); the cases that reach `sql` fail naming VAR.
+        if let Some(d) = &spec.database {
+            env.0
+                .entry(d.url_env.clone())
+                .or_insert_with(|| "postgres://keyflow-test@127.0.0.1:9/unset".into());
+        }
         let p = match config::load_pipeline(&pipeline, &Global::default(), &env) {
             Ok(p) => p,
             Err(e) => {
@@ -257,6 +269,7 @@ fn load(
         if let Err(m) = chain(
             &p,
             Some("127.0.0.1:9".parse().expect("an address")),
+            None,
             producer,
         ) {
             errs.push(ConfigError {
@@ -279,6 +292,60 @@ fn load(
     }
 }
 
+/// The database of a suite's `sql` processors, or why there is none (the text a case that needs
+/// it fails with).
+enum Database {
+    Ready { db: db::Db, url: String },
+    Unavailable(String),
+}
+
+/// Connects to the suite's database and runs its setup file, once for the suite.
+async fn database(s: &Suite) -> Database {
+    let Some(d) = &s.spec.database else {
+        return Database::Unavailable(
+            "needs a database: give one in the test file ([database] url_env = \"VAR\", see \
+             keyflow's README, keyflow test) and set VAR"
+                .into(),
+        );
+    };
+    let url = match std::env::var(&d.url_env) {
+        Ok(u) if !u.trim().is_empty() => u,
+        _ => return Database::Unavailable(format!("needs a database: set {}", d.url_env)),
+    };
+    let db = match db::Db::connect(&url).await {
+        Ok(db) => db,
+        Err(e) => return Database::Unavailable(format!("database ({}): {e}", d.url_env)),
+    };
+    if let Some((file, text)) = &d.setup {
+        if let Err(e) = db.execute(text).await {
+            return Database::Unavailable(format!("database setup {file}: {e}"));
+        }
+    }
+    Database::Ready { db, url }
+}
+
+/// Before each case: the `sql` processors' positions forgotten, then the file's `reset`.
+async fn reset(s: &Suite, db: &db::Db) -> Result<(), String> {
+    let tables: Vec<String> = s
+        .pipeline
+        .processors
+        .iter()
+        .filter_map(|c| match c {
+            ProcessorConfig::Sql(q) => Some(q.applied_table.clone()),
+            _ => None,
+        })
+        .collect();
+    db.forget_positions(&tables)
+        .await
+        .map_err(|e| format!("database reset: {e}"))?;
+    if let Some(r) = s.spec.database.as_ref().and_then(|d| d.reset.as_ref()) {
+        db.execute(r)
+            .await
+            .map_err(|e| format!("database reset ({r:?}): {e}"))?;
+    }
+    Ok(())
+}
+
 fn needs_stub(p: &PipelineSpec) -> bool {
     p.processors
         .iter()
@@ -286,15 +353,24 @@ fn needs_stub(p: &PipelineSpec) -> bool {
 }
 
 /// The pipeline's chain as the runtime builds it, in staging mode, with `http` pointed at the
-/// stub (same path and query) and without circuit breakers.
+/// stub (same path and query), `sql` at the test database (as [`db::CONSUMER`]), and without
+/// circuit breakers.
 fn chain(
     p: &PipelineSpec,
     stub: Option<std::net::SocketAddr>,
+    database: Option<&str>,
     producer: &crate::kafka::Producer,
 ) -> Result<Vec<Arc<dyn Processor>>, String> {
     let mut configs = p.processors.clone();
     for c in &mut configs {
         match c {
+            ProcessorConfig::Sql(q) => {
+                q.circuit_breaker = None;
+                if let Some(url) = database {
+                    q.url = url.to_string();
+                    q.consumer = Some(db::CONSUMER.to_string());
+                }
+            }
             ProcessorConfig::Http(h) => {
                 h.circuit_breaker = None;
                 if let Some(addr) = stub {
@@ -347,27 +423,56 @@ async fn run_case(
     s: &Suite,
     case: &file::Case,
     stub: Option<&stub::Stub>,
+    database: &Database,
     producer: &crate::kafka::Producer,
 ) -> Result<(), String> {
-    let chain = chain(&s.pipeline, stub.map(|x| x.addr), producer)?;
+    let (db, url, unavailable) = match database {
+        Database::Ready { db, url } => {
+            reset(s, db).await?;
+            (Some(db), Some(url.as_str()), None)
+        }
+        Database::Unavailable(why) => (None, None, Some(why.as_str())),
+    };
+    let chain = chain(&s.pipeline, stub.map(|x| x.addr), url, producer)?;
+    // Without a database, the processors a message must not reach.
+    let blocked: Vec<bool> = s
+        .pipeline
+        .processors
+        .iter()
+        .map(|c| unavailable.is_some() && matches!(c, ProcessorConfig::Sql(_)))
+        .collect();
     let n = case.messages.len();
     for (i, input) in case.messages.iter().enumerate() {
-        let msg = message(&s.pipeline.topic, i as i64, input);
+        let at = format!(
+            "message {} of {n} (key {})",
+            i + 1,
+            input
+                .key
+                .as_deref()
+                .map_or("none".to_string(), |k| format!("{k:?}")),
+        );
+        let msg = message(&s.pipeline.topic, input.offset.unwrap_or(i as i64), input);
         if let Some(st) = stub {
             st.script(&input.answers);
         }
-        let (ended, attempts) = execute(&chain, &s.pipeline.retry, &msg).await;
+        let needs_db = |why: Option<&str>| format!("{at}: {}", why.unwrap_or_default());
+        let (ended, attempts) = execute(&chain, &blocked, &s.pipeline.retry, &msg)
+            .await
+            .ok_or_else(|| needs_db(unavailable))?;
         let calls = stub.map(|st| st.calls()).unwrap_or_default();
         let mut diffs = Vec::new();
         compare(&input.expect, &ended, attempts, &calls, &mut diffs);
+        if let Some(want) = &input.expect.rows {
+            let db = db.ok_or_else(|| needs_db(unavailable))?;
+            let got = db
+                .rows(&want.query)
+                .await
+                .map_err(|e| format!("{at}: expect.rows: the query failed: {e}"))?;
+            diff::json("rows", &want.equals, &got, &mut diffs);
+        }
         if !diffs.is_empty() {
             let mut text = format!(
-                "message {} of {n} (key {}): {} difference(s) (- expected, + actual)\n",
-                i + 1,
-                input
-                    .key
-                    .as_deref()
-                    .map_or("none".to_string(), |k| format!("{k:?}")),
+                "{at}: {} difference(s) (- expected, + actual)\n",
                 diffs.len()
             );
             for d in &diffs {
@@ -403,28 +508,30 @@ fn message(topic: &str, offset: i64, input: &Input) -> Message {
 
 /// Runs `original` to its end the way `Pipeline::execute_in` and the partition supervisor do —
 /// each attempt on a fresh copy, the `completed` hooks after a success, a retryable error
-/// retried until `max_attempts` — but without the backoff sleeps. Returns the last attempt.
+/// retried until `max_attempts` — but without the backoff sleeps. Returns the last attempt, or
+/// `None` when the message reached a processor marked in `blocked` (one the run cannot give).
 async fn execute(
     chain: &[Arc<dyn Processor>],
+    blocked: &[bool],
     retry: &RetryPolicy,
     original: &Message,
-) -> (Ended, u32) {
+) -> Option<(Ended, u32)> {
     // A call not attempted (an open breaker; none are built here) is run again without
     // counting an attempt; bounded so that a test can never spin.
     let mut not_attempted = 0;
     let mut attempt = 1;
     loop {
         let mut msg = original.clone();
-        let r = run_chain(chain, &mut msg).await;
+        let r = run_chain(chain, blocked, &mut msg).await?;
         let e = match r {
             Ok(Flow::Continue) => {
                 for p in chain {
                     p.completed(original);
                 }
-                return (Ended::Processed(std::mem::take(&mut msg.outbox)), attempt);
+                return Some((Ended::Processed(std::mem::take(&mut msg.outbox)), attempt));
             }
-            Ok(Flow::Drop) => return (Ended::Dropped, attempt),
-            Ok(Flow::Duplicate) => return (Ended::Duplicate, attempt),
+            Ok(Flow::Drop) => return Some((Ended::Dropped, attempt)),
+            Ok(Flow::Duplicate) => return Some((Ended::Duplicate, attempt)),
             Err(e) => e,
         };
         if e.not_attempted_wait().is_some() && not_attempted < 100 {
@@ -432,19 +539,27 @@ async fn execute(
         } else if e.is_retryable() && attempt < retry.max_attempts {
             attempt += 1;
         } else {
-            return (Ended::DeadLettered(e), attempt);
+            return Some((Ended::DeadLettered(e), attempt));
         }
     }
 }
 
-async fn run_chain(chain: &[Arc<dyn Processor>], msg: &mut Message) -> Result<Flow, ProcessError> {
-    for p in chain {
-        match p.process(msg).await? {
-            Flow::Continue => {}
-            stop => return Ok(stop),
+/// One attempt through the chain; `None` when it reaches a processor marked in `blocked`.
+async fn run_chain(
+    chain: &[Arc<dyn Processor>],
+    blocked: &[bool],
+    msg: &mut Message,
+) -> Option<Result<Flow, ProcessError>> {
+    for (i, p) in chain.iter().enumerate() {
+        if blocked.get(i).copied().unwrap_or(false) {
+            return None;
+        }
+        match p.process(msg).await {
+            Ok(Flow::Continue) => {}
+            stop => return Some(stop),
         }
     }
-    Ok(Flow::Continue)
+    Some(Ok(Flow::Continue))
 }
 
 /// A payload as JSON when it is JSON, as text otherwise.
