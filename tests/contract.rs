@@ -120,19 +120,23 @@ fn the_shipped_pipelines_pass_their_tests() {
 
 /// A pipeline and its schema copied to a temporary directory, with `test` as its test file.
 fn temp_pipeline(test: &str) -> tempfile::TempDir {
+    temp_copy(
+        &["saga-ship.toml", "schemas/payment.completed.json"],
+        "saga-ship.test.toml",
+        test,
+    )
+}
+
+/// `files` (paths under `pipelines/`) copied to a temporary directory, with `test` written as
+/// `test_file` beside them.
+fn temp_copy(files: &[&str], test_file: &str, test: &str) -> tempfile::TempDir {
     let dir = temp_dir("keyflow-contract-");
-    std::fs::create_dir(dir.path().join("schemas")).unwrap();
-    std::fs::copy(
-        repo().join("pipelines/schemas/payment.completed.json"),
-        dir.path().join("schemas/payment.completed.json"),
-    )
-    .unwrap();
-    std::fs::copy(
-        repo().join("pipelines/saga-ship.toml"),
-        dir.path().join("saga-ship.toml"),
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("saga-ship.test.toml"), test).unwrap();
+    for f in files {
+        let to = dir.path().join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(repo().join("pipelines").join(f), to).unwrap();
+    }
+    std::fs::write(dir.path().join(test_file), test).unwrap();
     dir
 }
 
@@ -251,19 +255,15 @@ fn sql_cases_without_a_database_fail_naming_the_variable() {
 /// order-read-model, its schema and DDL copied to a temporary directory, with `test` as its
 /// test file.
 fn temp_read_model(test: &str) -> tempfile::TempDir {
-    let dir = temp_dir("keyflow-contract-");
-    for d in ["schemas", "sql"] {
-        std::fs::create_dir(dir.path().join(d)).unwrap();
-    }
-    for f in [
-        "order-read-model.toml",
-        "schemas/order.status.json",
-        "sql/orders.sql",
-    ] {
-        std::fs::copy(repo().join("pipelines").join(f), dir.path().join(f)).unwrap();
-    }
-    std::fs::write(dir.path().join("order-read-model.test.toml"), test).unwrap();
-    dir
+    temp_copy(
+        &[
+            "order-read-model.toml",
+            "schemas/order.status.json",
+            "sql/orders.sql",
+        ],
+        "order-read-model.test.toml",
+        test,
+    )
 }
 
 /// `url = "${ORDERS_DB_URL}"` without a default still loads when the variable is unset: the
