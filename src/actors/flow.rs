@@ -4,9 +4,11 @@
 //! ractor mailboxes are unbounded, so the bound lives here: the supervisor stops taking messages
 //! off the partition queue when the budget is spent (the bound is never exceeded, except by the
 //! one message that crosses the byte budget, so that a message larger than the budget can still
-//! run). If the partition stays congested — at the bound, and not yet drained to the low mark —
-//! for `pause_after`, it is paused on the consumer, which also frees librdkafka's prefetch. It
-//! resumes only once both counts fall to the low mark.
+//! run). If the partition stays congested — at the bound with nothing completing — for
+//! `pause_after`, it is paused on the consumer, which also frees librdkafka's prefetch. It
+//! resumes only once both counts fall to the low mark. A partition at its bound that keeps
+//! completing (a steady backlog) is never paused: the prefetch is already bounded by the memory
+//! budget, so the pause is the last resort for a partition whose work does not move.
 //!
 //! Why the delay: every librdkafka pause drops the prefetched messages, and the refetch after a
 //! resume was measured at ~0.5 s on tansu and the mock cluster (2 cores, librdkafka 2.12). A
@@ -75,9 +77,15 @@ impl FlowControl {
         self.bytes += size as u64;
     }
 
+    /// A message completed. Congestion counts only while nothing completes: a partition at its
+    /// bound that keeps completing is a steady backlog, bounded by the budget and the prefetch,
+    /// and a pause would only drop the prefetch and cost a refetch.
     pub fn release(&mut self, size: usize) {
         self.count -= 1;
         self.bytes -= size as u64;
+        if !self.paused {
+            self.congested_since = None;
+        }
     }
 
     /// What to do on the consumer now, if anything.
@@ -126,6 +134,31 @@ impl FlowControl {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Review M1 (issue 10 item 2): under a steady backlog a partition sits at its bound, each
+    /// completion freeing room that the next fetch fills. It is not congested in the sense that
+    /// matters (work moves), so it must never be paused: the pause would drop the prefetch and
+    /// cost a refetch, for nothing.
+    #[test]
+    fn a_partition_that_keeps_completing_is_never_paused() {
+        let t0 = Instant::now();
+        let mut f = FlowControl::new(100, 1 << 20, 0.5, Duration::from_secs(30));
+        while f.has_room() {
+            f.admit(1000);
+        }
+        assert_eq!(f.signal(t0), None);
+        for step in 1..=4000u64 {
+            let now = t0 + Duration::from_millis(10 * step);
+            f.release(1000);
+            while f.has_room() {
+                f.admit(1000);
+            }
+            assert_eq!(f.signal(now), None, "paused at {:?}", now - t0);
+        }
+        // Nothing completes for `pause_after`: now it is paused.
+        let stalled = t0 + Duration::from_millis(40_000) + Duration::from_secs(30);
+        assert_eq!(f.signal(stalled), Some(Signal::Pause));
+    }
 
     #[test]
     fn pauses_at_the_bound_and_resumes_at_the_low_mark() {
