@@ -47,6 +47,13 @@ pub struct PartitionDebug {
     /// Buffered or running.
     pub in_flight: usize,
     pub running: usize,
+    /// Worker actors alive in the partition's pool, running or idle (an idle one is stopped
+    /// after a while, so this falls back after a burst), and the pool's cap: `max_workers`, or
+    /// less when the partition's memory share is the binding limit.
+    #[serde(default)]
+    pub workers: usize,
+    #[serde(default)]
+    pub worker_cap: usize,
     pub buffered_bytes: u64,
     pub paused: bool,
     pub stuck: bool,

@@ -50,6 +50,8 @@ pub struct PipelineStats {
 pub struct PartitionStats {
     pub in_flight: AtomicUsize,
     pub buffered_bytes: AtomicUsize,
+    /// Worker actors alive in the partition's pool, as of the last tick.
+    pub workers: AtomicUsize,
     pub paused: AtomicBool,
     pub pauses: AtomicU64,
     pub resumes: AtomicU64,

@@ -360,7 +360,12 @@ impl ClientContext for KeyflowContext {
             .stats
             .partitions()
             .iter()
-            .map(|(_, p)| p.buffered_bytes.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|(_, p)| {
+                use std::sync::atomic::Ordering::Relaxed;
+                // Workers come out of the buffer share too (`memory::WORKER_COST` each).
+                p.buffered_bytes.load(Relaxed)
+                    + p.workers.load(Relaxed) * crate::memory::WORKER_COST as usize
+            })
             .sum();
         m.memory_used_buffers.set(buffered as f64);
         if s.brokers.values().any(|b| b.state == "UP") {

@@ -22,7 +22,7 @@ mod report;
 pub use drain::{Abandoned, DrainReport};
 use path::{
     admit, apply_flow, arm_wakeup, commit_metadata, commit_progress, fetch, on_done,
-    resume_on_start, spawn_worker, start_or_park, sync_pause,
+    resume_on_start, shrink_pool, spawn_worker, start_or_park, sync_pause,
 };
 use report::{inspect, observe, BrokerEnd};
 
@@ -30,7 +30,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -117,8 +117,17 @@ pub enum PartitionMsg {
     PauseBehindItsBack(RpcReplyPort<bool>),
 }
 
+/// A worker idle for longer than this is stopped on a tick and its slot freed, so the pool falls
+/// back after a burst (a catch-up after an outage) instead of keeping its high-water — each
+/// worker's task, mailbox and actor cell, ~[`WORKER_COST`](crate::memory::WORKER_COST) — until
+/// the partition is revoked. Spawning one again costs microseconds.
+pub(super) const WORKER_IDLE_STOP: Duration = Duration::from_secs(10);
+
 struct Slot {
-    actor: ActorRef<WorkerMsg>,
+    /// `None` once the worker was stopped (its slot is in `free`). Slot ids are indices into
+    /// `workers` and a worker reports with its id, so a slot keeps its place; a worker is stopped
+    /// only while idle, when no message of it can still arrive.
+    actor: Option<ActorRef<WorkerMsg>>,
     running: Option<Arc<Message>>,
     /// The attempt the running message is on (1-based).
     attempt: u32,
@@ -128,6 +137,8 @@ struct Slot {
     started: Instant,
     /// The running message's attempt and backoff state, written by the worker.
     progress: Arc<AtomicU32>,
+    /// When the worker last went idle (read on ticks, for [`WORKER_IDLE_STOP`]).
+    idle_since: Instant,
 }
 
 pub struct PartitionState {
@@ -142,7 +153,13 @@ pub struct PartitionState {
     scheduler: KeyScheduler<Arc<Message>>,
     flow: FlowControl,
     workers: Vec<Slot>,
+    /// Idle workers, the most recently idle last (taken first, so the bottom idles longest).
     idle: Vec<usize>,
+    /// Slots whose worker was stopped: reused before the pool grows.
+    free: Vec<usize>,
+    /// Workers alive (running or idle): `workers.len()` minus the free slots. Their memory
+    /// comes out of the partition's share.
+    live_workers: usize,
     /// Free to start (their key is not busy) but every worker is taken.
     ready: VecDeque<(Arc<Message>, u32)>,
     /// The most messages buffered or running at once (mirrored in the stats when it rises).
@@ -222,6 +239,8 @@ impl Actor for PartitionSupervisor {
             ),
             workers: Vec::new(),
             idle: Vec::new(),
+            free: Vec::new(),
+            live_workers: 0,
             ready: VecDeque::new(),
             high_water: 0,
             running: 0,
@@ -333,6 +352,7 @@ impl Actor for PartitionSupervisor {
                         arm_wakeup(q, &s.fetch_scheduled, &me);
                     }
                     fetch(&me, s).instrument(span).await?;
+                    shrink_pool(s, Instant::now());
                 }
                 commit_progress(s);
                 // Sends what a failed commit left pending, even if nothing moved here.
@@ -341,6 +361,7 @@ impl Actor for PartitionSupervisor {
                 s.stats
                     .buffered_bytes
                     .store(s.flow.bytes() as usize, Relaxed);
+                s.stats.workers.store(s.live_workers, Relaxed);
                 observe(s);
             }
             PartitionMsg::Inspect(reply) => {
@@ -410,11 +431,11 @@ impl Actor for PartitionSupervisor {
         let SupervisionEvent::ActorFailed(cell, reason) = evt else {
             return Ok(());
         };
-        let Some(id) = s
-            .workers
-            .iter()
-            .position(|w| w.actor.get_id() == cell.get_id())
-        else {
+        let Some(id) = s.workers.iter().position(|w| {
+            w.actor
+                .as_ref()
+                .is_some_and(|a| a.get_id() == cell.get_id())
+        }) else {
             return Ok(());
         };
         s.stats_restart();
@@ -442,7 +463,7 @@ impl Actor for PartitionSupervisor {
             .into());
         }
         let actor = spawn_worker(&me, s, id, s.workers[id].progress.clone()).await?;
-        s.workers[id].actor = actor;
+        s.workers[id].actor = Some(actor.clone());
         if let Some(m) = s.workers[id].running.clone() {
             s.workers[id].crashes += 1;
             let crashes = s.workers[id].crashes;
@@ -457,7 +478,7 @@ impl Actor for PartitionSupervisor {
             } else {
                 WorkerMsg::Run(m, s.workers[id].attempt)
             };
-            s.workers[id].actor.cast(msg)?;
+            actor.cast(msg)?;
         }
         Ok(())
     }

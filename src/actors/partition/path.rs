@@ -17,7 +17,7 @@ use rdkafka::consumer::Consumer as _;
 use rdkafka::TopicPartitionList;
 use tracing::{debug, error, warn};
 
-use super::{drain, PartitionMsg, PartitionQueue, PartitionState, Slot};
+use super::{drain, PartitionMsg, PartitionQueue, PartitionState, Slot, WORKER_IDLE_STOP};
 use crate::actors::worker::{Worker, WorkerArgs, WorkerMsg};
 use crate::config::EXACTLY_ONCE_MAX_PENDING;
 use crate::kafka::committer::Point;
@@ -57,7 +57,7 @@ pub(super) async fn fetch(
     // This partition's share of the pipeline's buffer budget, re-split when the assignment
     // changes: read once per fetch, not per message.
     // Its workers' cost comes out of it first.
-    let cap = PipelineMemory::message_cap(s.pipeline.memory.partition_cap(), s.workers.len());
+    let cap = PipelineMemory::message_cap(s.pipeline.memory.partition_cap(), s.live_workers);
     s.flow.set_max_bytes(cap, s.spec.resume_at);
     // Taken out for the loop: a polled message borrows the queue while `s` is mutated.
     let Some(queue) = s.queue.take() else {
@@ -149,7 +149,8 @@ pub(super) async fn start_or_park(
     }
 }
 
-/// An idle worker, or a new one while the pool is below `max_workers`.
+/// An idle worker, or a new one (in a slot freed by [`shrink_pool`] first) while the pool is
+/// below its cap.
 async fn acquire_worker(
     me: &ActorRef<PartitionMsg>,
     s: &mut PartitionState,
@@ -157,23 +158,83 @@ async fn acquire_worker(
     if let Some(id) = s.idle.pop() {
         return Ok(Some(id));
     }
-    // Within `max_workers` and half the partition's memory share (see `memory::WORKER_COST`).
-    let cap = PipelineMemory::worker_cap(s.pipeline.memory.partition_cap(), s.spec.max_workers);
-    if s.workers.len() >= cap {
+    if s.live_workers >= worker_cap(s) {
         return Ok(None);
+    }
+    if let Some(id) = s.free.pop() {
+        let actor = spawn_worker(me, s, id, s.workers[id].progress.clone()).await?;
+        s.workers[id].actor = Some(actor);
+        s.live_workers += 1;
+        return Ok(Some(id));
     }
     let id = s.workers.len();
     let progress = Arc::new(AtomicU32::new(0));
     let actor = spawn_worker(me, s, id, progress.clone()).await?;
+    let now = Instant::now();
     s.workers.push(Slot {
-        actor,
+        actor: Some(actor),
         running: None,
         attempt: 1,
         crashes: 0,
-        started: Instant::now(),
+        started: now,
         progress,
+        idle_since: now,
     });
+    s.live_workers += 1;
     Ok(Some(id))
+}
+
+/// The pool's cap: `max_workers`, within half the partition's memory share (see
+/// `memory::WORKER_COST`). Re-read as the share is re-split on assignment changes.
+fn worker_cap(s: &PartitionState) -> usize {
+    PipelineMemory::worker_cap(s.pipeline.memory.partition_cap(), s.spec.max_workers)
+}
+
+/// A worker that finished and has nothing to start: idle from `now` (the completion's time,
+/// already read: no clock read per message).
+fn park_idle(s: &mut PartitionState, id: usize, now: Instant) {
+    s.workers[id].idle_since = now;
+    s.idle.push(id);
+}
+
+/// On a tick: stops the idle workers above the pool's cap (it fell when the assignment grew)
+/// and those idle for longer than [`WORKER_IDLE_STOP`], frees their slots, then drops the free
+/// slots at the end of `workers`, so the pool falls back after a burst. Only idle workers are
+/// stopped: an idle worker has reported its last message and has none queued (the supervisor
+/// sends `Run` only to a worker it takes off `idle`), so no `Done` of it can arrive later, and
+/// its exit is not a crash (a stop is `ActorTerminated`, not `ActorFailed`). A slot reused later
+/// gets a new actor, whose cell id the crash handler matches. O(pool) per tick.
+pub(super) fn shrink_pool(s: &mut PartitionState, now: Instant) {
+    let mut over = s.live_workers.saturating_sub(worker_cap(s));
+    let (workers, free, live) = (&mut s.workers, &mut s.free, &mut s.live_workers);
+    // The bottom of `idle` has idled longest: stop from there.
+    s.idle.retain(|&id| {
+        let w = &mut workers[id];
+        if over == 0 && now.saturating_duration_since(w.idle_since) < WORKER_IDLE_STOP {
+            return true;
+        }
+        over = over.saturating_sub(1);
+        if let Some(actor) = w.actor.take() {
+            actor.stop(Some("idle".into()));
+            *live -= 1;
+        }
+        free.push(id);
+        false
+    });
+    let before = s.workers.len();
+    while s.workers.last().is_some_and(|w| w.actor.is_none()) {
+        s.workers.pop();
+    }
+    if s.workers.len() < before {
+        let len = s.workers.len();
+        s.free.retain(|&id| id < len);
+    }
+    if s.workers.is_empty() {
+        // Give the vectors' high-water back too (a few KiB at `max_workers` slots).
+        s.workers.shrink_to_fit();
+        s.idle.shrink_to_fit();
+        s.free.shrink_to_fit();
+    }
 }
 
 pub(super) async fn spawn_worker(
@@ -206,12 +267,16 @@ fn start(
         .queue_wait
         .record(now.saturating_duration_since(m.received));
     let slot = &mut s.workers[id];
-    slot.running = Some(m.clone());
+    // Only slots taken off `idle` or just spawned are started, and both have an actor.
+    let Some(actor) = slot.actor.as_ref() else {
+        return Err(format!("worker slot {id} has no actor").into());
+    };
+    actor.cast(WorkerMsg::Run(m.clone(), attempt))?;
+    slot.running = Some(m);
     slot.attempt = attempt;
     slot.crashes = 0;
     slot.started = now;
     s.running += 1;
-    slot.actor.cast(WorkerMsg::Run(m, attempt))?;
     Ok(())
 }
 
@@ -242,7 +307,7 @@ pub(super) async fn on_done(
         // budget stays taken; only the worker is freed, for other keys or a parked message.
         match s.ready.pop_front() {
             Some((next, a)) => start(s, worker, next, a)?,
-            None => s.idle.push(worker),
+            None => park_idle(s, worker, now),
         }
         if s.draining.is_some() {
             if s.running == 0 {
@@ -299,7 +364,7 @@ pub(super) async fn on_done(
         }
         None => match s.ready.pop_front() {
             Some((next, attempt)) => start(s, worker, next, attempt)?,
-            None => s.idle.push(worker),
+            None => park_idle(s, worker, now),
         },
     }
     apply_flow(me, s);

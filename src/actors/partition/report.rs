@@ -253,6 +253,11 @@ pub(super) fn inspect(s: &PartitionState) -> PartitionDebug {
         partition: s.partition,
         in_flight: s.flow.count(),
         running: s.running,
+        workers: s.live_workers,
+        worker_cap: crate::memory::PipelineMemory::worker_cap(
+            s.pipeline.memory.partition_cap(),
+            s.spec.max_workers,
+        ),
         buffered_bytes: s.flow.bytes(),
         paused: s.stats.paused.load(Relaxed),
         stuck: s.stats.stuck.load(Relaxed),
