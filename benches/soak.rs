@@ -102,6 +102,10 @@ struct Plan {
     /// Steady production without faults after the last fault, before the drain: RSS samples
     /// past every warm-up.
     observe: Duration,
+    /// RSS is judged by its floor (lowest sample) in consecutive windows of this length: a
+    /// catch-up after a fault is a burst that the budget bounds and that memory returns from; a
+    /// leak raises the floor.
+    floor_window: Duration,
     broker_down: (u64, u64),
     http_down: (u64, u64),
     member_down: (u64, u64),
@@ -119,6 +123,7 @@ impl Plan {
                 sample_every: Duration::from_secs(1),
                 gap: (1, 3),
                 observe: Duration::from_secs(15),
+                floor_window: Duration::from_secs(10),
                 broker_down: (5, 8),
                 http_down: (3, 6),
                 member_down: (0, 2),
@@ -133,6 +138,7 @@ impl Plan {
                 sample_every: Duration::from_secs(5),
                 gap: (5, 20),
                 observe: Duration::from_secs(30),
+                floor_window: Duration::from_secs(40),
                 broker_down: (5, 30),
                 http_down: (5, 30),
                 member_down: (0, 5),
@@ -1272,10 +1278,13 @@ fn main() {
         cluster.fail("no poison message was injected".into());
     }
 
-    // RSS: per incarnation, every sample after warm-up within ±10% of the warm-up value. Warm-up
-    // ends `plan.warm_up` after the incarnation started, and not before every fault kind ran once.
-    // When the incarnation first held every partition at once (from its log) is shown: its RSS
-    // steps there (catch-up on every partition: the most HTTP connections and workers at once).
+    // RSS: per incarnation, flat after warm-up: the floor (lowest sample) of every window of
+    // `floor_window` after warm-up within ±10% of the floor of the first one. A
+    // catch-up after a fault is a burst (bounded by the memory budget) that memory returns from
+    // within a window; a leak, or a high-water that is never given back, raises the floors.
+    // Warm-up ends `plan.warm_up` after the incarnation started, and not before every fault kind
+    // ran once. The peak after warm-up is printed too (a burst), and when the incarnation first
+    // held every partition at once (from its log): the biggest catch-up.
     let rss = lock(&cluster.rss);
     let started = lock(&cluster.started);
     let held_all: BTreeMap<Incarnation, f64> = lock(&cluster.members)
@@ -1287,6 +1296,8 @@ fn main() {
         })
         .collect();
     let cycle_done = cycle_done.unwrap_or_else(|| cluster.secs());
+    let window = plan.floor_window.as_secs_f64();
+    let mib = |kib: u64| kib as f64 / 1024.0;
     let mut rss_lines = Vec::new();
     let mut judged = 0;
     for (&(slot, inc), s) in rss.iter() {
@@ -1300,50 +1311,56 @@ fn main() {
                 format!("held every partition at t={t:.0}s")
             });
         let warm_end = (born + plan.warm_up.as_secs_f64()).max(cycle_done);
-        let warm = s.iter().find(|(t, _)| *t >= warm_end);
-        let Some(&(_, warm)) = warm else {
+        let floors = rss_floors(s, warm_end, window);
+        let Some(((_, reference), later)) = floors.split_first() else {
             rss_lines.push(format!(
-                "member {slot} #{inc}: t={born:.0}s..{:.0}s, {all_at}, none after warm-up (t={warm_end:.0}s), {} samples, peak {:.1} MiB",
+                "member {slot} #{inc}: t={born:.0}s..{:.0}s, {all_at}, not sampled after warm-up (t={warm_end:.0}s), {} samples, peak {:.1} MiB",
                 born + lived,
                 s.len(),
-                s.iter().map(|x| x.1).max().unwrap_or(0) as f64 / 1024.0
+                mib(s.iter().map(|x| x.1).max().unwrap_or(0))
             ));
             continue;
         };
+        let reference = *reference;
         let after: Vec<u64> = s
             .iter()
             .filter(|(t, _)| *t >= warm_end)
             .map(|x| x.1)
             .collect();
-        let (max, min, end) = (
-            *after.iter().max().unwrap(),
-            *after.iter().min().unwrap(),
-            *after.last().unwrap(),
-        );
-        let flat = (max as f64) <= warm as f64 * 1.10 && (min as f64) >= warm as f64 * 0.90;
-        let before = s
+        let peak = after.iter().copied().max().unwrap_or(reference);
+        let end = after.last().copied().unwrap_or(reference);
+        let pct = |v: u64| (v as f64 / reference as f64 - 1.0) * 100.0;
+        let off: Vec<String> = later
             .iter()
-            .filter(|(t, _)| *t < warm_end)
-            .map(|x| x.1)
-            .min()
-            .unwrap_or(warm);
+            .filter(|(_, f)| {
+                (*f as f64) > reference as f64 * 1.10 || (*f as f64) < reference as f64 * 0.90
+            })
+            .map(|(t, f)| format!("t={t:.0}s {:.1} MiB ({:+.1}%)", mib(*f), pct(*f)))
+            .collect();
+        let (hi, lo) = later
+            .iter()
+            .fold((reference, reference), |(hi, lo), (_, f)| {
+                (hi.max(*f), lo.min(*f))
+            });
         let line = format!(
-            "member {slot} #{inc}: t={born:.0}s..{:.0}s, {all_at}, {} samples after t={warm_end:.0}s: \
-             warm-up {:.1} MiB (lowest before {:.1} MiB), max {:.1} MiB ({:+.1}%), min {:.1} MiB, end {:.1} MiB ({:+.1}%){}",
+            "member {slot} #{inc}: t={born:.0}s..{:.0}s, {all_at}; first {window:.0} s floor after warm-up (t={warm_end:.0}s) {:.1} MiB, \
+             {} later {window:.0} s floors {:.1}..{:.1} MiB ({:+.1}%..{:+.1}%); peak {:.1} MiB ({:+.1}%), end {:.1} MiB ({:+.1}%){}",
             born + lived,
-            after.len(),
-            warm as f64 / 1024.0,
-            before as f64 / 1024.0,
-            max as f64 / 1024.0,
-            (max as f64 / warm as f64 - 1.0) * 100.0,
-            min as f64 / 1024.0,
-            end as f64 / 1024.0,
-            (end as f64 / warm as f64 - 1.0) * 100.0,
-            if flat { "" } else { "  NOT FLAT" }
+            mib(reference),
+            later.len(),
+            mib(lo),
+            mib(hi),
+            pct(lo),
+            pct(hi),
+            mib(peak),
+            pct(peak),
+            mib(end),
+            pct(end),
+            if off.is_empty() { String::new() } else { format!("  NOT FLAT: {}", off.join(", ")) }
         );
-        if after.len() >= 3 {
+        if !later.is_empty() {
             judged += 1;
-            if !flat {
+            if !off.is_empty() {
                 cluster.fail(format!("RSS not flat: {line}"));
             }
         }
@@ -1441,8 +1458,8 @@ fn main() {
         );
     }
     println!(
-        "RSS per member incarnation (warm-up: {:?} after start, not before t={cycle_done:.0}s, when every fault kind had run):",
-        plan.warm_up
+        "RSS per member incarnation (warm-up: {:?} after start, not before t={cycle_done:.0}s, when every fault kind had run; floors per {:?}):",
+        plan.warm_up, plan.floor_window
     );
     for line in &rss_lines {
         println!("  {line}");
@@ -1469,4 +1486,26 @@ fn main() {
         drop(started);
         std::process::exit(1);
     }
+}
+
+/// RSS floors: the lowest sample of each window of `window` seconds from `warm_end` on, with
+/// the window's start; the first is the reference the others are judged against. A window
+/// without samples is left out; the last one counts only if it spans at least half a window (a
+/// partial window at an incarnation's end would judge a floor on one or two samples).
+fn rss_floors(s: &[(f64, u64)], warm_end: f64, window: f64) -> Vec<(f64, u64)> {
+    let last = s.last().map_or(warm_end, |x| x.0);
+    let mut floors = Vec::new();
+    let mut from = warm_end;
+    while from + window / 2.0 <= last {
+        let floor = s
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < from + window)
+            .map(|x| x.1)
+            .min();
+        if let Some(f) = floor {
+            floors.push((from, f));
+        }
+        from += window;
+    }
+    floors
 }
