@@ -275,10 +275,20 @@ impl Actor for Coordinator {
                 let prefetch = memory.prefetch_for(partitions);
                 info!(pipeline = %a.spec.name, topic = %a.spec.topic, partitions = ?partitions, prefetch_per_partition = %bytesize::ByteSize(prefetch.bytes_per_partition), prefetch_messages = prefetch.messages_per_partition, buffers = %bytesize::ByteSize(memory.buffer_share), "memory share");
                 memory.set_prefetch(prefetch);
+                // What librdkafka may hold: the per-partition prefetch over every partition it
+                // was sized for (an unknown topic is sized for `UNKNOWN_TOPIC_PARTITIONS`).
+                let sized_for = partitions
+                    .filter(|n| *n > 0)
+                    .unwrap_or(crate::memory::UNKNOWN_TOPIC_PARTITIONS)
+                    as u64;
+                let prefetch_total = prefetch.bytes_per_partition * sized_for;
                 a.stats
                     .metrics
                     .memory_budget_prefetch
-                    .set((prefetch.bytes_per_partition * partitions.unwrap_or(1) as u64) as f64);
+                    .set(prefetch_total as f64);
+                if prefetch_total > memory.prefetch_share {
+                    warn!(pipeline = %a.spec.name, topic = %a.spec.topic, partitions = sized_for, prefetch = %bytesize::ByteSize(prefetch_total), share = %bytesize::ByteSize(memory.prefetch_share), "the smallest useful prefetch per partition over this many partitions exceeds the pipeline's prefetch share: raise memory_limit or run fewer pipelines per process");
+                }
                 if prefetch == probe {
                     Ok(opened)
                 } else {
@@ -486,6 +496,13 @@ async fn start_supervisors(
         .filter(|a| !s.partitions.contains_key(&a.partition))
         .count();
     s.pipeline.memory.set_assigned(s.partitions.len() + new);
+    let (cap, max_workers) = (s.pipeline.memory.partition_cap(), s.spec.max_workers);
+    let workers = crate::memory::PipelineMemory::worker_cap(cap, max_workers);
+    if new > 0 && workers < max_workers {
+        // The memory budget, not `max_workers`, bounds each partition's concurrency: say so once
+        // per assignment (`/debug/partitions` shows `worker_cap`).
+        warn!(pipeline = %s.spec.name, assigned = s.partitions.len() + new, partition_share = %bytesize::ByteSize(cap), worker_cap = workers, max_workers, "the memory budget caps each partition's workers below max_workers: raise memory_limit for more concurrency");
+    }
     for a in list {
         let skip = skips.remove(&a.partition).unwrap_or_default();
         if let Some(old) = s.partitions.remove(&a.partition) {

@@ -200,6 +200,29 @@ pub const SENSITIVE: &[&str] = &[
 /// Whether the value of `key` must never be shown: librdkafka's [`SENSITIVE`] list, plus any
 /// name containing `password`, `secret` or `passphrase` (newer librdkafka properties, and the
 /// same words in a `[kafka]` table of a future version).
+/// librdkafka needs `receive.message.max.bytes` ≥ `fetch.max.bytes` + 512 when the user sets
+/// it, and keyflow's `fetch.max.bytes` is never below `message.max.bytes` (which librdkafka
+/// requires too): so a set `receive.message.max.bytes` below `message.max.bytes` + 512 could only
+/// fail when the consumer is made, after the brokers answered, naming a property the user never
+/// set. Refused at load instead.
+pub fn size_conflict(kafka: &[(String, String)]) -> Option<String> {
+    let get = |key: &str| {
+        kafka
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+    };
+    let receive = get("receive.message.max.bytes")?;
+    let message = get("message.max.bytes").unwrap_or(1_000_000);
+    (receive < message + 512).then(|| {
+        format!(
+            "expected at least message.max.bytes + 512 = {} (librdkafka reads whole fetch responses of up to that size), found {receive}",
+            message + 512
+        )
+    })
+}
+
 pub fn is_sensitive(key: &str) -> bool {
     let k = canonical(key).to_ascii_lowercase();
     SENSITIVE.contains(&k.as_str())
@@ -293,6 +316,28 @@ pub fn topic_name_error(name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_receive_max_below_the_message_max_is_refused() {
+        let kv = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(size_conflict(&kv(&[])), None);
+        assert_eq!(
+            size_conflict(&kv(&[("receive.message.max.bytes", "10485760")])),
+            None
+        );
+        let why = size_conflict(&kv(&[("receive.message.max.bytes", "999999")])).unwrap();
+        assert!(why.contains("1000512") && why.contains("999999"), "{why}");
+        assert!(size_conflict(&kv(&[
+            ("message.max.bytes", "20000000"),
+            ("receive.message.max.bytes", "10485760"),
+        ]))
+        .is_some());
+    }
 
     #[test]
     fn topic_names_kafka_accepts_and_refuses() {

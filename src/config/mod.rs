@@ -885,6 +885,9 @@ fn validate_pipeline(
             e(errs, &format!("kafka.\"{k}\""), format!("{origin}{why}"));
         }
     }
+    if let Some(why) = kafka::size_conflict(&kafka) {
+        e(errs, "kafka.\"receive.message.max.bytes\"", why);
+    }
     let group_id = f.group_id.unwrap_or_else(|| format!("keyflow-{name}"));
     PipelineSpec {
         file: path.to_path_buf(),

@@ -24,6 +24,17 @@ fn apply_user(cfg: &mut ClientConfig, kafka: &[(String, String)]) {
 }
 
 pub fn consumer_config(brokers: &str, spec: &PipelineSpec, prefetch: Prefetch) -> ClientConfig {
+    // librdkafka refuses a `fetch.max.bytes` it did not choose below `message.max.bytes`, and a
+    // user's `receive.message.max.bytes` below `fetch.max.bytes` + 512 (one it chose itself it
+    // raises); `config` refuses a `receive.message.max.bytes` below `message.max.bytes` + 512.
+    let message_max = user_bytes(&spec.kafka, "message.max.bytes").unwrap_or(1_000_000);
+    let mut fetch_max = prefetch.fetch_max_bytes.max(message_max);
+    if let Some(receive_max) = user_bytes(&spec.kafka, "receive.message.max.bytes") {
+        fetch_max = fetch_max
+            .min(receive_max.saturating_sub(512))
+            .max(message_max);
+    }
+    let partition_fetch = prefetch.partition_fetch_bytes().min(fetch_max);
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set("group.id", &spec.group_id)
@@ -65,20 +76,8 @@ pub fn consumer_config(brokers: &str, spec: &PipelineSpec, prefetch: Prefetch) -
             "queued.min.messages",
             prefetch.messages_per_partition.to_string(),
         )
-        .set(
-            "max.partition.fetch.bytes",
-            prefetch.partition_fetch_bytes().to_string(),
-        )
-        // librdkafka refuses a `fetch.max.bytes` below `message.max.bytes` (1,000,000 unless
-        // the `[kafka]` table sets it).
-        .set(
-            "fetch.max.bytes",
-            prefetch
-                .fetch_max_bytes
-                .max(message_max_bytes(&spec.kafka))
-                .min(100_000_000 - 512)
-                .to_string(),
-        );
+        .set("max.partition.fetch.bytes", partition_fetch.to_string())
+        .set("fetch.max.bytes", fetch_max.to_string());
     apply_user(&mut cfg, &spec.kafka);
     cfg
 }
@@ -87,13 +86,13 @@ pub fn consumer_config(brokers: &str, spec: &PipelineSpec, prefetch: Prefetch) -
 /// full (its default, 1,000 ms, is meant for large queues).
 pub const FETCH_QUEUE_BACKOFF_MS: u64 = 10;
 
-fn message_max_bytes(kafka: &[(String, String)]) -> u64 {
+/// A byte count the `[kafka]` table sets (its last value), if it parses.
+fn user_bytes(kafka: &[(String, String)], key: &str) -> Option<u64> {
     kafka
         .iter()
         .rev()
-        .find(|(k, _)| k == "message.max.bytes")
+        .find(|(k, _)| k == key)
         .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(1_000_000)
 }
 
 pub fn producer_config(brokers: &str, spec: &PipelineSpec) -> ClientConfig {
@@ -216,6 +215,38 @@ mod tests {
         assert!(c.is_ok(), "{:?}", c.err());
         let c: rdkafka::error::KafkaResult<BaseConsumer> = cfg.create();
         assert!(c.is_ok(), "{:?}", c.err());
+    }
+
+    /// Review M2b: a `message.max.bytes` above 99,999,488 made keyflow set a `fetch.max.bytes`
+    /// below it, which librdkafka refuses (it adjusts only a value it chose itself).
+    #[test]
+    fn a_large_message_max_bytes_still_creates_the_consumer() {
+        let s = spec("", "\"message.max.bytes\" = \"200000000\"");
+        let cfg = consumer_config("b:9092", &s, prefetch());
+        let c: rdkafka::error::KafkaResult<BaseConsumer> = cfg.create();
+        assert!(c.is_ok(), "{:?}", c.err());
+    }
+
+    /// Review M2c: a user's `receive.message.max.bytes` must stay ≥ `fetch.max.bytes` + 512,
+    /// which a few-partition topic's prefetch (a large `fetch.max.bytes`) broke: the consumer
+    /// failed after the brokers had answered, naming a property the user never set.
+    #[test]
+    fn a_user_receive_message_max_bytes_bounds_fetch_max_bytes() {
+        let s = spec("", "\"receive.message.max.bytes\" = \"10485760\"");
+        let one = crate::memory::PipelineMemory::new(256 << 20, 1, 64 << 20).prefetch_for(Some(1));
+        let cfg = consumer_config("b:9092", &s, one);
+        let c: rdkafka::error::KafkaResult<BaseConsumer> = cfg.create();
+        assert!(c.is_ok(), "{:?}", c.err());
+        let fetch: u64 = cfg.get("fetch.max.bytes").unwrap().parse().unwrap();
+        let partition: u64 = cfg
+            .get("max.partition.fetch.bytes")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            fetch + 512 <= 10485760 && partition <= fetch,
+            "{fetch} {partition}"
+        );
     }
 
     const CLASSIC_ONLY: [&str; 3] = [
