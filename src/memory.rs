@@ -24,6 +24,7 @@
 //! prefetch, and the refetch after a resume costs ~0.5 s, so sizing the prefetch, not pausing,
 //! is what keeps memory bounded; a pause stays the last resort of flow control.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 /// Without `memory_limit` and without a container limit.
@@ -79,9 +80,49 @@ pub fn resolve_limit(configured: Option<u64>) -> (u64, LimitSource) {
 
 /// The cgroup memory limit of this process, if it has one (v2, then v1).
 pub fn container_limit() -> Option<u64> {
-    let v2 = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok();
-    let v1 = || std::fs::read_to_string("/sys/fs/cgroup/memory/memory.limit_in_bytes").ok();
-    parse_cgroup_limit(v2.or_else(v1)?.as_str())
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    container_limit_at(Path::new("/sys/fs/cgroup"), &own)
+}
+
+/// The tightest memory limit on the path of this process's cgroup (from `/proc/self/cgroup`,
+/// `own`) under the cgroup mount `root`, up to the mount itself: the process's own cgroup when
+/// the mount shows the whole hierarchy (systemd's `MemoryMax=`, `--cgroupns=host`, Nomad), the
+/// mount root when it is a namespace's (a container, where `own` reads `0::/`). A parent's limit
+/// binds its children, so the smallest one found counts. cgroup v2 first, then v1's `memory`
+/// controller.
+fn container_limit_at(root: &Path, own: &str) -> Option<u64> {
+    let v2_path = own.lines().find_map(|l| l.strip_prefix("0::"));
+    let v1_path = own.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then_some(path)
+    });
+    let tightest = |mount: &Path, path: &str, file: &str| {
+        let mut dir = mount.join(path.trim().trim_start_matches('/'));
+        let mut best: Option<u64> = None;
+        loop {
+            if let Some(l) = std::fs::read_to_string(dir.join(file))
+                .ok()
+                .and_then(|t| parse_cgroup_limit(&t))
+            {
+                best = Some(best.map_or(l, |b| b.min(l)));
+            }
+            if dir == mount || !dir.pop() || !dir.starts_with(mount) {
+                return best;
+            }
+        }
+    };
+    let v2 = tightest(root, v2_path.unwrap_or("/"), "memory.max");
+    v2.or_else(|| {
+        tightest(
+            &root.join("memory"),
+            v1_path.unwrap_or("/"),
+            "memory.limit_in_bytes",
+        )
+    })
 }
 
 /// `max` (v2) or a page-rounded `i64::MAX` (v1) mean no limit.
@@ -229,6 +270,44 @@ mod tests {
     use proptest::prelude::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_limit_follows_proc_self_cgroup() {
+        let root = tempfile::tempdir().unwrap();
+        let unit = root.path().join("system.slice/k.service");
+        std::fs::create_dir_all(&unit).unwrap();
+        // v2 without a cgroup namespace: the mount root has no memory.max, the unit has one.
+        std::fs::write(unit.join("memory.max"), "134217728\n").unwrap();
+        std::fs::write(root.path().join("system.slice/memory.max"), "max\n").unwrap();
+        assert_eq!(
+            container_limit_at(root.path(), "0::/system.slice/k.service\n"),
+            Some(128 * MIB)
+        );
+        // A parent's tighter limit binds the unit.
+        std::fs::write(root.path().join("system.slice/memory.max"), "67108864\n").unwrap();
+        assert_eq!(
+            container_limit_at(root.path(), "0::/system.slice/k.service\n"),
+            Some(64 * MIB)
+        );
+        // In a namespace the process sees `0::/` and the mount root's file.
+        std::fs::write(root.path().join("memory.max"), "536870912\n").unwrap();
+        assert_eq!(container_limit_at(root.path(), "0::/\n"), Some(512 * MIB));
+        // cgroup v1's memory controller.
+        let v1 = tempfile::tempdir().unwrap();
+        let job = v1.path().join("memory/docker/abc");
+        std::fs::create_dir_all(&job).unwrap();
+        std::fs::write(job.join("memory.limit_in_bytes"), "268435456\n").unwrap();
+        assert_eq!(
+            container_limit_at(
+                v1.path(),
+                "12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n"
+            ),
+            Some(256 * MIB)
+        );
+        // No limit anywhere.
+        let none = tempfile::tempdir().unwrap();
+        assert_eq!(container_limit_at(none.path(), "0::/user.slice\n"), None);
+    }
 
     #[test]
     fn cgroup_limits_parse() {
