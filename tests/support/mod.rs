@@ -1133,9 +1133,17 @@ impl Broker {
     /// DescribeGroups answer is "not found"; DescribeGroups for classic ones). An unknown group
     /// reports state "Dead" with no members.
     pub fn describe_group(&self, group: &str) -> GroupDesc {
+        // A client of its own, destroyed after the call: librdkafka 2.12 aborted a soak
+        // (`rd_kafka_enq_once_del_source_return: eonce->refcnt > 0`, its coordinator-request
+        // code) when the broker went down long after the shared admin client had described a
+        // group.
+        let admin: AdminClient<DefaultClientContext> = self
+            .client_config()
+            .create()
+            .unwrap_or_else(|e| panic!("cannot create AdminClient: {e}"));
         let mut last = String::new();
         for _ in 0..5 {
-            match describe_consumer_group(self.admin(), group) {
+            match describe_consumer_group(&admin, group) {
                 Ok(desc) => return desc,
                 Err(e) => last = e,
             }
