@@ -26,8 +26,12 @@
 //! key's sequence), every poison message in the DLQ with `keyflow.error.kind = decode`, every
 //! input partition committed to its end, every partition assigned and none paused
 //! (`/debug/partitions` and `keyflow_partition_paused` of each member), no member exited by
-//! itself, and each member's RSS flat (every sample after warm-up within ±10% of the warm-up
-//! value). It prints the figures and exits 1 if a check failed. Member logs, every RSS sample
+//! itself, and each member's RSS flat: after warm-up, the floor (lowest sample) of every 40 s
+//! window within ±10% of the first window's. A catch-up after a fault is a burst, bounded by the
+//! memory budget, that memory returns from; a leak or a high-water never given back raises the
+//! floors. Warm-up ends 60 s after the incarnation started, once every fault kind has run and
+//! once the incarnation took the last partition it had never owned (what a process keeps per
+//! partition is made at its first ownership). Peaks are printed too. It prints the figures and exits 1 if a check failed. Member logs, every RSS sample
 //! (`rss.csv`) and the faults (`faults.csv`) are written to `target/soak/<seed>/`.
 //!
 //! `--outages N` replaces the schedule by N broker outages in a row and prints each member's
@@ -751,10 +755,16 @@ fn inject(
     }
 }
 
-/// When (seconds since `t0_wall`) a member first held every input partition at once, from its
-/// log's `partitions assigned` / `partitions revoked` lines (assignments are incremental).
-fn first_held_all(log: &str, t0_wall: std::time::SystemTime) -> Option<f64> {
+/// From a member's log (`partitions assigned` / `partitions revoked` lines; assignments are
+/// incremental), in seconds since `t0_wall`: when it first held every input partition at once
+/// (its biggest catch-up), and when it last took a partition it had never owned before (each
+/// partition's first ownership creates what the process keeps for it: its Prometheus series,
+/// which the recorder keeps for the process's life so that counters never reset, and
+/// librdkafka's and keyflow's per-partition structures).
+fn partition_milestones(log: &str, t0_wall: std::time::SystemTime) -> (Option<f64>, Option<f64>) {
     let mut owned = std::collections::BTreeSet::new();
+    let mut ever = std::collections::BTreeSet::new();
+    let (mut at_once, mut last_new, mut known) = (None, None, 0);
     for line in log.lines() {
         let added = if line.contains("partitions assigned ") {
             true
@@ -773,17 +783,24 @@ fn first_held_all(log: &str, t0_wall: std::time::SystemTime) -> Option<f64> {
         for p in list.split(',').filter_map(|p| p.trim().parse::<i32>().ok()) {
             if added {
                 owned.insert(p);
+                ever.insert(p);
             } else {
                 owned.remove(&p);
             }
         }
-        if owned.len() == PARTITIONS as usize {
-            let stamp = line.split_whitespace().next()?;
-            let at = humantime::parse_rfc3339(stamp).ok()?;
-            return Some(at.duration_since(t0_wall).ok()?.as_secs_f64());
+        let stamp = || {
+            let at = humantime::parse_rfc3339(line.split_whitespace().next()?).ok()?;
+            Some(at.duration_since(t0_wall).ok()?.as_secs_f64())
+        };
+        if at_once.is_none() && owned.len() == PARTITIONS as usize {
+            at_once = stamp();
+        }
+        if ever.len() > known {
+            known = ever.len();
+            last_new = stamp();
         }
     }
-    None
+    (at_once, last_new)
 }
 
 /// A member's memory at a glance: RSS (anonymous / file-backed), threads, open files, and the
@@ -1287,12 +1304,14 @@ fn main() {
     // held every partition at once (from its log): the biggest catch-up.
     let rss = lock(&cluster.rss);
     let started = lock(&cluster.started);
-    let held_all: BTreeMap<Incarnation, f64> = lock(&cluster.members)
+    let milestones: BTreeMap<Incarnation, (Option<f64>, Option<f64>)> = lock(&cluster.members)
         .gone
         .iter()
-        .filter_map(|(slot, m)| {
-            let at = first_held_all(&m.kf.log(), cluster.t0_wall)?;
-            Some(((*slot, m.incarnation), at))
+        .map(|(slot, m)| {
+            (
+                (*slot, m.incarnation),
+                partition_milestones(&m.kf.log(), cluster.t0_wall),
+            )
         })
         .collect();
     let cycle_done = cycle_done.unwrap_or_else(|| cluster.secs());
@@ -1305,12 +1324,17 @@ fn main() {
             .get(&(slot, inc))
             .map_or(0.0, |t| t.duration_since(cluster.t0).as_secs_f64());
         let lived = s.last().map_or(0.0, |x| x.0 - born);
-        let all_at = held_all
-            .get(&(slot, inc))
-            .map_or("never held every partition".to_string(), |t| {
-                format!("held every partition at t={t:.0}s")
-            });
-        let warm_end = (born + plan.warm_up.as_secs_f64()).max(cycle_done);
+        let (at_once, last_new) = milestones.get(&(slot, inc)).copied().unwrap_or_default();
+        let all_at = format!(
+            "last new partition at {}, all at once {}",
+            last_new.map_or("never".into(), |t| format!("t={t:.0}s")),
+            at_once.map_or("never".into(), |t| format!("at t={t:.0}s")),
+        );
+        // Warm-up also takes the first ownership of each partition the incarnation owns: what
+        // the process keeps per partition is made then, once.
+        let warm_end = (born + plan.warm_up.as_secs_f64())
+            .max(cycle_done)
+            .max(last_new.unwrap_or(0.0));
         let floors = rss_floors(s, warm_end, window);
         let Some(((_, reference), later)) = floors.split_first() else {
             rss_lines.push(format!(
@@ -1458,7 +1482,7 @@ fn main() {
         );
     }
     println!(
-        "RSS per member incarnation (warm-up: {:?} after start, not before t={cycle_done:.0}s, when every fault kind had run; floors per {:?}):",
+        "RSS per member incarnation (warm-up: {:?} after start, not before t={cycle_done:.0}s, when every fault kind had run, nor before the incarnation's last first ownership of a partition; floors per {:?}):",
         plan.warm_up, plan.floor_window
     );
     for line in &rss_lines {

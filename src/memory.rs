@@ -174,6 +174,8 @@ pub struct PipelineMemory {
     assigned: AtomicUsize,
     /// The prefetch the consumer was made with (bytes per partition), for `/metrics`.
     prefetch: AtomicU64,
+    /// Bytes of `buffer_share` not granted to any partition (see [`Grant`]).
+    free: AtomicU64,
 }
 
 impl PipelineMemory {
@@ -188,6 +190,7 @@ impl PipelineMemory {
             max_buffered_bytes,
             assigned: AtomicUsize::new(0),
             prefetch: AtomicU64::new(0),
+            free: AtomicU64::new(share - prefetch_share),
         }
     }
 
@@ -228,6 +231,25 @@ impl PipelineMemory {
         self.assigned.load(Relaxed)
     }
 
+    /// Takes up to `want` bytes of the buffer share that no partition holds.
+    fn take(&self, want: u64) -> u64 {
+        let mut got = 0;
+        let _ = self.free.fetch_update(Relaxed, Relaxed, |free| {
+            got = free.min(want);
+            Some(free - got)
+        });
+        got
+    }
+
+    fn give(&self, bytes: u64) {
+        self.free.fetch_add(bytes, Relaxed);
+    }
+
+    /// Bytes of the buffer share granted to no partition (for tests and `/debug`).
+    pub fn ungranted(&self) -> u64 {
+        self.free.load(Relaxed)
+    }
+
     /// What one assigned partition may hold in keyflow's buffers now: its part of the buffer
     /// share, within `max_buffered_bytes`. A load and a division: read per fetch, not per
     /// message.
@@ -264,12 +286,111 @@ impl PipelineMemory {
     }
 }
 
+/// A partition's part of its pipeline's buffer share, actually held: the static split
+/// ([`PipelineMemory::partition_cap`]) says what a partition *may* hold, the grant what it was
+/// *given*. When an assignment grows, the partitions kept hold more than their new cap until
+/// their messages complete; a new partition gets only what they have given back, so the
+/// partitions together never hold more than the share (review H2). Taken when a partition
+/// fetches below its cap (no atomic while the grant covers the cap: not per message), given
+/// back on ticks down to `max(cap, held)`, and all of it when the partition's state is dropped
+/// (stopped, drained, failed: a `Drop`, so no path forgets it).
+#[derive(Debug)]
+pub struct Grant {
+    memory: std::sync::Arc<PipelineMemory>,
+    bytes: u64,
+}
+
+impl Grant {
+    pub fn new(memory: std::sync::Arc<PipelineMemory>) -> Self {
+        Grant { memory, bytes: 0 }
+    }
+
+    /// Tops the grant up towards `cap` from what no partition holds; returns what this partition
+    /// may hold now: `min(cap, grant)`.
+    pub fn budget(&mut self, cap: u64) -> u64 {
+        if self.bytes < cap {
+            self.bytes += self.memory.take(cap - self.bytes);
+        }
+        self.bytes.min(cap)
+    }
+
+    /// Gives back what exceeds both `cap` and what the partition holds (`held`).
+    pub fn trim(&mut self, cap: u64, held: u64) {
+        let keep = cap.max(held);
+        if self.bytes > keep {
+            self.memory.give(self.bytes - keep);
+            self.bytes = keep;
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        self.memory.give(self.bytes);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     const MIB: u64 = 1 << 20;
+
+    /// Review H2: 16 partitions each hold their 4 MiB share of a 64 MiB buffer share; the
+    /// assignment grows to 32 (caps 2 MiB). The 16 new partitions must not get 2 MiB each while
+    /// the 16 kept still hold 4 MiB: together they would hold 96 MiB. They get what the kept
+    /// ones give back as their messages complete, and everyone reaches the new cap.
+    #[test]
+    fn a_grown_assignment_never_grants_more_than_the_share() {
+        let m = std::sync::Arc::new(PipelineMemory::new(128 * MIB, 1, 64 * MIB));
+        m.set_assigned(16);
+        let cap16 = m.partition_cap();
+        let mut kept: Vec<(Grant, u64)> = (0..16)
+            .map(|_| {
+                let mut g = Grant::new(m.clone());
+                let held = g.budget(cap16);
+                (g, held)
+            })
+            .collect();
+        assert!(kept.iter().all(|(_, held)| *held == 4 * MIB));
+        m.set_assigned(32);
+        let cap32 = m.partition_cap();
+        let mut new: Vec<Grant> = (0..16).map(|_| Grant::new(m.clone())).collect();
+        let granted = |kept: &[(Grant, u64)], new: &[Grant]| {
+            kept.iter().map(|(g, _)| g.bytes()).sum::<u64>()
+                + new.iter().map(Grant::bytes).sum::<u64>()
+        };
+        for g in &mut new {
+            assert_eq!(
+                g.budget(cap32),
+                0,
+                "nothing is free while the kept hold their old share"
+            );
+        }
+        // The kept complete messages down to the new cap, giving back on their ticks.
+        for step in 0..=4 {
+            let held = 4 * MIB - step * MIB / 2;
+            for (g, h) in &mut kept {
+                *h = held;
+                g.trim(cap32, held);
+            }
+            for g in &mut new {
+                g.budget(cap32);
+            }
+            assert!(granted(&kept, &new) <= m.buffer_share, "step {step}");
+        }
+        assert!(new.iter().all(|g| g.bytes() == cap32));
+        assert!(kept.iter().all(|(g, _)| g.bytes() == cap32));
+        // Revoked or stopped: the grant comes back.
+        drop(kept);
+        drop(new);
+        assert_eq!(m.ungranted(), m.buffer_share);
+    }
 
     #[test]
     fn the_limit_follows_proc_self_cgroup() {

@@ -46,6 +46,7 @@ use crate::introspect::PartitionDebug;
 use crate::kafka::offsets::SkipSet;
 use crate::kafka::transaction::Ownership;
 use crate::kafka::{Consumer, KeyflowContext, OffsetTracker};
+use crate::memory::{Grant, WORKER_COST};
 use crate::message::Message;
 use crate::pipeline::{Outcome, Pipeline};
 use crate::processors::ProcessError;
@@ -160,6 +161,8 @@ pub struct PartitionState {
     /// Workers alive (running or idle): `workers.len()` minus the free slots. Their memory
     /// comes out of the partition's share.
     live_workers: usize,
+    /// The part of the pipeline's buffer share this partition holds (given back on drop).
+    grant: Grant,
     /// Free to start (their key is not busy) but every worker is taken.
     ready: VecDeque<(Arc<Message>, u32)>,
     /// The most messages buffered or running at once (mirrored in the stats when it rises).
@@ -216,6 +219,7 @@ impl Actor for PartitionSupervisor {
         arm_wakeup(&mut queue, &flag, &me);
         let spec = a.spec;
         let byte_cap = a.pipeline.memory.partition_cap();
+        let grant = Grant::new(a.pipeline.memory.clone());
         let _ = a.stats.actor.set(me.clone());
         resume_on_start(&a.consumer, &a.topic, a.partition);
         let span = tracing::info_span!("partition", pipeline = %spec.name, topic = %a.topic, partition = a.partition);
@@ -241,6 +245,7 @@ impl Actor for PartitionSupervisor {
             idle: Vec::new(),
             free: Vec::new(),
             live_workers: 0,
+            grant,
             ready: VecDeque::new(),
             high_water: 0,
             running: 0,
@@ -353,6 +358,9 @@ impl Actor for PartitionSupervisor {
                     }
                     fetch(&me, s).instrument(span).await?;
                     shrink_pool(s, Instant::now());
+                    // Give back what a lowered cap no longer covers, as messages complete.
+                    let held = s.flow.bytes() + s.live_workers as u64 * WORKER_COST;
+                    s.grant.trim(s.pipeline.memory.partition_cap(), held);
                 }
                 commit_progress(s);
                 // Sends what a failed commit left pending, even if nothing moved here.

@@ -22,7 +22,7 @@ use crate::actors::worker::{Worker, WorkerArgs, WorkerMsg};
 use crate::config::EXACTLY_ONCE_MAX_PENDING;
 use crate::kafka::committer::Point;
 use crate::kafka::Consumer;
-use crate::memory::PipelineMemory;
+use crate::memory::{PipelineMemory, WORKER_COST};
 use crate::message::Message;
 use crate::pipeline::Outcome;
 
@@ -55,9 +55,10 @@ pub(super) async fn fetch(
         return Ok(());
     }
     // This partition's share of the pipeline's buffer budget, re-split when the assignment
-    // changes: read once per fetch, not per message.
-    // Its workers' cost comes out of it first.
-    let cap = PipelineMemory::message_cap(s.pipeline.memory.partition_cap(), s.live_workers);
+    // changes, as far as the other partitions have given it back (see `memory::Grant`): read
+    // once per fetch, not per message. Its workers' cost comes out of it first.
+    let budget = s.grant.budget(s.pipeline.memory.partition_cap());
+    let cap = PipelineMemory::message_cap(budget, s.live_workers);
     s.flow.set_max_bytes(cap, s.spec.resume_at);
     // Taken out for the loop: a polled message borrows the queue while `s` is mutated.
     let Some(queue) = s.queue.take() else {
@@ -161,33 +162,51 @@ async fn acquire_worker(
     if s.live_workers >= worker_cap(s) {
         return Ok(None);
     }
-    if let Some(id) = s.free.pop() {
-        let actor = spawn_worker(me, s, id, s.workers[id].progress.clone()).await?;
-        s.workers[id].actor = Some(actor);
-        s.live_workers += 1;
-        return Ok(Some(id));
+    // A new worker's cost must fit beside the messages already held (the byte bound was set for
+    // the pool as it was when the fetch began); the first one always may.
+    let budget = s.grant.bytes().min(s.pipeline.memory.partition_cap());
+    if s.live_workers > 0 && s.flow.bytes() + (s.live_workers as u64 + 1) * WORKER_COST > budget {
+        return Ok(None);
     }
-    let id = s.workers.len();
-    let progress = Arc::new(AtomicU32::new(0));
-    let actor = spawn_worker(me, s, id, progress.clone()).await?;
-    let now = Instant::now();
-    s.workers.push(Slot {
-        actor: Some(actor),
-        running: None,
-        attempt: 1,
-        crashes: 0,
-        started: now,
-        progress,
-        idle_since: now,
-    });
+    let id = match s.free.pop() {
+        Some(id) => {
+            let actor = spawn_worker(me, s, id, s.workers[id].progress.clone()).await?;
+            s.workers[id].actor = Some(actor);
+            id
+        }
+        None => {
+            let id = s.workers.len();
+            let progress = Arc::new(AtomicU32::new(0));
+            let actor = spawn_worker(me, s, id, progress.clone()).await?;
+            let now = Instant::now();
+            s.workers.push(Slot {
+                actor: Some(actor),
+                running: None,
+                attempt: 1,
+                crashes: 0,
+                started: now,
+                progress,
+                idle_since: now,
+            });
+            id
+        }
+    };
     s.live_workers += 1;
+    // The bound for messages shrinks by the new worker's cost at once (review P1: a catch-up
+    // after the pool had emptied admitted a whole share of messages, then spawned its workers
+    // on top).
+    s.flow.set_max_bytes(
+        PipelineMemory::message_cap(budget, s.live_workers),
+        s.spec.resume_at,
+    );
     Ok(Some(id))
 }
 
 /// The pool's cap: `max_workers`, within half the partition's memory share (see
 /// `memory::WORKER_COST`). Re-read as the share is re-split on assignment changes.
 fn worker_cap(s: &PartitionState) -> usize {
-    PipelineMemory::worker_cap(s.pipeline.memory.partition_cap(), s.spec.max_workers)
+    let cap = s.pipeline.memory.partition_cap().min(s.grant.bytes());
+    PipelineMemory::worker_cap(cap, s.spec.max_workers)
 }
 
 /// A worker that finished and has nothing to start: idle from `now` (the completion's time,
