@@ -42,6 +42,10 @@ pub struct HttpConfig {
     pub timeout: HumanDuration,
     #[serde(default)]
     pub circuit_breaker: Option<BreakerConfig>,
+    /// With `[batch]`: send a batch as one request whose body is a JSON array of the
+    /// messages' values (each parsed as JSON; see [`Http::call_batch`]).
+    #[serde(default)]
+    pub batch: bool,
 }
 
 fn default_method() -> String {

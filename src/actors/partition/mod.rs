@@ -15,6 +15,7 @@
 //! [`path`] the per-message path, top to bottom (fetch → admit → start → complete → commit);
 //! [`drain`] the hand-back on revoke or shutdown; [`report`] lag, the watchdog and `/debug`.
 
+mod batch;
 mod drain;
 mod path;
 mod report;
@@ -79,6 +80,13 @@ pub enum PartitionMsg {
         worker: usize,
         outcome: Outcome,
     },
+    /// `[batch]`: a worker finished its batch; one outcome per message, in batch order.
+    BatchDone {
+        worker: usize,
+        outcomes: Vec<Outcome>,
+    },
+    /// `[batch]`: the open batch may have waited `max_wait`.
+    BatchFlush,
     /// Commit interval.
     Tick,
     /// The partition has been congested since a while: pause it if it still is.
@@ -182,6 +190,8 @@ pub struct PartitionState {
     /// The broker's end of the partition, for lag when librdkafka's cached watermark is unknown
     /// or stale (see [`observe`]).
     broker_end: BrokerEnd,
+    /// `[batch]` pipelines: the open batch and the batches running (`None`: per message).
+    batch: Option<batch::Batching>,
 }
 
 impl Actor for PartitionSupervisor {
@@ -199,6 +209,7 @@ impl Actor for PartitionSupervisor {
         arm_wakeup(&mut queue, &flag, &me);
         let spec = a.spec;
         let byte_cap = a.pipeline.memory.partition_cap();
+        let batching = spec.batch.map(batch::Batching::new);
         let _ = a.stats.actor.set(me.clone());
         resume_on_start(&a.consumer, &a.topic, a.partition);
         let span = tracing::info_span!("partition", pipeline = %spec.name, topic = %a.topic, partition = a.partition);
@@ -242,6 +253,7 @@ impl Actor for PartitionSupervisor {
             broker_end: BrokerEnd::default(),
             owner: a.owner,
             first_received: None,
+            batch: batching,
         })
     }
 
@@ -312,6 +324,12 @@ impl Actor for PartitionSupervisor {
             PartitionMsg::Done { worker, outcome } => {
                 on_done(&me, s, worker, outcome).instrument(span).await?;
             }
+            PartitionMsg::BatchDone { worker, outcomes } => {
+                batch::on_done(&me, s, worker, outcomes)
+                    .instrument(span)
+                    .await?;
+            }
+            PartitionMsg::BatchFlush => batch::on_timer(&me, s).instrument(span).await?,
             PartitionMsg::FlowCheck => {
                 s.flow_check_scheduled = false;
                 // A draining supervisor no longer owns the consumer's pause flag: the next
@@ -443,6 +461,9 @@ impl Actor for PartitionSupervisor {
         }
         let actor = spawn_worker(&me, s, id, s.workers[id].progress.clone()).await?;
         s.workers[id].actor = actor;
+        if let Some(b) = s.batch.as_ref().and_then(|b| b.running(id)) {
+            s.workers[id].actor.cast(WorkerMsg::RunBatch(b))?;
+        }
         if let Some(m) = s.workers[id].running.clone() {
             s.workers[id].crashes += 1;
             let crashes = s.workers[id].crashes;
