@@ -62,7 +62,8 @@ impl Pipeline {
             }
         }
         // Ranges of `staged` still to run; the left half of a split runs first.
-        let mut todo: Vec<std::ops::Range<usize>> = Vec::from([0..staged.len()]);
+        let mut todo = Vec::with_capacity(16);
+        todo.push(0..staged.len());
         while let Some(r) = todo.pop() {
             if r.is_empty() {
                 continue;
