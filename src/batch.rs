@@ -343,6 +343,50 @@ mod tests {
         assert_eq!(p.stats.dead_lettered.load(Relaxed), 1);
     }
 
+    #[test]
+    fn batch_config_is_checked() {
+        let load = |text: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("p.toml");
+            std::fs::write(
+                &path,
+                format!("topic = \"in\"\nauto_offset_reset = \"earliest\"\n{text}"),
+            )
+            .unwrap();
+            load_pipeline(&path, &Global::default(), &Env::default())
+                .map(|s| s.batch)
+                .map_err(|e| e.to_string())
+        };
+        let custom = "[[processors]]\ntype = \"custom\"\nname = \"x\"\n";
+        assert_eq!(
+            load(&format!("[batch]\n{custom}")).unwrap(),
+            Some(crate::config::BatchSpec {
+                max_messages: 500,
+                max_wait: std::time::Duration::from_millis(50)
+            })
+        );
+        assert_eq!(load(custom).unwrap(), None);
+        let e = load(&format!(
+            "[batch]\nmax_messages = 0\nmax_wait = \"0s\"\n{custom}"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("batch.max_messages") && e.contains("found 0"),
+            "{e}"
+        );
+        assert!(e.contains("batch.max_wait"), "{e}");
+        let e = load("[batch]\n[[processors]]\ntype = \"log\"\n").unwrap_err();
+        assert!(
+            e.contains("processors[0]") && e.contains("found `log`"),
+            "{e}"
+        );
+        let e =
+            load("[batch]\n[[processors]]\ntype = \"http\"\nurl = \"http://h/\"\n").unwrap_err();
+        assert!(e.contains("batch = true"), "{e}");
+        let e = load(&format!("delivery = \"exactly_once\"\n[batch]\n{custom}")).unwrap_err();
+        assert!(e.contains("exactly_once"), "{e}");
+    }
+
     #[tokio::test]
     async fn a_retryable_failure_is_retried_whole_before_any_split() {
         let cluster = MockCluster::new(1).unwrap();

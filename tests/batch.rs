@@ -201,12 +201,12 @@ fn a_poison_message_alone_is_dead_lettered_and_every_key_applies_in_order() {
 }
 
 /// Projection throughput per batch size (`cargo test --release --test batch -- --ignored
-/// --nocapture`): 50,000 order events on 4 partitions, 4 workers each, from the first row
+/// --nocapture`): 100,000 order events on 4 partitions, 4 workers each, from the first row
 /// applied to the last offset committed. `per message` is the pipeline without `[batch]`.
 #[test]
 #[ignore]
 fn projection_throughput_per_batch_size() {
-    const ORDERS: usize = 10_000;
+    const ORDERS: usize = 20_000;
     const PER_ORDER: usize = 5;
     let pg = Postgres::start_new();
     let broker = Broker::shared();
