@@ -63,6 +63,16 @@
 //! the first connection is made if absent. To rebuild a read model from the start of the topic,
 //! empty it and delete the consumer's rows from `applied_table` (or choose a new `consumer`).
 //!
+//! # Batches
+//! With a pipeline `[batch]` table, a batch (at most one message per key, see
+//! [`crate::batch`]) runs in **one** transaction: BEGIN and every message's claim pipelined in
+//! one round trip, then the statement of each claimed message and COMMIT in a second. A message
+//! whose claim finds its key already at or past its offset is `deduplicated` and its statement
+//! is not run; the others commit together with their claims. Any error rolls the whole batch
+//! back (the first error in batch order is reported: those after it are PostgreSQL's
+//! "transaction is aborted"), and the pipeline retries or splits it. `timeout` bounds the
+//! whole batch's transaction.
+//!
 //! # Errors
 //! Connection errors, timeouts, and the SQLSTATEs of a transient condition (classes 08, 40
 //! — serialization failure, deadlock —, 53, 55P03, 57P01-57P03, 57014, 58) are retryable, and
