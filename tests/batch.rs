@@ -200,6 +200,78 @@ fn a_poison_message_alone_is_dead_lettered_and_every_key_applies_in_order() {
     );
 }
 
+#[test]
+fn batches_apply_exactly_once_across_a_kill_9() {
+    const ORDERS: usize = 4_000;
+    const PER_ORDER: usize = 5;
+    const TOTAL: i64 = (ORDERS * PER_ORDER) as i64;
+    let pg = Postgres::start_new();
+    let broker = Broker::shared();
+    let (topic, group, name) = (unique("batch-kill"), unique("batch-kg"), unique("batch-k"));
+    let table = "orders_batch_kill";
+    create_table(&pg, table);
+    broker.create_topic_blocking(&topic, PARTITIONS);
+    broker.create_topic_blocking(&format!("{topic}.dlq"), 1);
+    broker.produce(&topic, events(ORDERS, PER_ORDER, None));
+    let text = pipeline(
+        &name,
+        &topic,
+        &group,
+        table,
+        "[batch]\nmax_messages = 200\nmax_wait = \"20ms\"",
+    );
+    let url = pg.url();
+    let env = [("PG_URL", url.as_str())];
+    let versions = || {
+        count(
+            &pg,
+            &format!("SELECT coalesce(sum(version), 0) FROM {table}"),
+        )
+    };
+    let mut k = Keyflow::start_many(&broker.bootstrap, &[&text], &env);
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(5),
+        || versions() >= TOTAL * 3 / 10,
+        "30% of the events applied",
+    );
+    k.kill9();
+    let applied = versions();
+    let committed: i64 = broker
+        .committed_offsets(&group, &topic, PARTITIONS)
+        .iter()
+        .map(|o| (*o).max(0))
+        .sum();
+    println!("killed at {applied} applied, {committed} committed");
+    assert!(
+        committed < applied,
+        "batches applied but not committed when killed ({committed} committed, {applied} applied): the restart must skip them"
+    );
+    let k2 = Keyflow::start_many(&broker.bootstrap, &[&text], &env);
+    wait_committed(broker, &group, &topic, Duration::from_secs(120), &k2);
+    assert_eq!(
+        versions(),
+        TOTAL,
+        "no event applied twice\n{}",
+        k2.log_tail(30)
+    );
+    assert_eq!(
+        count(&pg, &format!("SELECT sum(out_of_order) FROM {table}")),
+        0,
+        "no key's events applied out of order"
+    );
+    assert_eq!(
+        count(
+            &pg,
+            &format!(
+                "SELECT count(*) FROM {table} WHERE seq = {PER_ORDER} AND version = {PER_ORDER}"
+            )
+        ),
+        ORDERS as i64
+    );
+    assert_eq!(broker.count_messages(&format!("{topic}.dlq")), 0);
+}
+
 /// Projection throughput per batch size (`cargo test --release --test batch -- --ignored
 /// --nocapture`): 100,000 order events on 4 partitions, 4 workers each, from the first row
 /// applied to the last offset committed. `per message` is the pipeline without `[batch]`.
