@@ -9,7 +9,8 @@
 //!   [`actors::partition`] supervisors (one per assigned partition; with
 //!   [`actors::scheduler`] and [`actors::flow`]) → [`actors::worker`]s.
 //! - [`processors`]: the [`processors::Processor`] trait and the built-ins.
-//! - [`pipeline`]: the chain with retries and the dead-letter writer, run by workers.
+//! - [`pipeline`]: the chain with retries and the dead-letter writer, run by workers;
+//!   [`batch`]: `[batch]` pipelines (batches formed per partition, retried, split).
 //! - [`runtime`]: starts pipelines and stops them in order; [`shutdown`]: signals.
 //! - [`stats`]: live counters; [`demo`]: the embedded demo.
 //! - [`gate`]: the pipeline-wide pause held by an open circuit breaker or a failing DLQ;
@@ -20,6 +21,7 @@
 //! - [`testing`]: `keyflow test`, a pipeline's test cases run through its chain without a broker.
 
 pub mod actors;
+pub mod batch;
 pub mod config;
 pub mod demo;
 pub mod dlq;

@@ -82,6 +82,10 @@ pub const CIRCUIT_BREAKER_STATE: &str = "keyflow_circuit_breaker_state";
 pub const DEAD_LETTER_WRITES_TOTAL: &str = "keyflow_dead_letter_writes_total";
 /// 1 while this instance is ready (joined, nothing stuck); 0 otherwise.
 pub const READY: &str = "keyflow_ready";
+/// Messages per run of a batch processor (`[batch]`; the halves of a split batch included).
+pub const BATCH_SIZE: &str = "keyflow_batch_size";
+/// Failed batches split in two to find their failing message.
+pub const BATCH_SPLITS_TOTAL: &str = "keyflow_batch_splits_total";
 /// Always 1; the labels carry the version.
 pub const BUILD_INFO: &str = "keyflow_build_info";
 
@@ -100,6 +104,10 @@ pub const METADATA_BUCKETS: &[f64] = &[0.0, 16.0, 64.0, 256.0, 1024.0, 2048.0, 4
 /// Processing and queue-wait buckets: 1 ms … 60 s.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Batch sizes, up to `config::BATCH_MAX_MESSAGES`.
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
 ];
 /// End-to-end buckets reach further: a backlog is hours old.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -146,6 +154,9 @@ pub fn install() -> PrometheusHandle {
                         Matcher::Full(COMMIT_METADATA_BYTES.into()),
                         METADATA_BUCKETS,
                     )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_SIZE_BUCKETS)
                 })
                 .expect("bucket lists are non-empty");
             let handle = builder
@@ -271,6 +282,11 @@ fn describe() {
     );
     describe_counter!(DEAD_LETTER_WRITES_TOTAL, "Dead-letter writes by result");
     describe_gauge!(READY, "1 while ready: joined, no partition stuck");
+    describe_histogram!(BATCH_SIZE, "Messages per run of a batch processor");
+    describe_counter!(
+        BATCH_SPLITS_TOTAL,
+        "Failed batches split in two to find their failing message"
+    );
     describe_gauge!(BUILD_INFO, "Build information");
 }
 
@@ -303,6 +319,8 @@ pub struct PipelineMetrics {
     pub breaker_state: Gauge,
     pub dlq_ok: Counter,
     pub dlq_failed: Counter,
+    pub batch_size: Histogram,
+    pub batch_splits: Counter,
     pub labels: (String, String),
 }
 
@@ -335,6 +353,8 @@ impl Default for PipelineMetrics {
             breaker_state: Gauge::noop(),
             dlq_ok: Counter::noop(),
             dlq_failed: Counter::noop(),
+            batch_size: Histogram::noop(),
+            batch_splits: Counter::noop(),
             labels: Default::default(),
         }
     }
@@ -375,6 +395,8 @@ impl PipelineMetrics {
             breaker_state: gauge!(CIRCUIT_BREAKER_STATE, "pipeline" => p.clone(), "topic" => t.clone()),
             dlq_ok: dlq("ok"),
             dlq_failed: dlq("failed"),
+            batch_size: histogram!(BATCH_SIZE, "pipeline" => p.clone(), "topic" => t.clone()),
+            batch_splits: counter!(BATCH_SPLITS_TOTAL, "pipeline" => p.clone(), "topic" => t.clone()),
             labels: (p, t),
         };
         // Register every series at zero so that dashboards and alerts see them from the start.

@@ -37,8 +37,8 @@ pub enum Outcome {
 
 pub struct Pipeline {
     pub name: String,
-    chain: Arc<Vec<Arc<dyn Processor>>>,
-    retry: RetryPolicy,
+    pub(crate) chain: Arc<Vec<Arc<dyn Processor>>>,
+    pub(crate) retry: RetryPolicy,
     producer: Producer,
     dead_letter_topic: Arc<str>,
     pub stats: Arc<PipelineStats>,
@@ -257,7 +257,7 @@ impl Pipeline {
     /// too large instead, see [`TRIMS`], each part left out named by a
     /// `keyflow.<part>.dropped = "too large: N bytes"` header; the reason stays in
     /// `keyflow.error`.
-    async fn dead_letter(&self, msg: &Message, e: &ProcessError, attempts: u32) {
+    pub(crate) async fn dead_letter(&self, msg: &Message, e: &ProcessError, attempts: u32) {
         warn!(pipeline = %self.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, attempts, error = %e, "dead-lettering message");
         let fields = DeadLetterFields::of(msg, attempts);
         let mut trim = 0usize;

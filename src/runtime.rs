@@ -198,6 +198,12 @@ impl Runtime {
                 pipeline: name.clone(),
                 message,
             })?;
+            if spec.batch.is_some() && chain.last().and_then(|p| p.as_batch()).is_none() {
+                return Err(StartError::Build {
+                    pipeline: name.clone(),
+                    message: "[batch]: the last processor takes no batches (a custom one must implement BatchProcessor and return it from Processor::as_batch)".into(),
+                });
+            }
             let mut pipeline =
                 Pipeline::new(&spec, chain, producer, pstats.clone(), gate).with_memory(memory);
             if let Some(t) = txn {

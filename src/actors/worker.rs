@@ -1,4 +1,4 @@
-//! Worker: runs the pipeline on one message at a time and reports back to its partition
+//! Worker: runs the pipeline on one message (or one batch, `[batch]`) at a time and reports back to its partition
 //! supervisor. Workers hold no per-message state the supervisor does not also hold, so a worker
 //! that panics is replaced and its message runs again.
 
@@ -40,6 +40,9 @@ pub enum WorkerMsg {
     Run(Arc<Message>, u32),
     /// The message crashed its worker too often: dead-letter it without running it again.
     DeadLetter(Arc<Message>, ProcessError),
+    /// `[batch]` pipelines: run this batch to its end (retries and splits included, see
+    /// [`crate::batch`]) and report one outcome per message.
+    RunBatch(Arc<[Arc<Message>]>),
 }
 
 impl Actor for Worker {
@@ -88,6 +91,16 @@ impl Actor for Worker {
                     .await
             }
             WorkerMsg::DeadLetter(m, e) => s.pipeline.dead_letter_now_in(&m, &e, &s.owner).await,
+            WorkerMsg::RunBatch(b) => {
+                s.progress.store(1, Relaxed);
+                let outcomes = s.pipeline.execute_batch(&b).await;
+                // Dropped with the supervisor if it is gone, like `Done` below.
+                let _ = s.parent.cast(PartitionMsg::BatchDone {
+                    worker: s.id,
+                    outcomes,
+                });
+                return Ok(());
+            }
         };
         // If the supervisor is gone (revoked, abandoned at the drain deadline) the completion is
         // dropped with it: a revoked partition's late completion is never committed here.

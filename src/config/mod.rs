@@ -300,7 +300,40 @@ pub struct PipelineFile {
     /// Passed verbatim to librdkafka for this pipeline's clients, after the global `[kafka]`.
     #[serde(default)]
     pub kafka: BTreeMap<String, toml::Value>,
+    /// Run the last processor on batches of messages (see [`crate::batch`]).
+    #[serde(default)]
+    pub batch: Option<BatchFile>,
 }
+
+/// `[batch]`: the last processor runs on batches of up to `max_messages` messages ready to
+/// run, sent when full or `max_wait` after the first one was ready.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchFile {
+    #[serde(default = "default_batch_max_messages")]
+    pub max_messages: usize,
+    #[serde(default = "default_batch_max_wait")]
+    pub max_wait: HumanDuration,
+}
+
+/// The validated `[batch]` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSpec {
+    pub max_messages: usize,
+    pub max_wait: std::time::Duration,
+}
+
+// 500 rows in one database transaction: the per-transaction cost (a round trip, a WAL flush)
+// is spread thin while a failed batch's bisection stays ~9 levels deep.
+fn default_batch_max_messages() -> usize {
+    500
+}
+// A batch waits at most this long to fill: the latency a quiet stream pays for batching.
+fn default_batch_max_wait() -> HumanDuration {
+    HumanDuration::from_millis(50)
+}
+/// The most messages one batch may hold (a bisection of it is at most 14 levels deep).
+pub const BATCH_MAX_MESSAGES: usize = 10_000;
 
 // 1,000 in flight keeps a 2 ms downstream busy at 500k msg/s per partition while bounding memory.
 fn default_max_in_flight() -> usize {
@@ -437,6 +470,8 @@ pub struct PipelineSpec {
     pub processors: Vec<ProcessorConfig>,
     /// Global `[kafka]` then the pipeline's, as librdkafka strings.
     pub kafka: Vec<(String, String)>,
+    /// `[batch]`: the last processor runs on batches.
+    pub batch: Option<BatchSpec>,
 }
 
 /// Everything `keyflow run` needs.
@@ -695,6 +730,11 @@ fn validate_pipeline(
             }
         }
     }
+    if let Some(b) = &f.batch {
+        for (field, why) in batch_errors(b, &f) {
+            e(errs, &field, why);
+        }
+    }
     if f.commit_interval.get().is_zero() {
         e(
             errs,
@@ -914,7 +954,51 @@ fn validate_pipeline(
         dead_letter_topic,
         processors: f.processors,
         kafka,
+        batch: f.batch.map(|b| BatchSpec {
+            max_messages: b.max_messages,
+            max_wait: b.max_wait.get(),
+        }),
     }
+}
+
+/// `[batch]` checks: the bounds, a last processor that takes batches, and no exactly-once
+/// (a batch's outputs would have to join the Kafka transaction as one).
+fn batch_errors(b: &BatchFile, f: &PipelineFile) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    if !(1..=BATCH_MAX_MESSAGES).contains(&b.max_messages) {
+        v.push((
+            "batch.max_messages".into(),
+            format!(
+                "expected between 1 and {BATCH_MAX_MESSAGES}, found {}",
+                b.max_messages
+            ),
+        ));
+    }
+    if b.max_wait.get().is_zero() {
+        v.push((
+            "batch.max_wait".into(),
+            "expected a duration above 0, found \"0s\"".into(),
+        ));
+    }
+    if f.delivery == Delivery::ExactlyOnce {
+        v.push((
+            "batch".into(),
+            "batches are not supported with delivery = \"exactly_once\" yet: use \"at_least_once\" (the `sql` processor is exactly-once into its database either way)".into(),
+        ));
+    }
+    match f.processors.last() {
+        Some(ProcessorConfig::Sql(_) | ProcessorConfig::Custom(_)) => {}
+        Some(ProcessorConfig::Http(h)) if h.batch => {}
+        Some(p) => v.push((
+            format!("processors[{}]", f.processors.len() - 1),
+            format!(
+                "[batch] runs the last processor on batches, which must take them: `sql`, `http` with batch = true, or a custom batch processor; found `{}`",
+                p.type_name()
+            ),
+        )),
+        None => {}
+    }
+    v
 }
 
 /// The topics a processor writes to, with their field paths.

@@ -17,6 +17,10 @@
 //! The message key and offset go along as `x-keyflow-key` and `x-keyflow-offset`, so the
 //! downstream can deduplicate (delivery is at-least-once). A valid W3C `traceparent` header on
 //! the message is continued as the request's `traceparent` (same trace id, new span id).
+//!
+//! With a pipeline `[batch]` table and `batch = true` (the downstream takes batches), one
+//! request carries a whole batch: its body is the JSON array of the messages' values, with
+//! `x-keyflow-count`; the answer is classified as above for the batch as a whole.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,6 +28,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Deserialize;
 
+use super::batch::BatchProcessor;
 use super::breaker::{Breaker, BreakerConfig};
 use super::{Flow, ProcessError, Processor};
 use crate::config::HumanDuration;
@@ -42,6 +47,10 @@ pub struct HttpConfig {
     pub timeout: HumanDuration,
     #[serde(default)]
     pub circuit_breaker: Option<BreakerConfig>,
+    /// With `[batch]`: send a batch as one request whose body is a JSON array of the
+    /// messages' values (each parsed as JSON; see [`Http::call_batch`]).
+    #[serde(default)]
+    pub batch: bool,
 }
 
 fn default_method() -> String {
@@ -100,6 +109,8 @@ pub struct Http {
     method: reqwest::Method,
     headers: reqwest::header::HeaderMap,
     breaker: Option<Breaker>,
+    /// `batch = true`: takes batches ([`Http::call_batch`]).
+    batch: bool,
 }
 
 /// Idle connections kept per downstream host, and for how long.
@@ -144,7 +155,39 @@ impl Http {
             breaker: cfg
                 .circuit_breaker
                 .map(|b| Breaker::new(b, format!("{pipeline}/http {shown}"), gate.clone())),
+            batch: cfg.batch,
         })
+    }
+
+    /// `batch = true`: one request whose body is the JSON array of the messages' values, in
+    /// batch order (a value that is not JSON fails the batch permanently, so the split leaves
+    /// it alone in the dead-letter topic); `x-keyflow-count` says how many. The answer is
+    /// classified as for one message: a 2xx completes every message, a 5xx/408/429 or a
+    /// connection error is retried, any other status splits the batch.
+    pub async fn call_batch(&self, msgs: &[&Message]) -> Result<(), ProcessError> {
+        let mut body = Vec::with_capacity(2 + msgs.iter().map(|m| m.size() + 1).sum::<usize>());
+        body.push(b'[');
+        for (i, m) in msgs.iter().enumerate() {
+            let v = m.payload.as_deref().unwrap_or(b"null");
+            if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(v) {
+                return Err(ProcessError::permanent(
+                    "http",
+                    format!("offset {}: the value is not JSON ({e}); batch = true sends a JSON array of the values", m.offset),
+                ));
+            }
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(v);
+        }
+        body.push(b']');
+        let req = self
+            .client
+            .request(self.method.clone(), self.url.clone())
+            .headers(self.headers.clone())
+            .header("x-keyflow-count", msgs.len())
+            .body(body);
+        self.answer(req).await
     }
 
     async fn call(&self, msg: &Message) -> Result<(), ProcessError> {
@@ -171,6 +214,11 @@ impl Http {
         if let Some(p) = &msg.payload {
             req = req.body(p.clone());
         }
+        self.answer(req).await
+    }
+
+    /// Sends `req` and classifies the answer.
+    async fn answer(&self, req: reqwest::RequestBuilder) -> Result<(), ProcessError> {
         let resp = req.send().await.map_err(|e| {
             // Timeouts, refused connections, resets: the downstream may come back.
             ProcessError::retryable("http", format!("{}: {}", self.target, describe(e)))
@@ -232,6 +280,21 @@ impl Processor for Http {
             None => self.call(msg).await?,
         }
         Ok(Flow::Continue)
+    }
+
+    fn as_batch(&self) -> Option<&dyn BatchProcessor> {
+        self.batch.then_some(self as &dyn BatchProcessor)
+    }
+}
+
+#[async_trait]
+impl BatchProcessor for Http {
+    async fn process_batch(&self, msgs: &[&Message]) -> Result<Vec<Flow>, ProcessError> {
+        match &self.breaker {
+            Some(b) => b.call("http", self.call_batch(msgs)).await?,
+            None => self.call_batch(msgs).await?,
+        }
+        Ok(vec![Flow::Continue; msgs.len()])
     }
 }
 
@@ -329,6 +392,44 @@ mod tests {
             call(1).await.unwrap_err().is_retryable(),
             "a timeout is retryable"
         );
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_one_json_array() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+        let app = Router::new().route(
+            "/",
+            post(move |h: axum::http::HeaderMap, body: String| async move {
+                let n = h
+                    .get("x-keyflow-count")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let _ = tx.send((n, body));
+                StatusCode::OK
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        let cfg: HttpConfig =
+            toml::from_str(&format!("url = \"http://{addr}/\"\nbatch = true")).unwrap();
+        let h = Http::new(&cfg, &Arc::new(Gate::default()), "p").unwrap();
+        let a = Message::new("t", 0, 0, Some(b"a"), br#"{"n": 1}"#);
+        let b = Message::new("t", 0, 1, Some(b"b"), b"2");
+        let bp = h.as_batch().expect("batch = true takes batches");
+        assert_eq!(
+            bp.process_batch(&[&a, &b]).await.unwrap(),
+            vec![Flow::Continue; 2]
+        );
+        let (n, body) = rx.recv().await.unwrap();
+        assert_eq!((n.as_str(), body.as_str()), ("2", r#"[{"n": 1},2]"#));
+        let bad = Message::new("t", 0, 2, Some(b"c"), b"not json");
+        let e = bp.process_batch(&[&a, &bad]).await.unwrap_err();
+        assert!(!e.is_retryable() && e.message().contains("offset 2"), "{e}");
+        let plain: HttpConfig = toml::from_str(&format!("url = \"http://{addr}/\"")).unwrap();
+        let plain = Http::new(&plain, &Arc::new(Gate::default()), "p").unwrap();
+        assert!(plain.as_batch().is_none());
     }
 
     #[test]

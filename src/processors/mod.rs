@@ -1,6 +1,7 @@
 //! Processors: the [`Processor`] trait users implement, and the built-ins chosen by name in a
 //! pipeline file (`[[processors]] type = "…"`), run in file order.
 
+pub mod batch;
 pub mod breaker;
 pub mod decode;
 pub mod dedup;
@@ -141,6 +142,12 @@ pub trait Processor: Send + Sync + 'static {
     /// offset completes. `dedup` records the business id here, so a failed attempt is never
     /// mistaken for a completed one.
     fn completed(&self, _msg: &Message) {}
+
+    /// This processor as a [`batch::BatchProcessor`], if it takes batches. A pipeline with a
+    /// `[batch]` table runs its last processor through it (override it to return `Some(self)`).
+    fn as_batch(&self) -> Option<&dyn batch::BatchProcessor> {
+        None
+    }
 }
 
 /// The built-in processors, selected by `type`.

@@ -63,6 +63,16 @@
 //! the first connection is made if absent. To rebuild a read model from the start of the topic,
 //! empty it and delete the consumer's rows from `applied_table` (or choose a new `consumer`).
 //!
+//! # Batches
+//! With a pipeline `[batch]` table, a batch (at most one message per key, see
+//! [`crate::batch`]) runs in **one** transaction: BEGIN and every message's claim pipelined in
+//! one round trip, then the statement of each claimed message and COMMIT in a second. A message
+//! whose claim finds its key already at or past its offset is `deduplicated` and its statement
+//! is not run; the others commit together with their claims. Any error rolls the whole batch
+//! back (the first error in batch order is reported: those after it are PostgreSQL's
+//! "transaction is aborted"), and the pipeline retries or splits it. `timeout` bounds the
+//! whole batch's transaction.
+//!
 //! # Errors
 //! Connection errors, timeouts, and the SQLSTATEs of a transient condition (classes 08, 40
 //! — serialization failure, deadlock —, 53, 55P03, 57P01-57P03, 57014, 58) are retryable, and
@@ -85,6 +95,7 @@ use serde_json::Value;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 
+use super::batch::BatchProcessor;
 use super::breaker::{Breaker, BreakerConfig};
 use super::{json, Flow, ProcessError, Processor};
 use crate::config::HumanDuration;
@@ -533,6 +544,127 @@ impl Sql {
         Ok(Flow::Continue)
     }
 
+    /// A batch in one transaction: BEGIN and every message's claim pipelined in one round trip,
+    /// then the statement of each message claimed and COMMIT in a second. A message already
+    /// applied (no claim) is `Duplicate`; an error anywhere rolls the whole batch back (the
+    /// first error in batch order is the cause; those after it are PostgreSQL's "transaction
+    /// aborted"), and the caller splits the batch to find the failing message.
+    async fn apply_batch(&self, msgs: &[&Message]) -> Result<Vec<Flow>, ProcessError> {
+        let keys = msgs
+            .iter()
+            .map(|m| {
+                m.key.as_deref().ok_or_else(|| {
+                    ProcessError::permanent(
+                        KIND,
+                        "the message has no key: sql applies each key's messages in offset order and records the last one per key (see keyflow's README, sql)",
+                    )
+                })
+            })
+            .collect::<Result<Vec<&[u8]>, ProcessError>>()?;
+        let pointers = self.params.iter().any(|p| matches!(p, Source::Pointer(_)));
+        let docs = msgs
+            .iter()
+            .map(|m| {
+                if pointers {
+                    json::parse(m)
+                } else {
+                    Ok(Value::Null)
+                }
+            })
+            .collect::<Result<Vec<Value>, ProcessError>>()?;
+        self.ensure_table().await?;
+        let mut conn = self.conn().await?;
+        let c = conn.client();
+        let stmt = c
+            .prepare_cached(&self.statement)
+            .await
+            .map_err(|e| self.error(&e))?;
+        let claim = c
+            .prepare_cached(&self.claim)
+            .await
+            .map_err(|e| self.error(&e))?;
+        let types = stmt.params();
+        if types.len() != self.params.len() {
+            return Err(ProcessError::permanent(
+                KIND,
+                format!(
+                    "the statement takes {} parameter(s), params lists {}",
+                    types.len(),
+                    self.params.len()
+                ),
+            ));
+        }
+        let args = msgs
+            .iter()
+            .zip(&docs)
+            .map(|(m, doc)| {
+                self.params
+                    .iter()
+                    .zip(types)
+                    .enumerate()
+                    .map(|(i, (src, ty))| arg(src, ty, doc, m).map_err(|e| param_error(i, src, e)))
+                    .collect::<Result<Vec<Arg<'_>>, ProcessError>>()
+            })
+            .collect::<Result<Vec<_>, ProcessError>>()?;
+        let topics: Vec<&str> = msgs.iter().map(|m| &*m.topic).collect();
+        let positions: Vec<[&(dyn ToSql + Sync); 5]> = msgs
+            .iter()
+            .zip(&keys)
+            .zip(&topics)
+            .map(|((m, key), topic)| -> [&(dyn ToSql + Sync); 5] {
+                [&self.consumer, topic, &m.partition, key, &m.offset]
+            })
+            .collect();
+
+        conn.idle = false;
+        let c = conn.client();
+        let (begun, claimed) = tokio::join!(
+            c.batch_execute("BEGIN"),
+            futures::future::join_all(positions.iter().map(|p| c.query_opt(&claim, p)))
+        );
+        begun.map_err(|e| self.error(&e))?;
+        let mut flows = Vec::with_capacity(msgs.len());
+        for r in claimed {
+            flows.push(match r.map_err(|e| self.error(&e))? {
+                Some(_) => Flow::Continue,
+                None => Flow::Duplicate,
+            });
+        }
+        if !flows.contains(&Flow::Continue) {
+            c.batch_execute("ROLLBACK")
+                .await
+                .map_err(|e| self.error(&e))?;
+            conn.idle = true;
+            return Ok(flows);
+        }
+        let (done, committed) = tokio::join!(
+            futures::future::join_all(
+                args.iter()
+                    .zip(&flows)
+                    .filter(|(_, f)| **f == Flow::Continue)
+                    .map(|(a, _)| c.execute_raw(&stmt, a.iter()))
+            ),
+            c.batch_execute("COMMIT")
+        );
+        conn.idle = done.iter().all(answered) && answered(&committed);
+        for d in done {
+            d.map_err(|e| self.error(&e))?;
+        }
+        committed.map_err(|e| self.error(&e))?;
+        Ok(flows)
+    }
+
+    async fn timed_batch(&self, msgs: &[&Message]) -> Result<Vec<Flow>, ProcessError> {
+        tokio::time::timeout(self.timeout, self.apply_batch(msgs))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProcessError::retryable(
+                    KIND,
+                    format!("{}: no answer within {:?}", self.target, self.timeout),
+                ))
+            })
+    }
+
     async fn timed(&self, msg: &Message) -> Result<Flow, ProcessError> {
         tokio::time::timeout(self.timeout, self.apply(msg))
             .await
@@ -860,6 +992,21 @@ impl Processor for Sql {
         match &self.breaker {
             Some(b) => b.call(KIND, self.timed(msg)).await,
             None => self.timed(msg).await,
+        }
+    }
+
+    fn as_batch(&self) -> Option<&dyn BatchProcessor> {
+        Some(self)
+    }
+}
+
+/// `[batch]`: one transaction per batch (see [`Sql::apply_batch`]), the same claims.
+#[async_trait]
+impl BatchProcessor for Sql {
+    async fn process_batch(&self, msgs: &[&Message]) -> Result<Vec<Flow>, ProcessError> {
+        match &self.breaker {
+            Some(b) => b.call(KIND, self.timed_batch(msgs)).await,
+            None => self.timed_batch(msgs).await,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! [`path`] the per-message path, top to bottom (fetch → admit → start → complete → commit);
 //! [`drain`] the hand-back on revoke or shutdown; [`report`] lag, the watchdog and `/debug`.
 
+mod batch;
 mod drain;
 mod path;
 mod report;
@@ -80,6 +81,13 @@ pub enum PartitionMsg {
         worker: usize,
         outcome: Outcome,
     },
+    /// `[batch]`: a worker finished its batch; one outcome per message, in batch order.
+    BatchDone {
+        worker: usize,
+        outcomes: Vec<Outcome>,
+    },
+    /// `[batch]`: the open batch may have waited `max_wait`.
+    BatchFlush,
     /// Commit interval.
     Tick,
     /// The partition has been congested since a while: pause it if it still is.
@@ -202,6 +210,8 @@ pub struct PartitionState {
     /// The broker's end of the partition, for lag when librdkafka's cached watermark is unknown
     /// or stale (see [`observe`]).
     broker_end: BrokerEnd,
+    /// `[batch]` pipelines: the open batch and the batches running (`None`: per message).
+    batch: Option<batch::Batching>,
 }
 
 impl Actor for PartitionSupervisor {
@@ -220,6 +230,7 @@ impl Actor for PartitionSupervisor {
         let spec = a.spec;
         let byte_cap = a.pipeline.memory.partition_cap();
         let grant = Grant::new(a.pipeline.memory.clone());
+        let batching = spec.batch.map(batch::Batching::new);
         let _ = a.stats.actor.set(me.clone());
         resume_on_start(&a.consumer, &a.topic, a.partition);
         let span = tracing::info_span!("partition", pipeline = %spec.name, topic = %a.topic, partition = a.partition);
@@ -266,6 +277,7 @@ impl Actor for PartitionSupervisor {
             broker_end: BrokerEnd::default(),
             owner: a.owner,
             first_received: None,
+            batch: batching,
         })
     }
 
@@ -336,6 +348,12 @@ impl Actor for PartitionSupervisor {
             PartitionMsg::Done { worker, outcome } => {
                 on_done(&me, s, worker, outcome).instrument(span).await?;
             }
+            PartitionMsg::BatchDone { worker, outcomes } => {
+                batch::on_done(&me, s, worker, outcomes)
+                    .instrument(span)
+                    .await?;
+            }
+            PartitionMsg::BatchFlush => batch::on_timer(&me, s).instrument(span).await?,
             PartitionMsg::FlowCheck => {
                 s.flow_check_scheduled = false;
                 // A draining supervisor no longer owns the consumer's pause flag: the next
@@ -472,6 +490,9 @@ impl Actor for PartitionSupervisor {
         }
         let actor = spawn_worker(&me, s, id, s.workers[id].progress.clone()).await?;
         s.workers[id].actor = Some(actor.clone());
+        if let Some(b) = s.batch.as_ref().and_then(|b| b.running(id)) {
+            actor.cast(WorkerMsg::RunBatch(b))?;
+        }
         if let Some(m) = s.workers[id].running.clone() {
             s.workers[id].crashes += 1;
             let crashes = s.workers[id].crashes;

@@ -129,7 +129,11 @@ pub(super) async fn admit(
         s.stats.in_flight_high_water.store(s.high_water, Relaxed);
     }
     if let Some(m) = s.scheduler.admit(Arc::new(m)) {
-        start_or_park(me, s, m, 1).await?;
+        if s.batch.is_some() {
+            super::batch::offer(me, s, m).await?;
+        } else {
+            start_or_park(me, s, m, 1).await?;
+        }
     }
     Ok(())
 }
@@ -152,7 +156,7 @@ pub(super) async fn start_or_park(
 
 /// An idle worker, or a new one (in a slot freed by [`shrink_pool`] first) while the pool is
 /// below its cap.
-async fn acquire_worker(
+pub(super) async fn acquire_worker(
     me: &ActorRef<PartitionMsg>,
     s: &mut PartitionState,
 ) -> Result<Option<usize>, ActorProcessingErr> {
@@ -211,7 +215,7 @@ fn worker_cap(s: &PartitionState) -> usize {
 
 /// A worker that finished and has nothing to start: idle from `now` (the completion's time,
 /// already read: no clock read per message).
-fn park_idle(s: &mut PartitionState, id: usize, now: Instant) {
+pub(super) fn park_idle(s: &mut PartitionState, id: usize, now: Instant) {
     s.workers[id].idle_since = now;
     s.idle.push(id);
 }
@@ -339,30 +343,7 @@ pub(super) async fn on_done(
         me.send_after(after, move || PartitionMsg::Retry(m, attempt));
         return Ok(());
     }
-    let pm = &s.stats.metrics.pipeline;
-    if let Some(ts) = m.timestamp_ms.filter(|&t| t > 0) {
-        pm.end_to_end.record((now_ms() - ts).max(0) as f64 / 1000.0);
-    }
-    match outcome {
-        Outcome::Processed => &pm.processed,
-        Outcome::Filtered => &pm.filtered,
-        Outcome::Deduplicated => &pm.deduplicated,
-        Outcome::DeadLettered | Outcome::Retry { .. } => &pm.dead_lettered,
-    }
-    .increment(1);
-    s.tracker.completed(m.offset);
-    s.flow.release(m.size());
-    s.stats.processed.fetch_add(1, Relaxed);
-    count_completion(s);
-    // Dead letters are counted by the writer, once acknowledged.
-    match outcome {
-        Outcome::Processed => s.pipeline.stats.processed.fetch_add(1, Relaxed),
-        // The in-process snapshot counts every processor drop (filter or dedup) as filtered.
-        Outcome::Filtered | Outcome::Deduplicated => {
-            s.pipeline.stats.filtered.fetch_add(1, Relaxed)
-        }
-        Outcome::DeadLettered | Outcome::Retry { .. } => 0,
-    };
+    record_completion(s, &m, outcome);
     if s.draining.is_some() {
         if s.running == 0 {
             drain::finish(me, s);
@@ -391,6 +372,36 @@ pub(super) async fn on_done(
         fetch(me, s).await?;
     }
     Ok(())
+}
+
+/// `m` completed with `outcome` (not a retry): its offset completes, its budget is freed, and
+/// it is counted.
+#[inline]
+pub(super) fn record_completion(s: &mut PartitionState, m: &Message, outcome: Outcome) {
+    let pm = &s.stats.metrics.pipeline;
+    if let Some(ts) = m.timestamp_ms.filter(|&t| t > 0) {
+        pm.end_to_end.record((now_ms() - ts).max(0) as f64 / 1000.0);
+    }
+    match outcome {
+        Outcome::Processed => &pm.processed,
+        Outcome::Filtered => &pm.filtered,
+        Outcome::Deduplicated => &pm.deduplicated,
+        Outcome::DeadLettered | Outcome::Retry { .. } => &pm.dead_lettered,
+    }
+    .increment(1);
+    s.tracker.completed(m.offset);
+    s.flow.release(m.size());
+    s.stats.processed.fetch_add(1, Relaxed);
+    count_completion(s);
+    // Dead letters are counted by the writer, once acknowledged.
+    match outcome {
+        Outcome::Processed => s.pipeline.stats.processed.fetch_add(1, Relaxed),
+        // The in-process snapshot counts every processor drop (filter or dedup) as filtered.
+        Outcome::Filtered | Outcome::Deduplicated => {
+            s.pipeline.stats.filtered.fetch_add(1, Relaxed)
+        }
+        Outcome::DeadLettered | Outcome::Retry { .. } => 0,
+    };
 }
 
 /// Pauses or resumes the partition on the consumer when the budget says so.
