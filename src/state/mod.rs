@@ -540,6 +540,8 @@ impl Store {
             .map_err(kafka)?;
         consumer.assign(&tpl).map_err(kafka)?;
         let mut last_log = Instant::now();
+        let assigned = Instant::now();
+        let mut first: Option<Duration> = None;
         loop {
             if cancelled.load(Relaxed) {
                 return Err(StateError::Changelog {
@@ -551,6 +553,7 @@ impl Store {
                 None => {}
                 Some(Ok(m)) => {
                     records += 1;
+                    first.get_or_insert_with(|| assigned.elapsed());
                     if let Some(k) = m.key() {
                         let k = Bytes::copy_from_slice(k);
                         match m.payload() {
@@ -577,6 +580,7 @@ impl Store {
                 info!(pipeline = %self.pipeline, changelog = %self.changelog, partition, records, of = high - low, "state: restoring partition");
             }
         }
+        info!(pipeline = %self.pipeline, changelog = %self.changelog, partition, records, first_record_after = ?first, read = ?assigned.elapsed(), "state: changelog read");
         Ok((map, records))
     }
 }
