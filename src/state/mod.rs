@@ -399,6 +399,13 @@ impl Store {
         self.bytes.load(Relaxed)
     }
 
+    /// Marks `p` as restoring (readiness, `/debug/state`) until the guard drops.
+    fn mark_restoring<'a>(&'a self, p: &'a PartitionState) -> RestoringGuard<'a> {
+        p.restoring.store(true, Relaxed);
+        self.restoring.fetch_add(1, Relaxed);
+        RestoringGuard(self, p)
+    }
+
     /// Partitions reading their changelog now.
     pub fn restoring(&self) -> Vec<i32> {
         if self.restoring.load(Relaxed) == 0 {
@@ -460,9 +467,7 @@ impl Store {
                 ),
             });
         };
-        p.restoring.store(true, Relaxed);
-        self.restoring.fetch_add(1, Relaxed);
-        let _guard = RestoringGuard(self, p);
+        let _guard = self.mark_restoring(p);
         let started = Instant::now();
         let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         struct Cancel(Arc<std::sync::atomic::AtomicBool>);
@@ -524,6 +529,9 @@ impl Store {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
+            // At the end of the partition the broker would hold an empty fetch for 500 ms
+            // (the default) before librdkafka can report the end: every restore would pay it.
+            .set("fetch.wait.max.ms", "10")
             .set("auto.offset.reset", "earliest");
         let consumer: BaseConsumer = cfg.create().map_err(kafka)?;
         let (low, high) = consumer

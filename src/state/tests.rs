@@ -148,3 +148,24 @@ async fn dedup_keeps_its_window_in_the_state() {
     assert!(d.is_empty(), "not in the in-memory window");
     assert_eq!(store.report()[1].keys, 1);
 }
+
+#[test]
+fn readiness_says_restoring_state_while_a_partition_restores() {
+    let store = Store::in_memory(2, producer(), true);
+    let stats = crate::stats::PipelineStats::with_topic("p", "in");
+    stats.state.set(store.clone()).unwrap();
+    {
+        let _restoring = store.mark_restoring(&store.partitions[1]);
+        let r = crate::http::readiness(std::slice::from_ref(&stats));
+        assert!(
+            r.iter()
+                .any(|x| x.contains("restoring state") && x.contains("[1]")),
+            "{r:?}"
+        );
+        assert!(store.report()[1].restoring);
+    }
+    let r = crate::http::readiness(std::slice::from_ref(&stats));
+    assert!(!r.iter().any(|x| x.contains("restoring")), "{r:?}");
+    assert!(store.restoring().is_empty());
+    assert!(!store.report()[1].restoring);
+}
