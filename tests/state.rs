@@ -343,6 +343,106 @@ fn dedup_recognises_a_redelivery_after_kill9() {
     println!("redelivery after kill -9 recognised: outputs {ids:?}");
 }
 
+/// Restore speed: 100,000 keys (one changelog record each, ~60-byte values) in one changelog
+/// partition, restored in process through the library (`Store::open` creates the compacted
+/// changelog, `Store::restore` reads it). Also refuses a changelog that is not co-partitioned.
+fn restore_of_100k_keys_is_timed() {
+    const KEYS: usize = 100_000;
+    let broker = Broker::shared();
+    let (topic, group) = (unique("rs-in"), unique("rs-g"));
+    broker.create_topic_blocking(&topic, 2);
+    let config = support::inline_config(
+        &broker.bootstrap,
+        &format!(
+            "{}\n[state]\n[[processors]]\ntype = \"log\"\n",
+            pipeline_header(&topic, &group, "")
+        ),
+    );
+    let spec = config.pipelines[0].clone();
+    let changelog = spec.state.clone().unwrap().changelog;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let producer = keyflow::kafka::client::create_producer(&broker.bootstrap, &spec).unwrap();
+    let store = rt
+        .block_on(keyflow::state::Store::open(
+            &broker.bootstrap,
+            &spec,
+            producer.clone(),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        broker.partition_count(&changelog, Duration::from_secs(10)),
+        2
+    );
+    broker.produce_to_partition(
+        &changelog,
+        (0..KEYS).map(|i| {
+            (
+                1,
+                Some(format!("account-{i:06}").into_bytes()),
+                format!(
+                    "{{\"balance\":{i},\"events\":{},\"owner\":\"someone-{i:06}\"}}",
+                    i % 97
+                )
+                .into_bytes(),
+            )
+        }),
+    );
+    let started = Instant::now();
+    let keys = rt.block_on(store.restore(1)).unwrap();
+    let took = started.elapsed();
+    assert_eq!(keys, KEYS);
+    assert_eq!(store.snapshot(1).len(), KEYS);
+    let bytes = store.bytes();
+    println!(
+        "restore: {KEYS} keys in {:.3} s (s per 100k keys); state {:.1} MiB ({} bytes per key as counted)",
+        took.as_secs_f64() / KEYS as f64 * 100_000.0,
+        bytes as f64 / (1 << 20) as f64,
+        bytes / KEYS as i64
+    );
+    // A changelog with another partition count is refused, naming both counts.
+    let (topic2, bad) = (unique("rs-in2"), unique("rs-bad"));
+    broker.create_topic_blocking(&topic2, 4);
+    broker.create_topic_blocking(&bad, 2);
+    let config = support::inline_config(
+        &broker.bootstrap,
+        &format!(
+            "{}\n[state]\nchangelog = \"{bad}\"\n[[processors]]\ntype = \"log\"\n",
+            pipeline_header(&topic2, &group, "")
+        ),
+    );
+    let err = rt
+        .block_on(keyflow::state::Store::open(
+            &broker.bootstrap,
+            &config.pipelines[0],
+            producer,
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("has 2 partitions") && err.contains("has 4"),
+        "{err}"
+    );
+    println!("refused: {err}");
+    // Co-partitioned but not compacted: refused too (retention would lose the state).
+    let mut spec = config.pipelines[0].clone();
+    let not_compacted = unique("rs-delete");
+    broker.create_topic_blocking(&not_compacted, 4);
+    spec.state = Some(keyflow::config::StateSpec {
+        changelog: not_compacted,
+    });
+    let producer = keyflow::kafka::client::create_producer(&broker.bootstrap, &spec).unwrap();
+    let err = rt
+        .block_on(keyflow::state::Store::open(
+            &broker.bootstrap,
+            &spec,
+            producer,
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cleanup.policy"), "{err}");
+    println!("refused: {err}");
+}
+
 fn main() {
     if std::env::var_os("STATE_CHILD").is_some() {
         tracing_subscriber::fmt()
@@ -359,7 +459,11 @@ fn main() {
             1
         });
     }
-    let tests: [(&str, fn()); 2] = [
+    let tests: [(&str, fn()); 3] = [
+        (
+            "restore_of_100k_keys_is_timed",
+            restore_of_100k_keys_is_timed,
+        ),
         (
             "balances_equal_the_fold_after_kill9_and_rebalance",
             balances_equal_the_fold_after_kill9_and_rebalance,
