@@ -147,6 +147,12 @@ pub fn install() -> PrometheusHandle {
                         METADATA_BUCKETS,
                     )
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(crate::state::STATE_RESTORE_SECONDS.into()),
+                        LATENCY_BUCKETS,
+                    )
+                })
                 .expect("bucket lists are non-empty");
             let handle = builder
                 .install_recorder()
