@@ -11,6 +11,7 @@
 //! The binary serves it from before the startup wait (`startup_timeout`), so probes are
 //! answered while keyflow waits for its brokers.
 //! - `/debug/partitions`: JSON, see [`crate::introspect`].
+//! - `/debug/state`: per-key state per partition (keys, bytes, last update; no values).
 //!
 //! It runs on the same tokio runtime as the actors, off the hot path: scrapes read atomics and
 //! ask each partition supervisor once (`/debug` only).
@@ -54,6 +55,7 @@ pub async fn serve(
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/debug/partitions", get(debug_partitions))
+        .route("/debug/state", get(debug_state))
         .with_state(state.clone());
     // The ready gauge between scrapes (histogram upkeep runs in `metrics::install`).
     let upkeep = state.clone();
@@ -161,6 +163,16 @@ pub fn readiness(pipelines: &[Arc<PipelineStats>]) -> Vec<String> {
                 p.name
             ));
         }
+        if let Some(st) = p.state.get() {
+            let restoring = st.restoring();
+            if !restoring.is_empty() {
+                reasons.push(format!(
+                    "pipeline {}: restoring state (partitions {restoring:?} read their changelog {:?})",
+                    p.name,
+                    st.changelog()
+                ));
+            }
+        }
         for (partition, ps) in p.partitions() {
             if ps.stuck.load(Relaxed) {
                 reasons.push(format!(
@@ -221,6 +233,25 @@ pub async fn debug_report(pipelines: &[Arc<PipelineStats>]) -> DebugReport {
         });
     }
     out
+}
+
+/// `/debug/state`: per pipeline with `[state]`, per partition: keys, bytes, last update and
+/// whether it is restoring. Never the values.
+async fn debug_state(State(s): State<HttpState>) -> Json<serde_json::Value> {
+    let pipelines: Vec<serde_json::Value> = s
+        .pipelines
+        .iter()
+        .filter_map(|p| {
+            let st = p.state.get()?;
+            Some(serde_json::json!({
+                "pipeline": p.name,
+                "changelog": st.changelog(),
+                "bytes": st.bytes(),
+                "partitions": st.report(),
+            }))
+        })
+        .collect();
+    Json(serde_json::json!({ "pipelines": pipelines }))
 }
 
 async fn debug_partitions(State(s): State<HttpState>) -> Json<DebugReport> {

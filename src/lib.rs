@@ -18,6 +18,7 @@
 //! - Observability: [`metrics`] (names, buckets, recorder, handles) · [`http`] (`/metrics`,
 //!   `/health/*`, `/debug/partitions`) · [`introspect`] (the debug report, `keyflow status`) ·
 //!   [`trace`] (W3C `traceparent` continued on every write).
+//! - [`state`]: per-key state for stateful processors, its changelog topic and restore.
 //! - [`testing`]: `keyflow test`, a pipeline's test cases run through its chain without a broker.
 
 pub mod actors;
@@ -36,6 +37,7 @@ pub mod pipeline;
 pub mod processors;
 pub mod runtime;
 pub mod shutdown;
+pub mod state;
 pub mod stats;
 pub mod testing;
 pub mod trace;

@@ -34,6 +34,9 @@ pub struct Message {
 #[derive(Debug, Clone)]
 pub struct Record {
     pub topic: Arc<str>,
+    /// `None`: the producer's partitioner picks it from the key. A changelog record names the
+    /// input's partition (co-partitioned, see [`crate::state`]).
+    pub partition: Option<i32>,
     pub key: Option<Bytes>,
     pub payload: Option<Bytes>,
     pub headers: Option<OwnedHeaders>,

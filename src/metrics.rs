@@ -158,6 +158,12 @@ pub fn install() -> PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_SIZE_BUCKETS)
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(crate::state::STATE_RESTORE_SECONDS.into()),
+                        LATENCY_BUCKETS,
+                    )
+                })
                 .expect("bucket lists are non-empty");
             let handle = builder
                 .install_recorder()

@@ -50,6 +50,8 @@ pub struct Pipeline {
     pub memory: Arc<crate::memory::PipelineMemory>,
     /// Whether a processor of the chain has a `completed` hook (`dedup`, custom ones).
     completion_hooks: bool,
+    /// `[state]`: the per-key state store, restored by each partition supervisor at start.
+    pub state: Option<Arc<crate::state::Store>>,
 }
 
 impl Pipeline {
@@ -72,6 +74,7 @@ impl Pipeline {
             memory: Arc::new(crate::memory::PipelineMemory::unbounded(
                 spec.max_buffered_bytes,
             )),
+            state: None,
             completion_hooks: spec.processors.iter().any(|p| {
                 matches!(
                     p,
@@ -86,6 +89,12 @@ impl Pipeline {
     /// dead letters, are written in `txn`.
     pub fn with_transactions(mut self, txn: Arc<Transactions>) -> Self {
         self.txn = Some(txn);
+        self
+    }
+
+    /// `[state]`: the store its partition supervisors restore before fetching.
+    pub fn with_state(mut self, state: Arc<crate::state::Store>) -> Self {
+        self.state = Some(state);
         self
     }
 
@@ -122,6 +131,11 @@ impl Pipeline {
         match self.run_chain(&mut msg).await {
             Ok(Flow::Continue) => {
                 let Some(t) = &self.txn else {
+                    if self.completion_hooks {
+                        for p in self.chain.iter() {
+                            p.written(original);
+                        }
+                    }
                     for p in self.chain.iter() {
                         p.completed(original);
                     }
@@ -159,6 +173,11 @@ impl Pipeline {
                     }
                 }
                 if self.completion_hooks {
+                    // Per-key state: the next message of the key (possibly before the commit)
+                    // sees this change; an abort rewinds and restores from the changelog.
+                    for p in self.chain.iter() {
+                        p.written(original);
+                    }
                     // `dedup` must not remember a message whose transaction may still abort
                     // (its rerun would be dropped): the hooks run once it commits.
                     let (chain, m) = (self.chain.clone(), original.clone());
@@ -370,6 +389,7 @@ impl Pipeline {
         }
         Record {
             topic: self.dead_letter_topic.clone(),
+            partition: None,
             key: msg.key.clone().filter(|_| !t.key),
             payload: msg.payload.clone().filter(|_| !t.payload),
             headers: Some(headers),

@@ -204,8 +204,32 @@ impl Runtime {
                     message: "[batch]: the last processor takes no batches (a custom one must implement BatchProcessor and return it from Processor::as_batch)".into(),
                 });
             }
+            let state = match &spec.state {
+                Some(_) => {
+                    let opened = tokio::select! {
+                        r = crate::state::Store::open(&brokers, &spec, producer.clone()) => r,
+                        () = &mut stop => return Err(StartError::Stopped { pipeline: name.clone() }),
+                    };
+                    let store = opened.map_err(|e| StartError::Build {
+                        pipeline: name.clone(),
+                        message: crate::kafka::context::redact(&e.to_string(), &secrets),
+                    })?;
+                    let _ = pstats.state.set(store.clone());
+                    Some(store)
+                }
+                None => None,
+            };
+            crate::processors::bind_state(&chain, state.as_ref()).map_err(|message| {
+                StartError::Build {
+                    pipeline: name.clone(),
+                    message,
+                }
+            })?;
             let mut pipeline =
                 Pipeline::new(&spec, chain, producer, pstats.clone(), gate).with_memory(memory);
+            if let Some(st) = state {
+                pipeline = pipeline.with_state(st);
+            }
             if let Some(t) = txn {
                 pipeline = pipeline.with_transactions(t);
             }

@@ -44,6 +44,8 @@ pub struct PipelineStats {
     pub last_client_error: Mutex<Option<ClientError>>,
     /// Per assigned partition; entries come and go with the assignment.
     partitions: Mutex<BTreeMap<i32, Arc<PartitionStats>>>,
+    /// `[state]`: the per-key state store (readiness while restoring, `/debug/state`).
+    pub state: OnceLock<Arc<crate::state::Store>>,
 }
 
 #[derive(Debug, Default)]

@@ -296,6 +296,9 @@ pub struct PipelineFile {
     pub retry: RetryPolicy,
     /// Defaults to `<topic>.dlq`.
     pub dead_letter_topic: Option<String>,
+    /// Per-key state with a changelog topic (see [`crate::state`]).
+    #[serde(default)]
+    pub state: Option<StateFile>,
     pub processors: Vec<ProcessorConfig>,
     /// Passed verbatim to librdkafka for this pipeline's clients, after the global `[kafka]`.
     #[serde(default)]
@@ -440,6 +443,22 @@ impl Default for RetryPolicy {
     }
 }
 
+/// `[state]`: the pipeline keeps per-key state, persisted to a compacted changelog topic.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    /// Defaults to `<topic>.<pipeline>-changelog`.
+    #[serde(default)]
+    pub changelog: Option<String>,
+}
+
+/// `[state]`, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSpec {
+    /// The compacted changelog topic, co-partitioned with the input.
+    pub changelog: String,
+}
+
 /// A validated pipeline: every default resolved.
 #[derive(Debug, Clone)]
 pub struct PipelineSpec {
@@ -467,6 +486,8 @@ pub struct PipelineSpec {
     pub worker_restarts: RestartBudget,
     pub retry: RetryPolicy,
     pub dead_letter_topic: String,
+    /// `[state]`: per-key state and its changelog topic.
+    pub state: Option<StateSpec>,
     pub processors: Vec<ProcessorConfig>,
     /// Global `[kafka]` then the pipeline's, as librdkafka strings.
     pub kafka: Vec<(String, String)>,
@@ -913,6 +934,26 @@ fn validate_pipeline(
             ),
         );
     }
+    let state = f.state.map(|st| StateSpec {
+        changelog: st
+            .changelog
+            .unwrap_or_else(|| format!("{}.{}-changelog", f.topic, name)),
+    });
+    if let Some(st) = &state {
+        if let Some(why) = topic_name_error(&st.changelog) {
+            e(errs, "state.changelog", why);
+        }
+        if st.changelog == f.topic || st.changelog == dead_letter_topic {
+            e(
+                errs,
+                "state.changelog",
+                format!(
+                    "{:?} is the input or dead-letter topic: the changelog needs its own topic",
+                    st.changelog
+                ),
+            );
+        }
+    }
     let mut kafka = global.kafka.clone();
     kafka.extend(kafka_strings(&src, &f.kafka, errs));
     for (k, _) in &kafka {
@@ -952,6 +993,7 @@ fn validate_pipeline(
         worker_restarts: f.worker_restarts,
         retry: f.retry,
         dead_letter_topic,
+        state,
         processors: f.processors,
         kafka,
         batch: f.batch.map(|b| BatchSpec {

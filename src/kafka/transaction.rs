@@ -311,6 +311,9 @@ impl Transactions {
         let mut acks = Vec::with_capacity(records.len());
         for r in &records {
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic);
+            if let Some(p) = r.partition {
+                record = record.partition(p);
+            }
             if let Some(k) = r.key.as_deref() {
                 record = record.key(k);
             }

@@ -16,6 +16,15 @@
 //! ```
 //!
 //! Messages without the id pass through (they cannot be deduplicated).
+//!
+//! In a pipeline with `[state]` the window is kept in the pipeline's per-key state instead
+//! (see [`crate::state`]): each completed id is a changelog entry of the message's partition
+//! (key `\0dedup\0<id>`, value its completion time), restored with the partition, so a
+//! redelivery after a crash (kill -9) or a rebalance to another member is still recognised.
+//! Under `exactly_once` the entry is written in the message's transaction. `max_ids` does not
+//! apply there: the state holds every id completed within `ttl` (older ones are ignored when
+//! looked up and dropped from memory at the next restore; the changelog keeps them until
+//! compaction meets a newer value of the same id).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -75,6 +84,24 @@ struct Window {
 pub struct Dedup {
     cfg: DedupConfig,
     window: Mutex<Window>,
+    /// `[state]`: the window lives in the pipeline's state store instead.
+    store: std::sync::OnceLock<std::sync::Arc<crate::state::Store>>,
+}
+
+/// The state key prefix of a dedup id (a message key never starts with a NUL byte in practice).
+const STATE_PREFIX: &[u8] = b"\0dedup\0";
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn state_key(id: &[u8]) -> bytes::Bytes {
+    let mut k = Vec::with_capacity(STATE_PREFIX.len() + id.len());
+    k.extend_from_slice(STATE_PREFIX);
+    k.extend_from_slice(id);
+    bytes::Bytes::from(k)
 }
 
 impl Dedup {
@@ -82,6 +109,7 @@ impl Dedup {
         Dedup {
             cfg: cfg.clone(),
             window: Mutex::new(Window::default()),
+            store: std::sync::OnceLock::new(),
         }
     }
 
@@ -135,6 +163,26 @@ impl Processor for Dedup {
         let Some(id) = self.id(msg) else {
             return Ok(Flow::Continue);
         };
+        if let Some(store) = self.store.get() {
+            let key = state_key(&id);
+            let now = wall_ms();
+            let seen = store.get(msg, &key)?.is_some_and(|v| {
+                <[u8; 8]>::try_from(&v[..]).is_ok_and(|b| {
+                    now.saturating_sub(i64::from_be_bytes(b)) as u128
+                        <= self.cfg.ttl.get().as_millis()
+                })
+            });
+            if seen {
+                return Ok(Flow::Duplicate);
+            }
+            // Exactly-once: the id joins the transaction of the message's writes.
+            store.stage_in_transaction(
+                msg,
+                key,
+                Some(bytes::Bytes::copy_from_slice(&now.to_be_bytes())),
+            );
+            return Ok(Flow::Continue);
+        }
         let now = Instant::now();
         let ttl = self.cfg.ttl.get();
         let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
@@ -153,11 +201,26 @@ impl Processor for Dedup {
         let Some(id) = self.id(msg) else {
             return;
         };
+        if let Some(store) = self.store.get() {
+            let now = bytes::Bytes::copy_from_slice(&wall_ms().to_be_bytes());
+            store.put_now(msg, state_key(&id), Some(now));
+            return;
+        }
         let now = Instant::now();
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         w.ids.insert(id.clone(), now);
         w.order.push_back((id, now));
         w.expire(now, self.cfg.ttl.get(), self.cfg.max_ids);
+    }
+
+    fn bind_state(
+        &self,
+        store: Option<&std::sync::Arc<crate::state::Store>>,
+    ) -> Result<(), String> {
+        if let Some(s) = store {
+            let _ = self.store.set(s.clone());
+        }
+        Ok(())
     }
 }
 

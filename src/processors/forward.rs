@@ -93,6 +93,7 @@ impl Forward {
         };
         msg.outbox.push(crate::message::Record {
             topic: self.topic.clone(),
+            partition: None,
             key: msg.key.clone(),
             payload: msg.payload.clone(),
             headers,

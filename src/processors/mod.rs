@@ -148,6 +148,19 @@ pub trait Processor: Send + Sync + 'static {
     fn as_batch(&self) -> Option<&dyn batch::BatchProcessor> {
         None
     }
+
+    /// Called once the whole chain has processed `msg` and its writes succeeded (under
+    /// `exactly_once`: written in the open transaction), before its completion reaches the
+    /// supervisor, so before the next message of its key starts. Not deferred to the commit as
+    /// [`Processor::completed`] is: a stateful processor applies its key's change here (an
+    /// aborted transaction rewinds and restores the state from the changelog).
+    fn written(&self, _msg: &Message) {}
+
+    /// Called once when the chain is built, with the pipeline's per-key state store (`None`
+    /// without a `[state]` table). A processor that needs state refuses `None`.
+    fn bind_state(&self, _store: Option<&Arc<crate::state::Store>>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The built-in processors, selected by `type`.
@@ -253,6 +266,18 @@ pub struct BuildContext<'a> {
     /// `delivery = "exactly_once"`: `forward` and `route` stage their records in the message's
     /// outbox instead of writing them.
     pub transactional: bool,
+}
+
+/// Binds every processor of a chain to the pipeline's state store (`None`: no `[state]`).
+pub fn bind_state(
+    chain: &[Arc<dyn Processor>],
+    store: Option<&Arc<crate::state::Store>>,
+) -> Result<(), String> {
+    for (i, p) in chain.iter().enumerate() {
+        p.bind_state(store)
+            .map_err(|e| format!("processors[{i}]: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Builds the processor chain of a pipeline.

@@ -120,6 +120,7 @@ impl Processor for Route {
             for topic in targets {
                 msg.outbox.push(crate::message::Record {
                     topic: topic.clone(),
+                    partition: None,
                     key: msg.key.clone(),
                     payload: msg.payload.clone(),
                     headers: msg.headers.as_ref().map(crate::trace::continue_trace),

@@ -224,6 +224,11 @@ impl Actor for PartitionSupervisor {
         me: ActorRef<PartitionMsg>,
         a: PartitionArgs,
     ) -> Result<PartitionState, ActorProcessingErr> {
+        // Per-key state: read the partition's changelog before the first fetch (the queue's
+        // wake-up is armed below, after it). Readiness says "restoring state" meanwhile.
+        if let Some(store) = &a.pipeline.state {
+            store.restore(a.partition).await?;
+        }
         let mut queue = a.queue;
         let flag = Arc::new(AtomicBool::new(false));
         arm_wakeup(&mut queue, &flag, &me);

@@ -1,0 +1,171 @@
+use super::*;
+use crate::processors::{Flow, Processor};
+use crate::state::processor::{Outputs, StateChange, Stateful, StatefulProcessor};
+
+/// Adds the payload (a number) to the key's sum; "0" deletes it; a negative result is
+/// refused (an output, the state kept).
+struct Sum;
+
+#[async_trait::async_trait]
+impl StatefulProcessor for Sum {
+    type State = i64;
+    async fn process(
+        &self,
+        state: Option<i64>,
+        msg: &Message,
+        out: &mut Outputs,
+    ) -> Result<StateChange<i64>, ProcessError> {
+        let n: i64 = msg
+            .payload_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ProcessError::permanent("decode", "not a number"))?;
+        if n == 0 {
+            return Ok(StateChange::Delete);
+        }
+        let next = state.unwrap_or(0) + n;
+        if next < 0 {
+            out.send("rejected", msg.key.clone(), "overdrawn");
+            return Ok(StateChange::Keep);
+        }
+        Ok(StateChange::Set(next))
+    }
+}
+
+fn producer() -> Producer {
+    ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:1")
+        .create()
+        .unwrap()
+}
+
+fn msg(offset: i64, key: &str, n: i64) -> Message {
+    Message::new(
+        "in",
+        1,
+        offset,
+        Some(key.as_bytes()),
+        n.to_string().as_bytes(),
+    )
+}
+
+fn value(store: &Store, key: &str) -> Option<i64> {
+    store
+        .snapshot(1)
+        .get(key.as_bytes())
+        .map(|v| serde_json::from_slice(v).unwrap())
+}
+
+#[tokio::test]
+async fn a_change_is_applied_only_once_its_writes_succeeded() {
+    let store = Store::in_memory(2, producer(), true);
+    let p = Stateful::wrap(Sum);
+    p.bind_state(Some(&store)).unwrap();
+
+    let mut m = msg(0, "a", 10);
+    assert_eq!(p.process(&mut m).await.unwrap(), Flow::Continue);
+    // Staged in the outbox (exactly-once), partition = the input's, not applied yet.
+    assert_eq!(m.outbox.len(), 1);
+    assert_eq!(m.outbox[0].partition, Some(1));
+    assert_eq!(&*m.outbox[0].topic, "changelog");
+    assert_eq!(m.outbox[0].payload.as_deref(), Some(&b"10"[..]));
+    assert_eq!(value(&store, "a"), None, "not applied before its writes");
+    p.written(&m);
+    assert_eq!(value(&store, "a"), Some(10));
+
+    // A failed attempt (its writes never happen): the retry sees the same state.
+    let mut m = msg(1, "a", 5);
+    p.process(&mut m).await.unwrap();
+    let mut retry = msg(1, "a", 5);
+    p.process(&mut retry).await.unwrap();
+    assert_eq!(retry.outbox[0].payload.as_deref(), Some(&b"15"[..]));
+    p.written(&retry);
+    assert_eq!(value(&store, "a"), Some(15));
+
+    // A staged change of a message that was dead-lettered instead is never applied by the next.
+    let mut dead = msg(2, "a", 100);
+    p.process(&mut dead).await.unwrap();
+    let mut next = msg(3, "a", 1);
+    p.process(&mut next).await.unwrap();
+    p.written(&dead); // a late hook of another offset changes nothing
+    assert_eq!(value(&store, "a"), Some(15));
+    p.written(&next);
+    assert_eq!(value(&store, "a"), Some(16));
+
+    // Keep with an output: the rejection is staged, no changelog record.
+    let mut over = msg(4, "a", -100);
+    p.process(&mut over).await.unwrap();
+    assert_eq!(over.outbox.len(), 1);
+    assert_eq!(&*over.outbox[0].topic, "rejected");
+    p.written(&over);
+    assert_eq!(value(&store, "a"), Some(16));
+
+    // Delete: a tombstone, the key gone, its bytes given back.
+    let before = store.bytes();
+    assert!(before > 0);
+    let mut del = msg(5, "a", 0);
+    p.process(&mut del).await.unwrap();
+    assert_eq!(del.outbox[0].payload, None, "a tombstone");
+    p.written(&del);
+    assert_eq!(value(&store, "a"), None);
+    assert_eq!(store.bytes(), 0);
+    let r = store.report();
+    assert_eq!((r[1].keys, r[1].bytes), (0, 0));
+    assert!(r[1].last_update_ms > 0);
+}
+
+#[tokio::test]
+async fn a_message_without_key_or_store_is_refused_not_panicking() {
+    let p = Stateful::wrap(Sum);
+    assert!(p.bind_state(None).is_err(), "needs [state]");
+    let mut m = msg(0, "a", 1);
+    assert!(!p.process(&mut m).await.unwrap_err().is_retryable());
+    let store = Store::in_memory(1, producer(), true);
+    p.bind_state(Some(&store)).unwrap();
+    let mut m = Message::new("in", 0, 0, None, b"1");
+    assert!(!p.process(&mut m).await.unwrap_err().is_retryable());
+    // A partition the store does not have (the input grew): retryable, not a panic.
+    let mut m = Message::new("in", 5, 0, Some(b"k"), b"1");
+    assert!(p.process(&mut m).await.unwrap_err().is_retryable());
+}
+
+#[tokio::test]
+async fn dedup_keeps_its_window_in_the_state() {
+    let store = Store::in_memory(2, producer(), true);
+    let d = crate::processors::dedup::Dedup::new(&crate::processors::dedup::DedupConfig {
+        field: Some("id".into()),
+        header: None,
+        ttl: "1h".parse().unwrap(),
+        max_ids: 10,
+    });
+    d.bind_state(Some(&store)).unwrap();
+    let mut m = Message::new("in", 1, 0, Some(b"k"), br#"{"id": 7}"#);
+    assert_eq!(d.process(&mut m).await.unwrap(), Flow::Continue);
+    assert_eq!(m.outbox.len(), 1, "the id joins the transaction");
+    assert_eq!(m.outbox[0].partition, Some(1));
+    d.completed(&m);
+    let mut again = Message::new("in", 1, 9, Some(b"k"), br#"{"id": 7}"#);
+    assert_eq!(d.process(&mut again).await.unwrap(), Flow::Duplicate);
+    assert!(d.is_empty(), "not in the in-memory window");
+    assert_eq!(store.report()[1].keys, 1);
+}
+
+#[test]
+fn readiness_says_restoring_state_while_a_partition_restores() {
+    let store = Store::in_memory(2, producer(), true);
+    let stats = crate::stats::PipelineStats::with_topic("p", "in");
+    stats.state.set(store.clone()).unwrap();
+    {
+        let _restoring = store.mark_restoring(&store.partitions[1]);
+        let r = crate::http::readiness(std::slice::from_ref(&stats));
+        assert!(
+            r.iter()
+                .any(|x| x.contains("restoring state") && x.contains("[1]")),
+            "{r:?}"
+        );
+        assert!(store.report()[1].restoring);
+    }
+    let r = crate::http::readiness(std::slice::from_ref(&stats));
+    assert!(!r.iter().any(|x| x.contains("restoring")), "{r:?}");
+    assert!(store.restoring().is_empty());
+    assert!(!store.report()[1].restoring);
+}
