@@ -212,11 +212,21 @@ const MALLOC_TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5)
 /// glibc's malloc keeps what a burst freed (a catch-up after a broker outage: connections,
 /// workers, fetched messages) as the process's high-water: the live heap falls back, RSS does
 /// not. A thread asks it every [`MALLOC_TRIM_EVERY`] to return the free pages of every arena
-/// (`malloc_trim(0)`: a walk of the heap's free lists, off the message path, which takes no new
-/// lock or syscall for it). Measured against jemalloc with the soak's `--outages`
-/// (BENCHMARKS.md, "Chaos soak"): both return the memory, this one at the lower RSS.
+/// (`malloc_trim(0)`). Off the message path, but not free: glibc locks each arena in turn while
+/// it walks its free chunks and `madvise`s them, so an allocation on that arena waits for the
+/// walk (sub-millisecond on keyflow's tens-of-MiB heap; long on huge heaps), and returned pages
+/// are faulted in again when reused. `KEYFLOW_MALLOC_TRIM=off` turns it off. Measured against
+/// jemalloc with the soak's `--outages` (BENCHMARKS.md, "Chaos soak"): both return the memory,
+/// this one at the lower RSS.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn spawn_malloc_trim() {
+    if matches!(
+        std::env::var("KEYFLOW_MALLOC_TRIM").as_deref(),
+        Ok("off" | "0" | "false")
+    ) {
+        tracing::info!("malloc_trim thread off (KEYFLOW_MALLOC_TRIM)");
+        return;
+    }
     let trim = || loop {
         std::thread::sleep(MALLOC_TRIM_EVERY);
         // SAFETY: malloc_trim takes no pointer; it only releases free memory of glibc's arenas.

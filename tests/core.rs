@@ -279,10 +279,10 @@ async fn backpressure_bounds_memory_without_pausing() {
     }
     let cfg = pipeline(&broker, &format!(
         // librdkafka's own prefetch is bounded too, by the memory budget (`memory`); a partition
-        // at its bound with nothing completing for `pause_after` is paused (30 s by default, 1 s
+        // at its bound with nothing completing for `pause_after` is paused (30 s by default, 5 s
         // here). This one keeps completing, so it is never paused (issue 10 review M1).
         "{}\n[[processors]]\ntype = \"simulate\"\nlatency = {{ distribution = \"fixed\", value = \"5ms\" }}\n",
-        header(&input, &group, "ordering = \"key\"\nmax_in_flight = 100\nmax_buffered_bytes = \"16 MiB\"\npause_after = \"1s\"")
+        header(&input, &group, "ordering = \"key\"\nmax_in_flight = 100\nmax_buffered_bytes = \"16 MiB\"\npause_after = \"5s\"")
     ));
     let base = rss_kib();
     let running = Runtime::new(cfg).start().await.unwrap();
