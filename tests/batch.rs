@@ -425,3 +425,35 @@ async fn a_batch_that_panics_its_processor_is_split_to_the_poison_message() {
     );
     running.shutdown().await;
 }
+
+/// A batch still running at the drain deadline is reported abandoned (the shutdown is not
+/// clean, main exits 1 and names each offset), and `/debug` shows its oldest message while it
+/// runs (before: the report was empty and the shutdown clean; `oldest_in_flight` was null).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_running_at_the_drain_deadline_is_reported_abandoned() {
+    let custom = std::sync::Arc::new(Custom::default());
+    custom
+        .hang
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (_, running) = start_custom("abandon", 5, None, &custom).await;
+    support::wait_until_async(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || !custom.batches.lock().unwrap().is_empty(),
+        "a batch runs",
+    )
+    .await;
+    let mut given = custom.batches.lock().unwrap()[0].clone();
+    given.sort();
+    let debug = keyflow::http::debug_report(&running.stats).await;
+    let v = serde_json::to_value(&debug).unwrap();
+    assert_eq!(
+        v["pipelines"][0]["partitions"][0]["oldest_in_flight"]["offset"], given[0],
+        "{v}"
+    );
+    let reports = running.shutdown().await;
+    let mut abandoned: Vec<i64> = reports[0].abandoned.iter().map(|(_, a)| a.offset).collect();
+    abandoned.sort();
+    assert_eq!(abandoned, given, "{:?}", reports[0]);
+    assert!(!reports[0].clean());
+}
