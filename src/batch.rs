@@ -28,8 +28,11 @@
 //! message costs about `2·log2(n)` extra runs. Backoffs are waited out on the batch's worker
 //! (its keys stay held, other batches run on other workers).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+
+use futures::FutureExt as _;
 
 use tracing::{debug, warn};
 
@@ -112,7 +115,14 @@ impl Pipeline {
         let mut attempt = 1;
         loop {
             self.stats.metrics.batch_size.record(refs.len() as f64);
-            let e = match bp.process_batch(&refs).await {
+            // A panic is the batch's permanent failure: the split finds the message that
+            // causes it (a crashed worker would run the same batch again, until the restart
+            // budget fails the partition).
+            let r = AssertUnwindSafe(bp.process_batch(&refs))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|p| Err(panicked(p)));
+            let e = match r {
                 Ok(flows) if flows.len() == refs.len() => return Ok(flows),
                 Ok(flows) => ProcessError::permanent(
                     "batch",
@@ -150,7 +160,11 @@ impl Pipeline {
         let mut attempt = 1;
         loop {
             let mut m = original.clone();
-            let e = match run(prefix, &mut m).await {
+            let r = AssertUnwindSafe(run(prefix, &mut m))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|p| Err(panicked(p)));
+            let e = match r {
                 Ok(Flow::Continue) => return Ok(m),
                 Ok(Flow::Drop) => return Err(Outcome::Filtered),
                 Ok(Flow::Duplicate) => return Err(Outcome::Deduplicated),
@@ -185,6 +199,16 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// A processor's panic as a permanent error naming it.
+fn panicked(p: Box<dyn std::any::Any + Send>) -> ProcessError {
+    let text = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string payload".into());
+    ProcessError::permanent("panic", format!("the processor panicked: {text}"))
 }
 
 async fn run(chain: &[Arc<dyn Processor>], m: &mut Message) -> Result<Flow, ProcessError> {

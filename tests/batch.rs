@@ -324,3 +324,136 @@ fn projection_throughput_per_batch_size() {
     }
     println!("projection throughput: {figures:?}");
 }
+
+/// A custom batch processor: records each batch's offsets; panics on a batch holding payload
+/// `boom`; while `hang` is set, never returns (a downstream that does not answer).
+#[derive(Default)]
+struct Custom {
+    batches: std::sync::Mutex<Vec<Vec<i64>>>,
+    hang: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl keyflow::Processor for Custom {
+    async fn process(
+        &self,
+        _: &mut keyflow::Message,
+    ) -> Result<keyflow::Flow, keyflow::ProcessError> {
+        Ok(keyflow::Flow::Continue)
+    }
+    fn as_batch(&self) -> Option<&dyn keyflow::processors::batch::BatchProcessor> {
+        Some(self)
+    }
+}
+
+#[async_trait::async_trait]
+impl keyflow::processors::batch::BatchProcessor for Custom {
+    async fn process_batch(
+        &self,
+        msgs: &[&keyflow::Message],
+    ) -> Result<Vec<keyflow::Flow>, keyflow::ProcessError> {
+        self.batches
+            .lock()
+            .unwrap()
+            .push(msgs.iter().map(|m| m.offset).collect());
+        while self.hang.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if msgs.iter().any(|m| m.payload.as_deref() == Some(b"boom")) {
+            panic!("the batch processor panics on input");
+        }
+        Ok(vec![keyflow::Flow::Continue; msgs.len()])
+    }
+}
+
+/// `n` messages of distinct keys on partition 0 of a new topic (and its dead-letter topic),
+/// offset `boom` with payload `boom`; a runtime on it with `Custom` as the batch processor.
+async fn start_custom(
+    name: &str,
+    n: usize,
+    boom: Option<usize>,
+    custom: &std::sync::Arc<Custom>,
+) -> (String, keyflow::runtime::Running) {
+    let broker = Broker::shared();
+    let (topic, group) = (unique(&format!("{name}-in")), unique(&format!("{name}-g")));
+    broker.create_topic(&topic, 1).await;
+    broker.create_topic(&format!("{topic}.dlq"), 1).await;
+    broker.produce_to_partition(
+        &topic,
+        (0..n).map(|i| {
+            let v: &[u8] = if Some(i) == boom { b"boom" } else { b"{}" };
+            (0, Some(format!("k{i}").into_bytes()), v.to_vec())
+        }),
+    );
+    let toml = format!(
+        "name = \"{name}\"\n{}\n[retry]\nmax_attempts = 3\nbackoff = \"10ms\"\n\
+         [batch]\nmax_messages = {n}\nmax_wait = \"200ms\"\n\
+         [[processors]]\ntype = \"custom\"\nname = \"c\"\n",
+        support::pipeline_header(&topic, &group, "")
+    );
+    let running = keyflow::Runtime::new(support::inline_config(&broker.bootstrap, &toml))
+        .with_processor("c", custom.clone())
+        .start()
+        .await
+        .unwrap();
+    (topic, running)
+}
+
+/// A batch processor that panics on one message's batch: the panic is that batch's permanent
+/// failure, so the split leaves the message alone in the dead-letter topic and every other
+/// message completes (before: the batch crashed its worker again and again, past the restart
+/// budget, and nothing completed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_panics_its_processor_is_split_to_the_poison_message() {
+    let custom = std::sync::Arc::new(Custom::default());
+    let (_, running) = start_custom("panic", 20, Some(7), &custom).await;
+    let stats = running.stats[0].clone();
+    support::wait_until_async(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || {
+            let s = stats.snapshot();
+            s.processed == 19 && s.dead_lettered == 1
+        },
+        "19 processed and the panicking message dead-lettered",
+    )
+    .await;
+    let batches = custom.batches.lock().unwrap().clone();
+    assert!(
+        batches.iter().any(|b| b == &vec![7]),
+        "offset 7 ran alone: {batches:?}"
+    );
+    running.shutdown().await;
+}
+
+/// A batch still running at the drain deadline is reported abandoned (the shutdown is not
+/// clean, main exits 1 and names each offset), and `/debug` shows its oldest message while it
+/// runs (before: the report was empty and the shutdown clean; `oldest_in_flight` was null).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_running_at_the_drain_deadline_is_reported_abandoned() {
+    let custom = std::sync::Arc::new(Custom::default());
+    custom
+        .hang
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (_, running) = start_custom("abandon", 5, None, &custom).await;
+    support::wait_until_async(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || !custom.batches.lock().unwrap().is_empty(),
+        "a batch runs",
+    )
+    .await;
+    let mut given = custom.batches.lock().unwrap()[0].clone();
+    given.sort();
+    let debug = keyflow::http::debug_report(&running.stats).await;
+    let v = serde_json::to_value(&debug).unwrap();
+    assert_eq!(
+        v["pipelines"][0]["partitions"][0]["oldest_in_flight"]["offset"], given[0],
+        "{v}"
+    );
+    let reports = running.shutdown().await;
+    let mut abandoned: Vec<i64> = reports[0].abandoned.iter().map(|(_, a)| a.offset).collect();
+    abandoned.sort();
+    assert_eq!(abandoned, given, "{:?}", reports[0]);
+    assert!(!reports[0].clean());
+}

@@ -45,6 +45,16 @@ impl Batching {
     pub(super) fn running(&self, id: usize) -> Option<Arc<[Arc<Message>]>> {
         self.running.get(id).cloned().flatten()
     }
+
+    /// The messages of the batches running now (for the drain's abandoned list and `/debug`).
+    pub(super) fn running_messages(&self) -> impl Iterator<Item = &Arc<Message>> {
+        self.running.iter().flatten().flat_map(|b| b.iter())
+    }
+
+    /// The messages of the open batch, not started yet.
+    pub(super) fn open_messages(&self) -> impl Iterator<Item = &Arc<Message>> {
+        self.open.iter()
+    }
 }
 
 /// `m` may start (its key's head): it joins the open batch, which goes out if full.

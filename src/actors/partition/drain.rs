@@ -80,6 +80,8 @@ pub(super) fn finish(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
         .workers
         .iter()
         .filter_map(|w| w.running.as_ref())
+        // `[batch]`: every message of a batch still running.
+        .chain(s.batch.iter().flat_map(|b| b.running_messages()))
         .map(|m| Abandoned {
             offset: m.offset,
             key: m

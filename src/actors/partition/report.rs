@@ -16,16 +16,19 @@ use crate::introspect::{show_key, InFlightDebug, PartitionDebug, WaitingKey, BAC
 use crate::kafka::Consumer;
 use crate::message::Message;
 
-/// The oldest incomplete message: the lowest offset among those running, waiting out a retry
-/// backoff, or ready and waiting for a worker. A message parked behind its key always sits
-/// behind one of those with a lower offset, so it is never the oldest. Called per tick and per
-/// `/debug` request, not per message.
+/// The oldest incomplete message: the lowest offset among those running (alone or in a batch),
+/// waiting out a retry backoff, or ready and waiting for a worker (or in the open batch). A
+/// message parked behind its key always sits behind one of those with a lower offset, so it is
+/// never the oldest. Called per tick and per `/debug` request, not per message.
 fn oldest_incomplete(s: &PartitionState) -> Option<&Arc<Message>> {
+    let batch = s.batch.as_ref();
     s.workers
         .iter()
         .filter_map(|w| w.running.as_ref())
         .chain(s.backoffs.iter().map(|(m, _, _)| m))
         .chain(s.ready.iter().map(|(m, _)| m))
+        .chain(batch.into_iter().flat_map(|b| b.running_messages()))
+        .chain(batch.into_iter().flat_map(|b| b.open_messages()))
         .min_by_key(|m| m.offset)
 }
 
