@@ -430,7 +430,7 @@ impl Store {
             let expired = inner
                 .map
                 .get(&key)
-                .is_some_and(|e| entry_ms(&e.value).is_none_or(|t| now.saturating_sub(t) > ttl));
+                .is_some_and(|e| entry_ms(&e.value).map_or(true, |t| now.saturating_sub(t) > ttl));
             if expired {
                 delta += inner.put(key.clone(), None, now);
                 if !self.transactional {
