@@ -128,7 +128,17 @@ impl Pipeline {
         // Each attempt starts from the message as consumed: a clone shares key and payload
         // (`Bytes`), so no payload is copied.
         let mut msg = original.clone();
-        match self.run_chain(&mut msg).await {
+        let mut res = self.run_chain(&mut msg).await;
+        // At-least-once per-key state: the changelog records the chain staged are written once
+        // it succeeded (after its outputs), before the change is applied and the offset done.
+        if self.txn.is_none() && !msg.outbox.is_empty() && matches!(res, Ok(Flow::Continue)) {
+            if let Some(st) = &self.state {
+                if let Err(e) = st.flush(&msg.outbox).await {
+                    res = Err(e);
+                }
+            }
+        }
+        match res {
             Ok(Flow::Continue) => {
                 let Some(t) = &self.txn else {
                     if self.completion_hooks {

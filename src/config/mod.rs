@@ -1028,6 +1028,12 @@ fn batch_errors(b: &BatchFile, f: &PipelineFile) -> Vec<(String, String)> {
             "batches are not supported with delivery = \"exactly_once\" yet: use \"at_least_once\" (the `sql` processor is exactly-once into its database either way)".into(),
         ));
     }
+    if f.state.is_some() {
+        v.push((
+            "batch".into(),
+            "[state] with [batch] is not supported yet: the batch path never applies a per-key state change (every message of a key would see the state its last restore left); remove one of them".into(),
+        ));
+    }
     match f.processors.last() {
         Some(ProcessorConfig::Sql(_) | ProcessorConfig::Custom(_)) => {}
         Some(ProcessorConfig::Http(h)) if h.batch => {}

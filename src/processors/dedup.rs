@@ -22,9 +22,9 @@
 //! (key `\0dedup\0<id>`, value its completion time), restored with the partition, so a
 //! redelivery after a crash (kill -9) or a rebalance to another member is still recognised.
 //! Under `exactly_once` the entry is written in the message's transaction. `max_ids` does not
-//! apply there: the state holds every id completed within `ttl` (older ones are ignored when
-//! looked up and dropped from memory at the next restore; the changelog keeps them until
-//! compaction meets a newer value of the same id).
+//! apply there: the state holds every id completed within `ttl`; older ones leave it as new
+//! ids complete (from memory, and from the changelog by a tombstone outside `exactly_once`)
+//! and are not restored.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -89,7 +89,7 @@ pub struct Dedup {
 }
 
 /// The state key prefix of a dedup id (a message key never starts with a NUL byte in practice).
-const STATE_PREFIX: &[u8] = b"\0dedup\0";
+const STATE_PREFIX: &[u8] = crate::state::DEDUP_PREFIX;
 
 fn wall_ms() -> i64 {
     std::time::SystemTime::now()
@@ -218,6 +218,7 @@ impl Processor for Dedup {
         store: Option<&std::sync::Arc<crate::state::Store>>,
     ) -> Result<(), String> {
         if let Some(s) = store {
+            s.set_expiry(self.cfg.ttl.get());
             let _ = self.store.set(s.clone());
         }
         Ok(())

@@ -22,7 +22,7 @@ pub mod processor;
 
 pub use processor::{Outputs, StateChange, Stateful, StatefulProcessor};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -51,6 +51,18 @@ pub const STATE_RESTORED_KEYS: &str = "keyflow_state_restored_keys";
 /// What an entry costs beyond its key and value: the map slot, two `Bytes` headers and the
 /// allocator's rounding (an estimate, as [`crate::message::MESSAGE_COST`]).
 const ENTRY_COST: usize = 96;
+
+/// The state key prefix of a `dedup` id; its value is the completion time (wall-clock
+/// milliseconds, 8 bytes big-endian).
+pub const DEDUP_PREFIX: &[u8] = b"\0dedup\0";
+
+/// The most expired dedup ids one put removes (each put adds one: the expiry keeps up).
+const EXPIRE_PER_PUT: usize = 64;
+
+/// The time held by a dedup entry's value.
+fn entry_ms(v: &[u8]) -> Option<i64> {
+    <[u8; 8]>::try_from(v).ok().map(i64::from_be_bytes)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -82,6 +94,8 @@ struct Inner {
     pending: HashMap<Bytes, Pending>,
     bytes: usize,
     last_update_ms: i64,
+    /// Dedup ids in completion order, expired from the front (see [`Store::put_now`]).
+    expiring: VecDeque<(Bytes, i64)>,
 }
 
 /// One input partition's state.
@@ -147,6 +161,8 @@ pub struct Store {
     partitions: Vec<PartitionState>,
     restoring: AtomicUsize,
     bytes: AtomicI64,
+    /// `dedup`'s ttl in milliseconds (0: no dedup): its ids older than it leave the state.
+    expiry_ms: AtomicI64,
     /// How to reach the brokers for the restore reader.
     client: ClientConfig,
     bytes_gauge: metrics::Gauge,
@@ -217,6 +233,7 @@ impl Store {
             partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
             restoring: AtomicUsize::new(0),
             bytes: AtomicI64::new(0),
+            expiry_ms: AtomicI64::new(0),
             client,
             bytes_gauge: metrics::gauge!(STATE_BYTES, "pipeline" => spec.name.clone()),
             keys_gauge: metrics::gauge!(STATE_KEYS, "pipeline" => spec.name.clone()),
@@ -235,6 +252,7 @@ impl Store {
             partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
             restoring: AtomicUsize::new(0),
             bytes: AtomicI64::new(0),
+            expiry_ms: AtomicI64::new(0),
             client: ClientConfig::new(),
             bytes_gauge: metrics::Gauge::noop(),
             keys_gauge: metrics::Gauge::noop(),
@@ -271,9 +289,9 @@ impl Store {
         Ok(inner.map.get(key).map(|e| e.value.clone()))
     }
 
-    /// Stages a change of `key` by `msg` and persists it: under `exactly_once` the changelog
-    /// record joins `msg`'s outbox; otherwise it is written now, awaited. Applied in memory by
-    /// [`Self::applied`] once the message's writes succeeded.
+    /// Stages a change of `key` by `msg`: the changelog record joins `msg`'s outbox (written in
+    /// the transaction under `exactly_once`, by [`Self::flush`] otherwise). Applied in memory
+    /// by [`Self::applied`] once the message's writes succeeded.
     pub async fn stage(
         &self,
         msg: &mut Message,
@@ -299,11 +317,21 @@ impl Store {
                 },
             );
         }
-        if self.transactional {
-            msg.outbox.push(record);
-            return Ok(());
+        // Both modes: the record waits in the outbox for the end of the chain. Under
+        // `exactly_once` it joins the message's transaction; otherwise the pipeline writes it
+        // once the whole chain succeeded, after the outputs ([`Self::flush`]): a message
+        // dropped or dead-lettered later in the chain leaves no change in the changelog.
+        msg.outbox.push(record);
+        Ok(())
+    }
+
+    /// At-least-once: writes the changelog records of a message whose chain succeeded,
+    /// awaited, before its change is applied and its offset completes.
+    pub async fn flush(&self, records: &[Record]) -> Result<(), ProcessError> {
+        for r in records {
+            self.write(r).await?;
         }
-        self.write(&record).await
+        Ok(())
     }
 
     /// Writes one changelog record outside a transaction, awaited.
@@ -348,23 +376,69 @@ impl Store {
         let Ok(p) = self.partition(msg.partition) else {
             return;
         };
+        let ttl = self.expiry_ms.load(Relaxed);
         let delta = {
             let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
-            inner.put(key.clone(), value.clone(), now_ms())
+            let now = now_ms();
+            let mut delta = inner.put(key.clone(), value.clone(), now);
+            if ttl > 0 && key.starts_with(DEDUP_PREFIX) {
+                let at = value.as_deref().and_then(entry_ms).unwrap_or(now);
+                inner.expiring.push_back((key.clone(), at));
+                delta += self.expire(&mut inner, msg.partition, now, ttl);
+            }
+            delta
         };
         self.account(delta, p);
         if self.transactional {
             return;
         }
+        self.send_now(msg.partition, &key, value.as_deref());
+    }
+
+    /// Queues a changelog record outside a transaction (not awaited).
+    fn send_now(&self, partition: i32, key: &[u8], value: Option<&[u8]>) {
         let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.changelog).partition(msg.partition);
-        record = record.key(&key[..]);
-        if let Some(v) = value.as_deref() {
+            FutureRecord::to(&self.changelog).partition(partition);
+        record = record.key(key);
+        if let Some(v) = value {
             record = record.payload(v);
         }
         if let Err((e, _)) = self.producer.send_result(record) {
             warn!(pipeline = %self.pipeline, changelog = %self.changelog, error = %e, "state: changelog write not queued");
         }
+    }
+
+    /// `dedup`'s ttl: its ids older than it leave the state (memory, and the changelog by a
+    /// tombstone outside `exactly_once`; under it a restore drops them).
+    pub fn set_expiry(&self, ttl: Duration) {
+        let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        self.expiry_ms.store(ms, Relaxed);
+    }
+
+    /// Removes up to [`EXPIRE_PER_PUT`] dedup ids older than `ttl` ms (an id completed again
+    /// since is kept: its newer entry is further back). Returns the change in bytes.
+    fn expire(&self, inner: &mut Inner, partition: i32, now: i64, ttl: i64) -> isize {
+        let mut delta = 0;
+        for _ in 0..EXPIRE_PER_PUT {
+            match inner.expiring.front() {
+                Some((_, at)) if now.saturating_sub(*at) > ttl => {}
+                _ => break,
+            }
+            let Some((key, _)) = inner.expiring.pop_front() else {
+                break;
+            };
+            let expired = inner
+                .map
+                .get(&key)
+                .is_some_and(|e| entry_ms(&e.value).map_or(true, |t| now.saturating_sub(t) > ttl));
+            if expired {
+                delta += inner.put(key.clone(), None, now);
+                if !self.transactional {
+                    self.send_now(partition, &key, None);
+                }
+            }
+        }
+        delta
     }
 
     /// The message's writes succeeded (`written` hook): apply the change it staged, if any.
@@ -486,9 +560,26 @@ impl Store {
             })??;
         let (map, records) = read;
         let mut inner = Inner::default();
+        let ttl = self.expiry_ms.load(Relaxed);
+        let now = now_ms();
+        let mut dedup = Vec::new();
         for (k, (v, at)) in map {
+            if ttl > 0 && k.starts_with(DEDUP_PREFIX) {
+                match entry_ms(&v) {
+                    Some(t) if now.saturating_sub(t) <= ttl => dedup.push((k.clone(), t)),
+                    // Expired: not restored, and compacted away outside `exactly_once`.
+                    _ => {
+                        if !self.transactional {
+                            self.send_now(partition, &k, None);
+                        }
+                        continue;
+                    }
+                }
+            }
             inner.put(k, Some(v), at);
         }
+        dedup.sort_by_key(|(_, t)| *t);
+        inner.expiring.extend(dedup);
         let keys = inner.map.len();
         let delta = {
             let mut cur = p.inner.lock().unwrap_or_else(|e| e.into_inner());

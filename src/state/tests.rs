@@ -169,3 +169,182 @@ fn readiness_says_restoring_state_while_a_partition_restores() {
     assert!(store.restoring().is_empty());
     assert!(!store.report()[1].restoring);
 }
+
+/// Fails permanently (a processor after the stateful one: its message is dead-lettered).
+struct Boom;
+
+#[async_trait::async_trait]
+impl Processor for Boom {
+    async fn process(&self, _: &mut Message) -> Result<Flow, ProcessError> {
+        Err(ProcessError::permanent("boom", "refused"))
+    }
+}
+
+/// Passes every message on.
+struct Pass;
+
+#[async_trait::async_trait]
+impl Processor for Pass {
+    async fn process(&self, _: &mut Message) -> Result<Flow, ProcessError> {
+        Ok(Flow::Continue)
+    }
+}
+
+/// At-least-once pipeline `[stateful sum, custom second]` with `[state]`, on a mock cluster.
+fn alo_pipeline(
+    brokers: &str,
+    second: Arc<dyn Processor>,
+) -> (crate::pipeline::Pipeline, Arc<Store>) {
+    use crate::config::{load_pipeline, Env, Global};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        "topic = \"in\"\ngroup_id = \"g\"\nauto_offset_reset = \"earliest\"\n\
+         [retry]\nmax_attempts = 1\nbackoff = \"1ms\"\nmax_backoff = \"5ms\"\n\
+         [state]\n\
+         [[processors]]\ntype = \"custom\"\nname = \"sum\"\n\
+         [[processors]]\ntype = \"custom\"\nname = \"second\"\n",
+    )
+    .unwrap();
+    let global = Global {
+        brokers: brokers.into(),
+        ..Global::default()
+    };
+    let spec = load_pipeline(&path, &global, &Env::default()).unwrap_or_else(|e| panic!("{e}"));
+    let producer: Producer = crate::kafka::client::producer_config(brokers, &spec)
+        .create()
+        .unwrap();
+    let store = Store::in_memory(1, producer.clone(), false);
+    let gate = Arc::new(crate::gate::Gate::default());
+    let sum = Stateful::new(Sum);
+    let custom = move |name: &str| match name {
+        "sum" => Some(sum.clone()),
+        _ => Some(second.clone()),
+    };
+    let chain = crate::processors::build_chain(
+        &spec.processors,
+        &crate::processors::BuildContext {
+            producer: &producer,
+            custom: &custom,
+            gate: &gate,
+            pipeline: "p",
+            transactional: false,
+        },
+    )
+    .unwrap();
+    crate::processors::bind_state(&chain, Some(&store)).unwrap();
+    let stats = crate::stats::PipelineStats::with_topic("p", "in");
+    let p = crate::pipeline::Pipeline::new(&spec, chain, producer, stats, gate)
+        .with_state(store.clone());
+    (p, store)
+}
+
+fn changelog_records(brokers: &str) -> i64 {
+    let c: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "probe")
+        .create()
+        .unwrap();
+    let (low, high) = c
+        .fetch_watermarks("changelog", 0, Duration::from_secs(5))
+        .unwrap();
+    high - low
+}
+
+/// At-least-once: the changelog record is written once the whole chain succeeded (after the
+/// outputs, before the offset completes). A message dead-lettered by a later processor leaves
+/// no change in the changelog: its change is not in memory either, and a restore (restart,
+/// rebalance) would otherwise bring back the change of a message that never completed.
+#[tokio::test]
+async fn at_least_once_a_dead_lettered_message_leaves_no_change_in_the_changelog() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("in.dlq", 1, 1).unwrap();
+    cluster.create_topic("changelog", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+
+    let (p, store) = alo_pipeline(&brokers, Arc::new(Boom));
+    let m = Message::new("in", 0, 0, Some(b"a"), b"10");
+    let out = p.execute(&m, 1).await;
+    assert!(
+        matches!(out, crate::pipeline::Outcome::DeadLettered),
+        "{out:?}"
+    );
+    assert!(store.snapshot(0).is_empty(), "not applied in memory");
+    assert_eq!(
+        changelog_records(&brokers),
+        0,
+        "the change of a dead-lettered message reached the changelog (memory and changelog diverge)"
+    );
+
+    // A message whose chain succeeds: its change is in the changelog and in memory.
+    let (p, store) = alo_pipeline(&brokers, Arc::new(Pass));
+    let m = Message::new("in", 0, 1, Some(b"a"), b"7");
+    let out = p.execute(&m, 1).await;
+    assert!(
+        matches!(out, crate::pipeline::Outcome::Processed),
+        "{out:?}"
+    );
+    assert_eq!(
+        store.snapshot(0).get(&b"a"[..]).map(|v| &v[..]),
+        Some(&b"7"[..])
+    );
+    assert_eq!(changelog_records(&brokers), 1);
+}
+
+/// `[state]` with `[batch]` is refused: the batch path never applies a staged change (no
+/// `written` hook), so every message of a key would see the state the last restore left.
+#[test]
+fn state_with_batch_is_refused() {
+    use crate::config::{load_pipeline, Env, Global};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        "topic = \"in\"\nauto_offset_reset = \"earliest\"\n[state]\n[batch]\n\
+         [[processors]]\ntype = \"custom\"\nname = \"x\"\n",
+    )
+    .unwrap();
+    let e = load_pipeline(&path, &Global::default(), &Env::default())
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    assert!(
+        e.as_ref().is_err_and(|e| e.contains("[state]")),
+        "[state] with [batch] accepted: {e:?}"
+    );
+}
+
+/// The dedup window in the state is bounded by its ttl: ids older than it leave the state
+/// (memory, and at-least-once the changelog, by a tombstone), as the in-memory window's did.
+/// Without it every id ever completed stays in memory and in the changelog for ever.
+#[tokio::test]
+async fn dedup_ids_older_than_the_ttl_leave_the_state() {
+    let store = Store::in_memory(1, producer(), false);
+    let d = crate::processors::dedup::Dedup::new(&crate::processors::dedup::DedupConfig {
+        field: Some("id".into()),
+        header: None,
+        ttl: "50ms".parse().unwrap(),
+        max_ids: 10,
+    });
+    d.bind_state(Some(&store)).unwrap();
+    for i in 0..100 {
+        complete(&d, i).await;
+    }
+    assert_eq!(store.report()[0].keys, 100);
+    // Time passing beyond the ttl (not a synchronisation).
+    std::thread::sleep(Duration::from_millis(150));
+    complete(&d, 100).await;
+    complete(&d, 101).await;
+    let keys = store.report()[0].keys;
+    assert_eq!(
+        keys, 2,
+        "expired dedup ids still held in the state: {keys} keys"
+    );
+}
+
+async fn complete(d: &crate::processors::dedup::Dedup, i: i64) {
+    let body = format!("{{\"id\": {i}}}");
+    let mut m = Message::new("in", 0, i, Some(b"k"), body.as_bytes());
+    assert_eq!(d.process(&mut m).await.unwrap(), Flow::Continue);
+    d.completed(&m);
+}
