@@ -276,7 +276,7 @@ fn batches_apply_exactly_once_across_a_kill_9() {
 /// --nocapture`): 100,000 order events on 4 partitions, 4 workers each, from the first row
 /// applied to the last offset committed. `per message` is the pipeline without `[batch]`.
 #[test]
-#[ignore]
+#[ignore = "a measurement that prints figures, not a check: run it with --ignored"]
 fn projection_throughput_per_batch_size() {
     const ORDERS: usize = 20_000;
     const PER_ORDER: usize = 5;
