@@ -456,6 +456,33 @@ impl Sql {
     }
 
     /// Creates `applied_table` if absent, once per process.
+    /// The statement and the claim, prepared (cached per connection), with the statement's
+    /// parameter count checked against `params`.
+    async fn prepare(
+        &self,
+        c: &Object,
+    ) -> Result<(tokio_postgres::Statement, tokio_postgres::Statement), ProcessError> {
+        let stmt = c
+            .prepare_cached(&self.statement)
+            .await
+            .map_err(|e| self.error(&e))?;
+        let claim = c
+            .prepare_cached(&self.claim)
+            .await
+            .map_err(|e| self.error(&e))?;
+        let n = stmt.params().len();
+        if n != self.params.len() {
+            return Err(ProcessError::permanent(
+                KIND,
+                format!(
+                    "the statement takes {n} parameter(s), params lists {}",
+                    self.params.len()
+                ),
+            ));
+        }
+        Ok((stmt, claim))
+    }
+
     async fn ensure_table(&self) -> Result<(), ProcessError> {
         self.created
             .get_or_try_init(|| async {
@@ -491,25 +518,8 @@ impl Sql {
         self.ensure_table().await?;
         let mut conn = self.conn().await?;
         let c = conn.client();
-        let stmt = c
-            .prepare_cached(&self.statement)
-            .await
-            .map_err(|e| self.error(&e))?;
-        let claim = c
-            .prepare_cached(&self.claim)
-            .await
-            .map_err(|e| self.error(&e))?;
+        let (stmt, claim) = self.prepare(c).await?;
         let types = stmt.params();
-        if types.len() != self.params.len() {
-            return Err(ProcessError::permanent(
-                KIND,
-                format!(
-                    "the statement takes {} parameter(s), params lists {}",
-                    types.len(),
-                    self.params.len()
-                ),
-            ));
-        }
         let args = self
             .params
             .iter()
@@ -575,25 +585,8 @@ impl Sql {
         self.ensure_table().await?;
         let mut conn = self.conn().await?;
         let c = conn.client();
-        let stmt = c
-            .prepare_cached(&self.statement)
-            .await
-            .map_err(|e| self.error(&e))?;
-        let claim = c
-            .prepare_cached(&self.claim)
-            .await
-            .map_err(|e| self.error(&e))?;
+        let (stmt, claim) = self.prepare(c).await?;
         let types = stmt.params();
-        if types.len() != self.params.len() {
-            return Err(ProcessError::permanent(
-                KIND,
-                format!(
-                    "the statement takes {} parameter(s), params lists {}",
-                    types.len(),
-                    self.params.len()
-                ),
-            ));
-        }
         let args = msgs
             .iter()
             .zip(&docs)
