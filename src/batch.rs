@@ -225,11 +225,8 @@ async fn run(chain: &[Arc<dyn Processor>], m: &mut Message) -> Result<Flow, Proc
 mod tests {
     use super::*;
     use crate::config::{load_pipeline, Env, Global, PipelineSpec};
-    use crate::gate::Gate;
     use crate::kafka::client::producer_config;
     use crate::kafka::Producer;
-    use crate::processors::{build_chain, BuildContext};
-    use crate::stats::PipelineStats;
     use async_trait::async_trait;
     use rdkafka::mocking::MockCluster;
     use std::sync::Mutex;
@@ -294,21 +291,8 @@ mod tests {
     fn pipeline(brokers: &str, rec: Arc<Recorder>) -> Pipeline {
         let spec = spec(brokers);
         let producer: Producer = producer_config(brokers, &spec).create().unwrap();
-        let gate = Arc::new(Gate::default());
         let custom = move |_: &str| Some(rec.clone() as Arc<dyn Processor>);
-        let chain = build_chain(
-            &spec.processors,
-            &BuildContext {
-                producer: &producer,
-                custom: &custom,
-                gate: &gate,
-                pipeline: "p",
-                transactional: false,
-            },
-        )
-        .unwrap();
-        let stats = PipelineStats::with_topic("p", "in");
-        Pipeline::new(&spec, chain, producer, stats, gate)
+        crate::pipeline::for_test(&spec, producer, &custom).0
     }
 
     fn batch(n: i64, poison: &[i64]) -> Vec<Arc<Message>> {

@@ -599,13 +599,38 @@ pub fn backoff(p: &RetryPolicy, attempt: u32) -> Duration {
     Duration::from_secs_f64(capped * rand::rng().random_range(0.5..=1.0))
 }
 
+/// Tests: a pipeline for `spec` with its chain built as the runtime builds it (`custom` names
+/// the custom processors), a fresh gate, and the stats of pipeline "p" on topic "in".
+#[cfg(test)]
+pub(crate) fn for_test(
+    spec: &PipelineSpec,
+    producer: Producer,
+    custom: &dyn Fn(&str) -> Option<Arc<dyn Processor>>,
+) -> (Pipeline, Arc<Gate>) {
+    let gate = Arc::new(Gate::default());
+    let chain = crate::processors::build_chain(
+        &spec.processors,
+        &crate::processors::BuildContext {
+            producer: &producer,
+            custom,
+            gate: &gate,
+            pipeline: "p",
+            transactional: false,
+        },
+    )
+    .expect("the test pipeline's chain builds");
+    let stats = PipelineStats::with_topic("p", "in");
+    (
+        Pipeline::new(spec, chain, producer, stats, gate.clone()),
+        gate,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{load_pipeline, Env, Global};
     use crate::kafka::client::producer_config;
-    use crate::processors::{build_chain, BuildContext};
-    use crate::stats::PipelineStats;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message as _};
     use rdkafka::mocking::MockCluster;
@@ -631,24 +656,7 @@ mod tests {
 
     /// A pipeline whose chain is built from `spec` (its trailing `log` included).
     fn pipeline(spec: &PipelineSpec, producer: Producer) -> (Pipeline, Arc<Gate>) {
-        let gate = Arc::new(Gate::default());
-        let custom = |_: &str| None;
-        let chain = build_chain(
-            &spec.processors,
-            &BuildContext {
-                producer: &producer,
-                custom: &custom,
-                gate: &gate,
-                pipeline: "p",
-                transactional: false,
-            },
-        )
-        .unwrap();
-        let stats = PipelineStats::with_topic("p", "in");
-        (
-            Pipeline::new(spec, chain, producer, stats, gate.clone()),
-            gate,
-        )
+        for_test(spec, producer, &|_| None)
     }
 
     fn traced(offset: i64, extra: &[(&str, &str)]) -> Message {

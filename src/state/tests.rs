@@ -216,28 +216,14 @@ fn alo_pipeline(
         .create()
         .unwrap();
     let store = Store::in_memory(1, producer.clone(), false);
-    let gate = Arc::new(crate::gate::Gate::default());
     let sum = Stateful::new(Sum);
     let custom = move |name: &str| match name {
         "sum" => Some(sum.clone()),
         _ => Some(second.clone()),
     };
-    let chain = crate::processors::build_chain(
-        &spec.processors,
-        &crate::processors::BuildContext {
-            producer: &producer,
-            custom: &custom,
-            gate: &gate,
-            pipeline: "p",
-            transactional: false,
-        },
-    )
-    .unwrap();
-    crate::processors::bind_state(&chain, Some(&store)).unwrap();
-    let stats = crate::stats::PipelineStats::with_topic("p", "in");
-    let p = crate::pipeline::Pipeline::new(&spec, chain, producer, stats, gate)
-        .with_state(store.clone());
-    (p, store)
+    let (p, _) = crate::pipeline::for_test(&spec, producer, &custom);
+    crate::processors::bind_state(&p.chain, Some(&store)).unwrap();
+    (p.with_state(store.clone()), store)
 }
 
 fn changelog_records(brokers: &str) -> i64 {
