@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -235,20 +235,41 @@ pub async fn debug_report(pipelines: &[Arc<PipelineStats>]) -> DebugReport {
     out
 }
 
-/// `/debug/state`: per pipeline with `[state]`, per partition: keys, bytes, last update and
-/// whether it is restoring. Never the values.
-async fn debug_state(State(s): State<HttpState>) -> Json<serde_json::Value> {
+/// `/debug/state` query: `?key=K` describes one key, `?recent=N` lists the N keys changed
+/// last.
+#[derive(Debug, serde::Deserialize)]
+struct StateQuery {
+    key: Option<String>,
+    recent: Option<usize>,
+}
+
+/// `/debug/state`: per pipeline with `[state]`, per partition: keys and bytes in memory, keys
+/// spilled to disk, last update and whether it is restoring; per key (`?key=`, `?recent=`):
+/// partition, value size, last update, memory or disk. Never the values.
+async fn debug_state(
+    State(s): State<HttpState>,
+    Query(q): Query<StateQuery>,
+) -> Json<serde_json::Value> {
     let pipelines: Vec<serde_json::Value> = s
         .pipelines
         .iter()
         .filter_map(|p| {
             let st = p.state.get()?;
-            Some(serde_json::json!({
+            let mut v = serde_json::json!({
                 "pipeline": p.name,
                 "changelog": st.changelog(),
                 "bytes": st.bytes(),
+                "memory_cap": st.memory_cap(),
+                "disk_bytes": st.disk_bytes(),
                 "partitions": st.report(),
-            }))
+            });
+            if let Some(k) = &q.key {
+                v["key"] = serde_json::json!(st.describe(k.as_bytes()));
+            }
+            if let Some(n) = q.recent {
+                v["recent"] = serde_json::json!(st.recent(n.min(1000)));
+            }
+            Some(v)
         })
         .collect();
     Json(serde_json::json!({ "pipelines": pipelines }))

@@ -51,6 +51,9 @@ pub const QUEUED_MESSAGE_COST: u64 = 256;
 /// workers share its buffer budget with its messages: the pool grows to at most half the
 /// partition's share, the messages get what the workers leave.
 pub const WORKER_COST: u64 = 12 << 10;
+/// Part of a `[state]` pipeline's share that its per-key state may hold in memory by default
+/// (`[state] memory` sets it).
+pub const STATE_SHARE: f64 = 0.5;
 /// Assumed when the input topic does not exist yet at start (the consumer waits for it).
 pub const UNKNOWN_TOPIC_PARTITIONS: usize = 64;
 
@@ -176,6 +179,9 @@ pub struct PipelineMemory {
     prefetch: AtomicU64,
     /// Bytes of `buffer_share` not granted to any partition (see [`Grant`]).
     free: AtomicU64,
+    /// `[state]` pipelines: the part of `share` for per-key state in memory (0 otherwise);
+    /// `prefetch_share` and `buffer_share` split the rest.
+    pub state_share: u64,
 }
 
 impl PipelineMemory {
@@ -191,7 +197,35 @@ impl PipelineMemory {
             assigned: AtomicUsize::new(0),
             prefetch: AtomicU64::new(0),
             free: AtomicU64::new(share - prefetch_share),
+            state_share: 0,
         }
+    }
+
+    /// A `[state]` pipeline: `state` bytes of its share (default [`STATE_SHARE`] of it) hold
+    /// per-key state in memory, beyond which it spills to disk (see [`crate::state`]); the
+    /// messages split the rest as in any pipeline. Refuses a `state` that leaves the messages
+    /// less than [`MIN_LIMIT`] / 2.
+    pub fn with_state(self, state: Option<u64>) -> Result<Self, String> {
+        let share = self.share;
+        let state = state.unwrap_or((share as f64 * STATE_SHARE) as u64);
+        let messages = share.saturating_sub(state);
+        if messages < MIN_LIMIT / 2 {
+            return Err(format!(
+                "state.memory: {} of this pipeline's {} share of memory_limit leaves {} for its messages, expected at least {}: lower state.memory or raise memory_limit",
+                bytesize::ByteSize(state),
+                bytesize::ByteSize(share),
+                bytesize::ByteSize(messages),
+                bytesize::ByteSize(MIN_LIMIT / 2)
+            ));
+        }
+        let prefetch_share = messages / 2;
+        Ok(PipelineMemory {
+            prefetch_share,
+            buffer_share: messages - prefetch_share,
+            free: AtomicU64::new(messages - prefetch_share),
+            state_share: state,
+            ..self
+        })
     }
 
     /// Unbounded by a process budget: `max_buffered_bytes` alone (library use without a
@@ -465,6 +499,25 @@ mod tests {
             m.prefetch_for(None),
             m.prefetch_for(Some(UNKNOWN_TOPIC_PARTITIONS))
         );
+    }
+
+    #[test]
+    fn a_stateful_pipeline_gives_its_state_a_part_of_its_share() {
+        let m = PipelineMemory::new(256 * MIB, 2, 64 * MIB)
+            .with_state(None)
+            .unwrap();
+        assert_eq!(m.share, 128 * MIB);
+        assert_eq!(m.state_share, 64 * MIB);
+        assert_eq!(m.state_share + m.prefetch_share + m.buffer_share, m.share);
+        assert_eq!(m.ungranted(), m.buffer_share);
+        let m = PipelineMemory::new(256 * MIB, 1, 64 * MIB)
+            .with_state(Some(200 * MIB))
+            .unwrap();
+        assert_eq!(m.prefetch_share + m.buffer_share, 56 * MIB);
+        let err = PipelineMemory::new(256 * MIB, 1, 64 * MIB)
+            .with_state(Some(250 * MIB))
+            .unwrap_err();
+        assert!(err.starts_with("state.memory:") && err.contains("lower state.memory"), "{err}");
     }
 
     #[test]

@@ -140,11 +140,17 @@ impl Runtime {
             "memory budget for messages"
         );
         for (spec, pstats) in self.config.pipelines.into_iter().zip(self.stats) {
-            let memory = Arc::new(crate::memory::PipelineMemory::new(
-                memory_limit,
-                pipelines,
-                spec.max_buffered_bytes,
-            ));
+            let mut memory =
+                crate::memory::PipelineMemory::new(memory_limit, pipelines, spec.max_buffered_bytes);
+            if let Some(st) = &spec.state {
+                memory = memory
+                    .with_state(st.memory)
+                    .map_err(|message| StartError::Build {
+                        pipeline: spec.name.clone(),
+                        message,
+                    })?;
+            }
+            let memory = Arc::new(memory);
             pstats
                 .metrics
                 .memory_budget_buffers
@@ -207,7 +213,7 @@ impl Runtime {
             let state = match &spec.state {
                 Some(_) => {
                     let opened = tokio::select! {
-                        r = crate::state::Store::open(&brokers, &spec, producer.clone()) => r,
+                        r = crate::state::Store::open(&brokers, &spec, producer.clone(), memory.state_share) => r,
                         () = &mut stop => return Err(StartError::Stopped { pipeline: name.clone() }),
                     };
                     let store = opened.map_err(|e| StartError::Build {

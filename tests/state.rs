@@ -367,6 +367,7 @@ fn restore_of_100k_keys_is_timed() {
             &broker.bootstrap,
             &spec,
             producer.clone(),
+            256 << 20,
         ))
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -388,16 +389,51 @@ fn restore_of_100k_keys_is_timed() {
         }),
     );
     let started = Instant::now();
-    let keys = rt.block_on(store.restore(1)).unwrap();
+    rt.block_on(store.restore(1)).unwrap();
     let took = started.elapsed();
-    assert_eq!(keys, KEYS);
-    assert_eq!(store.snapshot(1).len(), KEYS);
+    let in_memory = store.snapshot(1);
+    assert_eq!(in_memory.len(), KEYS);
+    assert_eq!(store.report()[1].keys, KEYS);
     let bytes = store.bytes();
     println!(
-        "restore: {KEYS} keys in {:.3} s (s per 100k keys); state {:.1} MiB ({} bytes per key as counted)",
+        "restore in memory: {KEYS} keys in {:.3} s (s per 100k keys); state {:.1} MiB ({} bytes per key as counted)",
         took.as_secs_f64() / KEYS as f64 * 100_000.0,
         bytes as f64 / (1 << 20) as f64,
         bytes / KEYS as i64
+    );
+    // The same changelog with 4 MiB of state memory (the state takes ~20 MiB): the restore
+    // spills to disk as it reads, memory stays within the cap, and every key is still there.
+    let small = rt
+        .block_on(keyflow::state::Store::open(
+            &broker.bootstrap,
+            &spec,
+            producer.clone(),
+            4 << 20,
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    rt.block_on(small.restore(1)).unwrap();
+    let spilled_took = started.elapsed();
+    let report = &small.report()[1];
+    println!(
+        "restore spilling: {KEYS} keys in {:.3} s (s per 100k keys); {} keys in memory ({:.1} MiB, cap {:.1} MiB), {} in the spill file ({:.1} MiB on disk)",
+        spilled_took.as_secs_f64() / KEYS as f64 * 100_000.0,
+        report.keys,
+        small.bytes() as f64 / (1 << 20) as f64,
+        small.memory_cap() as f64 / (1 << 20) as f64,
+        report.spilled_keys,
+        small.disk_bytes() as f64 / (1 << 20) as f64,
+    );
+    assert!(
+        small.bytes() as u64 <= small.memory_cap(),
+        "state memory {} over its cap {}",
+        small.bytes(),
+        small.memory_cap()
+    );
+    assert!(report.spilled_keys > 0 && report.keys < KEYS, "{report:?}");
+    assert!(
+        small.snapshot(1) == in_memory,
+        "the spilled state differs from the state restored in memory"
     );
     // A changelog with another partition count is refused, naming both counts.
     let (topic2, bad) = (unique("rs-in2"), unique("rs-bad"));
@@ -415,6 +451,7 @@ fn restore_of_100k_keys_is_timed() {
             &broker.bootstrap,
             &config.pipelines[0],
             producer,
+            64 << 20,
         ))
         .unwrap_err()
         .to_string();
@@ -429,6 +466,8 @@ fn restore_of_100k_keys_is_timed() {
     broker.create_topic_blocking(&not_compacted, 4);
     spec.state = Some(keyflow::config::StateSpec {
         changelog: not_compacted,
+        memory: None,
+        dir: std::env::temp_dir(),
     });
     let producer = keyflow::kafka::client::create_producer(&broker.bootstrap, &spec).unwrap();
     let err = rt
@@ -436,6 +475,7 @@ fn restore_of_100k_keys_is_timed() {
             &broker.bootstrap,
             &spec,
             producer,
+            64 << 20,
         ))
         .unwrap_err()
         .to_string();

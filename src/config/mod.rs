@@ -450,6 +450,14 @@ pub struct StateFile {
     /// Defaults to `<topic>.<pipeline>-changelog`.
     #[serde(default)]
     pub changelog: Option<String>,
+    /// The state's part of the pipeline's memory share; beyond it, state spills to disk.
+    /// Defaults to half the share (see [`crate::memory::STATE_SHARE`]).
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+    /// Where the spill file is made (an anonymous file: nothing is left there). Defaults to
+    /// the system's temporary directory.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
 
 /// `[state]`, resolved.
@@ -457,6 +465,10 @@ pub struct StateFile {
 pub struct StateSpec {
     /// The compacted changelog topic, co-partitioned with the input.
     pub changelog: String,
+    /// `[state] memory` (`None`: [`crate::memory::STATE_SHARE`] of the pipeline's share).
+    pub memory: Option<u64>,
+    /// Where the spill file goes.
+    pub dir: PathBuf,
 }
 
 /// A validated pipeline: every default resolved.
@@ -938,7 +950,18 @@ fn validate_pipeline(
         changelog: st
             .changelog
             .unwrap_or_else(|| format!("{}.{}-changelog", f.topic, name)),
+        memory: st.memory.map(|m| m.as_u64()),
+        dir: st.dir.unwrap_or_else(std::env::temp_dir),
     });
+    if let Some(m) = state.as_ref().and_then(|st| st.memory) {
+        if m < 1 << 20 {
+            e(
+                errs,
+                "state.memory",
+                format!("{} is too small, expected at least 1 MiB", ByteSize(m)),
+            );
+        }
+    }
     if let Some(st) = &state {
         if let Some(why) = topic_name_error(&st.changelog) {
             e(errs, "state.changelog", why);

@@ -15,19 +15,28 @@
 //! - Restore ([`Store::restore`]): the partition supervisor reads its changelog partition from
 //!   the beginning to the end (`read_committed`) before it fetches its first message; readiness
 //!   says "restoring state" meanwhile.
-//! - Memory: everything is in memory; `keyflow_state_bytes` shows what it takes (see README
-//!   "Per-key state"). An on-disk store is the documented next step.
+//! - Memory: the state is part of the process's memory budget (`memory_limit`): a `[state]`
+//!   pipeline gives half of its share (or `[state] memory`) to it. Within that share the
+//!   recently used keys stay in memory, the least recently used ones are evicted to an
+//!   embedded on-disk B-tree ([`spill`], redb), from which a read brings them back. A restore
+//!   spills as it reads, so a changelog larger than memory restores within it.
+//!   `keyflow_state_bytes` (= `keyflow_memory_used_bytes{part="state"}`) is what memory holds,
+//!   `keyflow_state_disk_bytes` the spill file.
+//! - Release: when a partition's supervisor stops (revoked, failed), its state leaves memory
+//!   and the spill file ([`Store::release`]); the next assignment restores it.
 
 pub mod processor;
+pub mod spill;
 
 pub use processor::{Outputs, StateChange, Stateful, StatefulProcessor};
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use lru::LruCache;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
@@ -41,16 +50,28 @@ use crate::config::PipelineSpec;
 use crate::kafka::Producer;
 use crate::message::{Message, Record};
 use crate::processors::ProcessError;
+use spill::{Spill, SpillError};
 
 /// Metric names (units in the name; labels: `pipeline`).
 pub const STATE_BYTES: &str = "keyflow_state_bytes";
 pub const STATE_KEYS: &str = "keyflow_state_keys";
 pub const STATE_RESTORE_SECONDS: &str = "keyflow_state_restore_seconds";
 pub const STATE_RESTORED_KEYS: &str = "keyflow_state_restored_keys";
+/// Size of the spill file (state evicted from memory).
+pub const STATE_DISK_BYTES: &str = "keyflow_state_disk_bytes";
+/// Keys written to / read back from the spill file.
+pub const STATE_SPILLED: &str = "keyflow_state_spilled_total";
+pub const STATE_UNSPILLED: &str = "keyflow_state_unspilled_total";
 
-/// What an entry costs beyond its key and value: the map slot, two `Bytes` headers and the
-/// allocator's rounding (an estimate, as [`crate::message::MESSAGE_COST`]).
-const ENTRY_COST: usize = 96;
+/// What an entry costs beyond its key and value: the LRU node (two `Bytes` headers, the flag,
+/// two links), its map slot and the allocator's rounding (an estimate, as
+/// [`crate::message::MESSAGE_COST`]; `restore_of_100k_keys_is_timed` prints it against RSS).
+const ENTRY_COST: usize = 128;
+/// What a queued dedup id costs beyond its key (a `Bytes` header and a time).
+const EXPIRING_COST: usize = 48;
+/// An eviction frees down to this part of the memory share, so that it writes to the spill
+/// file in batches rather than one key per put.
+const EVICT_TO: f64 = 0.9;
 
 /// The state key prefix of a `dedup` id; its value is the completion time (wall-clock
 /// milliseconds, 8 bytes big-endian).
@@ -76,9 +97,15 @@ pub enum StateError {
     },
 }
 
-#[derive(Debug, Clone)]
-struct Entry {
-    value: Bytes,
+/// A key's value in memory. `None`: removed, a removal the spill file has not seen yet (only
+/// kept while the partition has spilled; otherwise a removal just leaves the map).
+#[derive(Debug)]
+struct Slot {
+    value: Option<Bytes>,
+    /// Changed since it was read back from the spill file: an eviction writes it there.
+    dirty: bool,
+    /// Wall-clock ms of the key's last change (`/debug/state`).
+    updated_ms: i64,
 }
 
 /// A change computed by an attempt, applied once that attempt's writes succeeded.
@@ -88,14 +115,32 @@ struct Pending {
     value: Option<Bytes>,
 }
 
-#[derive(Debug, Default)]
+/// One partition's state in memory: the recently used keys (least recently used evicted first
+/// to the spill file when the store is over its memory share).
+#[derive(Debug)]
 struct Inner {
-    map: HashMap<Bytes, Entry>,
+    mem: LruCache<Bytes, Slot>,
     pending: HashMap<Bytes, Pending>,
+    /// Bytes in memory: `mem` and `expiring`.
     bytes: usize,
+    /// The spill file may hold keys of this partition.
+    spilled: bool,
     last_update_ms: i64,
     /// Dedup ids in completion order, expired from the front (see [`Store::put_now`]).
     expiring: VecDeque<(Bytes, i64)>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            mem: LruCache::unbounded(),
+            pending: HashMap::new(),
+            bytes: 0,
+            spilled: false,
+            last_update_ms: 0,
+            expiring: VecDeque::new(),
+        }
+    }
 }
 
 /// One input partition's state.
@@ -104,6 +149,9 @@ pub struct PartitionState {
     inner: Mutex<Inner>,
     /// A guard marks it while its changelog is read.
     restoring: std::sync::atomic::AtomicBool,
+    /// Bumped by every restore: a release by the supervisor of an earlier assignment leaves a
+    /// newer restore's state alone.
+    generation: AtomicU64,
 }
 
 fn now_ms() -> i64 {
@@ -112,30 +160,106 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn cost(key: &Bytes, value: &Bytes) -> usize {
-    ENTRY_COST + key.len() + value.len()
+fn cost(key: &[u8], slot: &Slot) -> usize {
+    ENTRY_COST + key.len() + slot.value.as_ref().map_or(0, Bytes::len)
+}
+
+/// What a queued dedup id costs in [`Inner::expiring`].
+fn expiring_cost(key: &[u8]) -> usize {
+    EXPIRING_COST + key.len()
 }
 
 impl Inner {
-    /// Sets or deletes `key`; returns the change in bytes.
+    /// Sets or deletes `key` in memory (an eviction takes it to the spill file later); returns
+    /// the change in bytes.
     fn put(&mut self, key: Bytes, value: Option<Bytes>, at_ms: i64) -> isize {
         let before = self.bytes;
-        match value {
-            Some(v) => {
-                let add = cost(&key, &v);
-                if let Some(old) = self.map.insert(key.clone(), Entry { value: v }) {
-                    self.bytes -= cost(&key, &old.value);
-                }
-                self.bytes += add;
-            }
-            None => {
-                if let Some(old) = self.map.remove(&key) {
-                    self.bytes -= cost(&key, &old.value);
-                }
-            }
+        let slot = Slot {
+            value,
+            dirty: true,
+            updated_ms: at_ms,
+        };
+        let old = if slot.value.is_none() && !self.spilled {
+            self.mem.pop_entry(&key)
+        } else {
+            self.bytes += cost(&key, &slot);
+            self.mem.push(key, slot)
+        };
+        if let Some((k, old)) = old {
+            self.bytes -= cost(&k, &old);
         }
         self.last_update_ms = self.last_update_ms.max(at_ms);
         self.bytes as isize - before as isize
+    }
+
+    /// The value of `key`: memory (now the most recently used), else the spill file, whose
+    /// value is kept in memory from then on (clean: an eviction drops it without a write).
+    /// Returns the value and the change in bytes.
+    fn lookup(
+        &mut self,
+        spill: Option<&Spill>,
+        partition: i32,
+        key: &Bytes,
+    ) -> Result<(Option<Bytes>, isize), SpillError> {
+        if let Some(slot) = self.mem.get(key) {
+            return Ok((slot.value.clone(), 0));
+        }
+        let (Some(spill), true) = (spill, self.spilled) else {
+            return Ok((None, 0));
+        };
+        let Some((updated_ms, value)) = spill.get(partition, key)? else {
+            return Ok((None, 0));
+        };
+        let slot = Slot {
+            value: Some(value.clone()),
+            dirty: false,
+            updated_ms,
+        };
+        let add = cost(key, &slot);
+        self.bytes += add;
+        self.mem.push(key.clone(), slot);
+        Ok((Some(value), add as isize))
+    }
+
+    /// The value of `key` without making it recently used or bringing it into memory.
+    fn peek(&self, spill: Option<&Spill>, partition: i32, key: &[u8]) -> Option<Bytes> {
+        match self.mem.peek(key) {
+            Some(slot) => slot.value.clone(),
+            None if self.spilled => spill
+                .and_then(|s| s.get(partition, key).ok().flatten())
+                .map(|(_, v)| v),
+            None => None,
+        }
+    }
+
+    /// Evicts least recently used entries until `want` bytes are freed (or memory holds no
+    /// entry): the changed ones are written to the spill file in one transaction. Returns the
+    /// bytes freed; on a write error nothing is evicted.
+    fn evict(&mut self, spill: &Spill, partition: i32, want: usize) -> Result<usize, SpillError> {
+        let mut out = Vec::new();
+        let mut freed = 0;
+        while freed < want {
+            let Some((k, slot)) = self.mem.pop_lru() else {
+                break;
+            };
+            freed += cost(&k, &slot);
+            out.push((k, slot));
+        }
+        let dirty = out.iter().filter(|(_, s)| s.dirty);
+        if let Err(e) = spill.write(
+            partition,
+            dirty.map(|(k, s)| (k.as_ref(), s.value.as_deref().map(|v| (s.updated_ms, v)))),
+        ) {
+            // Back in memory, in their order (least recently used first again).
+            for (k, slot) in out.into_iter().rev() {
+                self.mem.push(k.clone(), slot);
+                self.mem.demote(&k);
+            }
+            return Err(e);
+        }
+        self.spilled |= out.iter().any(|(_, s)| s.dirty);
+        self.bytes -= freed;
+        Ok(freed)
     }
 }
 
@@ -160,13 +284,43 @@ pub struct Store {
     /// Index = input partition (the partition count is fixed when the store is made).
     partitions: Vec<PartitionState>,
     restoring: AtomicUsize,
+    /// Bytes in memory, every partition (`keyflow_state_bytes`).
     bytes: AtomicI64,
+    /// What the entries may take in memory: the pipeline's state share less the spill file's
+    /// page cache. Beyond it the least recently used entries go to `spill`.
+    cap: u64,
+    /// `None`: everything stays in memory (`keyflow test`, unit tests).
+    spill: Option<Spill>,
     /// `dedup`'s ttl in milliseconds (0: no dedup): its ids older than it leave the state.
     expiry_ms: AtomicI64,
+    /// When a spill error was last logged (ms), so that a broken disk logs once in a while.
+    spill_warned_ms: AtomicI64,
     /// How to reach the brokers for the restore reader.
     client: ClientConfig,
-    bytes_gauge: metrics::Gauge,
-    keys_gauge: metrics::Gauge,
+    gauges: Gauges,
+}
+
+struct Gauges {
+    bytes: metrics::Gauge,
+    /// `keyflow_memory_used_bytes{part="state"}` (the same value as `bytes`).
+    used: metrics::Gauge,
+    keys: metrics::Gauge,
+    disk: metrics::Gauge,
+    spilled: metrics::Counter,
+    unspilled: metrics::Counter,
+}
+
+impl Gauges {
+    fn noop() -> Self {
+        Gauges {
+            bytes: metrics::Gauge::noop(),
+            used: metrics::Gauge::noop(),
+            keys: metrics::Gauge::noop(),
+            disk: metrics::Gauge::noop(),
+            spilled: metrics::Counter::noop(),
+            unspilled: metrics::Counter::noop(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -175,6 +329,7 @@ impl std::fmt::Debug for Store {
             .field("pipeline", &self.pipeline)
             .field("changelog", &self.changelog)
             .field("partitions", &self.partitions.len())
+            .field("cap", &self.cap)
             .finish()
     }
 }
@@ -183,21 +338,46 @@ impl std::fmt::Debug for Store {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PartitionReport {
     pub partition: i32,
+    /// Keys in memory (a key read back from the spill file is in both).
     pub keys: usize,
+    /// Bytes in memory.
     pub bytes: usize,
+    /// Keys in the spill file.
+    pub spilled_keys: u64,
     /// Wall-clock milliseconds of the last change (0: none).
     pub last_update_ms: i64,
     pub restoring: bool,
 }
 
+/// `/debug/state?key=` and `?recent=`: one key (never its value).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyReport {
+    pub partition: i32,
+    /// The key as text (invalid UTF-8 replaced).
+    pub key: String,
+    /// Bytes of its value.
+    pub size: usize,
+    /// Wall-clock milliseconds of its last change.
+    pub updated_ms: i64,
+    /// In memory; otherwise in the spill file.
+    pub in_memory: bool,
+}
+
+/// The spill file's page cache: an eighth of the state share, within 1..32 MiB.
+fn spill_cache(share: u64) -> u64 {
+    (share / 8).clamp(1 << 20, 32 << 20)
+}
+
 impl Store {
     /// Checks the changelog topic (same partition count as the input, `cleanup.policy`
-    /// compact), creating it if missing, and makes the store. Refuses a changelog that does not
-    /// fit, naming what it found.
+    /// compact), creating it if missing, and makes the store, with `memory` bytes for the state
+    /// in memory (the pipeline's state share, [`crate::memory::PipelineMemory::state_share`]).
+    /// Refuses a changelog that does not fit, naming what it found.
     pub async fn open(
         brokers: &str,
         spec: &PipelineSpec,
         producer: Producer,
+        memory: u64,
     ) -> Result<Arc<Self>, StateError> {
         let Some(st) = &spec.state else {
             return Err(StateError::Changelog {
@@ -224,26 +404,75 @@ impl Store {
                     message,
                 },
             })?;
-        info!(pipeline = %spec.name, changelog = %topic, partitions, "state: changelog topic ready");
+        let cache = spill_cache(memory);
+        let spill = Spill::create(&st.dir, partitions, cache as usize).map_err(|e| {
+            StateError::Changelog {
+                topic: topic.clone(),
+                message: format!("{e} (state.dir = {:?})", st.dir),
+            }
+        })?;
+        let cap = memory.saturating_sub(cache);
+        info!(pipeline = %spec.name, changelog = %topic, partitions, memory = %bytesize::ByteSize(cap), spill_dir = %st.dir.display(), "state: changelog topic ready");
+        let name = spec.name.clone();
+        metrics::gauge!(crate::metrics::MEMORY_BUDGET_BYTES, "pipeline" => name.clone(), "topic" => spec.topic.clone(), "part" => "state").set(memory as f64);
         Ok(Arc::new(Store {
-            pipeline: spec.name.clone(),
+            pipeline: name.clone(),
             changelog: Arc::from(topic.as_str()),
             transactional: spec.delivery == crate::config::Delivery::ExactlyOnce,
             producer,
             partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
             restoring: AtomicUsize::new(0),
             bytes: AtomicI64::new(0),
+            cap,
+            spill: Some(spill),
             expiry_ms: AtomicI64::new(0),
+            spill_warned_ms: AtomicI64::new(0),
             client,
-            bytes_gauge: metrics::gauge!(STATE_BYTES, "pipeline" => spec.name.clone()),
-            keys_gauge: metrics::gauge!(STATE_KEYS, "pipeline" => spec.name.clone()),
+            gauges: Gauges {
+                bytes: metrics::gauge!(STATE_BYTES, "pipeline" => name.clone()),
+                used: metrics::gauge!(crate::metrics::MEMORY_USED_BYTES, "pipeline" => name.clone(), "topic" => spec.topic.clone(), "part" => "state"),
+                keys: metrics::gauge!(STATE_KEYS, "pipeline" => name.clone()),
+                disk: metrics::gauge!(STATE_DISK_BYTES, "pipeline" => name.clone()),
+                spilled: metrics::counter!(STATE_SPILLED, "pipeline" => name.clone()),
+                unspilled: metrics::counter!(STATE_UNSPILLED, "pipeline" => name),
+            },
         }))
     }
 
     /// A store without a broker (unit tests, `keyflow test`): changes are applied, nothing is
-    /// persisted.
+    /// persisted; everything stays in memory.
     #[doc(hidden)]
     pub fn in_memory(partitions: usize, producer: Producer, transactional: bool) -> Arc<Self> {
+        Self::unpersisted(partitions, producer, transactional, u64::MAX, None)
+    }
+
+    /// As [`Self::in_memory`], with `cap` bytes in memory and a spill file in `dir` (unit tests
+    /// of the eviction).
+    #[doc(hidden)]
+    pub fn spilling(
+        partitions: usize,
+        producer: Producer,
+        transactional: bool,
+        cap: u64,
+        dir: &std::path::Path,
+    ) -> Result<Arc<Self>, SpillError> {
+        let spill = Spill::create(dir, partitions, 1 << 20)?;
+        Ok(Self::unpersisted(
+            partitions,
+            producer,
+            transactional,
+            cap,
+            Some(spill),
+        ))
+    }
+
+    fn unpersisted(
+        partitions: usize,
+        producer: Producer,
+        transactional: bool,
+        cap: u64,
+        spill: Option<Spill>,
+    ) -> Arc<Self> {
         Arc::new(Store {
             pipeline: "test".into(),
             changelog: Arc::from("changelog"),
@@ -252,10 +481,12 @@ impl Store {
             partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
             restoring: AtomicUsize::new(0),
             bytes: AtomicI64::new(0),
+            cap,
+            spill,
             expiry_ms: AtomicI64::new(0),
+            spill_warned_ms: AtomicI64::new(0),
             client: ClientConfig::new(),
-            bytes_gauge: metrics::Gauge::noop(),
-            keys_gauge: metrics::Gauge::noop(),
+            gauges: Gauges::noop(),
         })
     }
 
@@ -280,13 +511,22 @@ impl Store {
     }
 
     /// The current value of `key` in `msg`'s partition (what the last completed message of the
-    /// key left). A change staged by an earlier attempt of `msg` is ignored.
+    /// key left). A change staged by an earlier attempt of `msg` is ignored. A spill file that
+    /// cannot be read is a retryable error.
     pub fn get(&self, msg: &Message, key: &Bytes) -> Result<Option<Bytes>, ProcessError> {
         let p = self.partition(msg.partition)?;
         let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
         // A change an earlier attempt staged is void: this attempt decides again.
         inner.pending.remove(key);
-        Ok(inner.map.get(key).map(|e| e.value.clone()))
+        let (value, delta) = inner
+            .lookup(self.spill.as_ref(), msg.partition, key)
+            .map_err(|e| ProcessError::retryable("state", e.to_string()))?;
+        if delta != 0 {
+            self.gauges.unspilled.increment(1);
+            self.account(delta);
+            self.fit(&mut inner, msg.partition);
+        }
+        Ok(value)
     }
 
     /// Stages a change of `key` by `msg`: the changelog record joins `msg`'s outbox (written in
@@ -377,18 +617,20 @@ impl Store {
             return;
         };
         let ttl = self.expiry_ms.load(Relaxed);
-        let delta = {
+        {
             let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
             let now = now_ms();
             let mut delta = inner.put(key.clone(), value.clone(), now);
             if ttl > 0 && key.starts_with(DEDUP_PREFIX) {
                 let at = value.as_deref().and_then(entry_ms).unwrap_or(now);
+                inner.bytes += expiring_cost(&key);
+                delta += expiring_cost(&key) as isize;
                 inner.expiring.push_back((key.clone(), at));
-                delta += self.expire(&mut inner, msg.partition, now, ttl);
+                delta += self.expire(&mut inner, msg.partition, now, ttl, EXPIRE_PER_PUT);
             }
-            delta
-        };
-        self.account(delta, p);
+            self.account(delta);
+            self.fit(&mut inner, msg.partition);
+        }
         if self.transactional {
             return;
         }
@@ -415,11 +657,11 @@ impl Store {
         self.expiry_ms.store(ms, Relaxed);
     }
 
-    /// Removes up to [`EXPIRE_PER_PUT`] dedup ids older than `ttl` ms (an id completed again
-    /// since is kept: its newer entry is further back). Returns the change in bytes.
-    fn expire(&self, inner: &mut Inner, partition: i32, now: i64, ttl: i64) -> isize {
+    /// Removes up to `most` dedup ids older than `ttl` ms (an id completed again since is kept:
+    /// its newer entry is further back). Returns the change in bytes.
+    fn expire(&self, inner: &mut Inner, partition: i32, now: i64, ttl: i64, most: usize) -> isize {
         let mut delta = 0;
-        for _ in 0..EXPIRE_PER_PUT {
+        for _ in 0..most {
             match inner.expiring.front() {
                 Some((_, at)) if now.saturating_sub(*at) > ttl => {}
                 _ => break,
@@ -427,10 +669,11 @@ impl Store {
             let Some((key, _)) = inner.expiring.pop_front() else {
                 break;
             };
+            inner.bytes -= expiring_cost(&key);
+            delta -= expiring_cost(&key) as isize;
             let expired = inner
-                .map
-                .get(&key)
-                .is_some_and(|e| entry_ms(&e.value).map_or(true, |t| now.saturating_sub(t) > ttl));
+                .peek(self.spill.as_ref(), partition, &key)
+                .is_some_and(|v| entry_ms(&v).map_or(true, |t| now.saturating_sub(t) > ttl));
             if expired {
                 delta += inner.put(key.clone(), None, now);
                 if !self.transactional {
@@ -446,31 +689,79 @@ impl Store {
         let Ok(p) = self.partition(msg.partition) else {
             return;
         };
-        let delta = {
-            let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
-            match inner.pending.remove(key) {
-                Some(c) if c.offset == msg.offset => inner.put(key.clone(), c.value, now_ms()),
-                // Staged by another message (cannot happen: one message per key at a time).
-                Some(other) => {
-                    inner.pending.insert(key.clone(), other);
-                    0
-                }
-                None => 0,
+        let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let delta = match inner.pending.remove(key) {
+            Some(c) if c.offset == msg.offset => inner.put(key.clone(), c.value, now_ms()),
+            // Staged by another message (cannot happen: one message per key at a time).
+            Some(other) => {
+                inner.pending.insert(key.clone(), other);
+                0
             }
+            None => 0,
         };
-        self.account(delta, p);
+        self.account(delta);
+        self.fit(&mut inner, msg.partition);
     }
 
-    fn account(&self, delta: isize, _p: &PartitionState) {
+    fn account(&self, delta: isize) {
         if delta != 0 {
             let total = self.bytes.fetch_add(delta as i64, Relaxed) + delta as i64;
-            self.bytes_gauge.set(total as f64);
+            self.gauges.bytes.set(total as f64);
+            self.gauges.used.set(total as f64);
         }
     }
 
-    /// Bytes held by every partition's state (`keyflow_state_bytes`).
+    /// Over the memory cap: evicts `partition`'s least recently used entries to the spill file,
+    /// down to [`EVICT_TO`] of the cap (or until the partition has nothing left in memory; the
+    /// other partitions evict on their next change). A put only grows memory while the total is
+    /// under the cap, so the total stays within the cap plus one entry per partition changing
+    /// at the same moment.
+    fn fit(&self, inner: &mut Inner, partition: i32) {
+        let Some(spill) = &self.spill else {
+            return;
+        };
+        let total = self.bytes.load(Relaxed).max(0) as u64;
+        if total <= self.cap {
+            return;
+        }
+        let want = total - (self.cap as f64 * EVICT_TO) as u64;
+        let keys = inner.mem.len();
+        match inner.evict(spill, partition, want as usize) {
+            Ok(freed) => {
+                self.gauges
+                    .spilled
+                    .increment((keys - inner.mem.len()) as u64);
+                self.account(-(freed as isize));
+                self.gauges.disk.set(spill.file_bytes() as f64);
+            }
+            Err(e) => {
+                let now = now_ms();
+                let last = self.spill_warned_ms.load(Relaxed);
+                if now - last > 10_000
+                    && self
+                        .spill_warned_ms
+                        .compare_exchange(last, now, Relaxed, Relaxed)
+                        .is_ok()
+                {
+                    warn!(pipeline = %self.pipeline, partition, error = %e, held = %bytesize::ByteSize(total), cap = %bytesize::ByteSize(self.cap), "state: cannot spill to disk; the state stays in memory over its share");
+                }
+            }
+        }
+    }
+
+    /// Bytes held in memory by every partition's state (`keyflow_state_bytes`).
     pub fn bytes(&self) -> i64 {
         self.bytes.load(Relaxed)
+    }
+
+    /// What the entries may take in memory (the state share less the spill cache).
+    pub fn memory_cap(&self) -> u64 {
+        self.cap
+    }
+
+    /// The spill file's size (0 without one).
+    pub fn disk_bytes(&self) -> u64 {
+        self.spill.as_ref().map_or(0, Spill::file_bytes)
     }
 
     /// Marks `p` as restoring (readiness, `/debug/state`) until the guard drops.
@@ -498,10 +789,15 @@ impl Store {
             .enumerate()
             .map(|(i, p)| {
                 let inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+                let spilled_keys = match (&self.spill, inner.spilled) {
+                    (Some(s), true) => s.len(i as i32).unwrap_or(0),
+                    _ => 0,
+                };
                 PartitionReport {
                     partition: i as i32,
-                    keys: inner.map.len(),
+                    keys: inner.mem.len(),
                     bytes: inner.bytes,
+                    spilled_keys,
                     last_update_ms: inner.last_update_ms,
                     restoring: p.restoring.load(Relaxed),
                 }
@@ -509,29 +805,130 @@ impl Store {
             .collect()
     }
 
-    /// Every key and value of a partition (tests, `keyflow test`).
+    /// Where `key` is held, in every partition that has it (one, unless the input's
+    /// partitioner changed). Reads it without making it recently used.
+    pub fn describe(&self, key: &[u8]) -> Vec<KeyReport> {
+        let mut out = Vec::new();
+        for (i, p) in self.partitions.iter().enumerate() {
+            let inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let found = match inner.mem.peek(key) {
+                Some(slot) => slot.value.as_ref().map(|v| (v.len(), slot.updated_ms, true)),
+                None if inner.spilled => self
+                    .spill
+                    .as_ref()
+                    .and_then(|s| s.get(i as i32, key).ok().flatten())
+                    .map(|(at, v)| (v.len(), at, false)),
+                None => None,
+            };
+            if let Some((size, updated_ms, in_memory)) = found {
+                out.push(KeyReport {
+                    partition: i as i32,
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    size,
+                    updated_ms,
+                    in_memory,
+                });
+            }
+        }
+        out
+    }
+
+    /// The `n` keys in memory changed last, over every partition (a heap of `n`: no copy of
+    /// the whole key set).
+    pub fn recent(&self, n: usize) -> Vec<KeyReport> {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let mut top: BinaryHeap<Reverse<(i64, i32, Bytes, usize)>> = BinaryHeap::new();
+        for (i, p) in self.partitions.iter().enumerate() {
+            let inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, slot) in inner.mem.iter() {
+                let Some(v) = &slot.value else { continue };
+                top.push(Reverse((slot.updated_ms, i as i32, k.clone(), v.len())));
+                if top.len() > n {
+                    top.pop();
+                }
+            }
+        }
+        top.into_sorted_vec()
+            .into_iter()
+            .map(|Reverse((updated_ms, partition, k, size))| KeyReport {
+                partition,
+                key: String::from_utf8_lossy(&k).into_owned(),
+                size,
+                updated_ms,
+                in_memory: true,
+            })
+            .collect()
+    }
+
+    /// Every key and value of a partition, memory over the spill file (tests, `keyflow test`).
     #[doc(hidden)]
     pub fn snapshot(&self, partition: i32) -> HashMap<Bytes, Bytes> {
-        self.partitions
-            .get(partition as usize)
-            .map(|p| {
-                let inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
-                inner
-                    .map
-                    .iter()
-                    .map(|(k, e)| (k.clone(), e.value.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
+        let Some(p) = self.partitions.get(partition as usize) else {
+            return HashMap::new();
+        };
+        let inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: HashMap<Bytes, Bytes> = match (&self.spill, inner.spilled) {
+            (Some(s), true) => s.entries(partition).unwrap_or_default().into_iter().collect(),
+            _ => HashMap::new(),
+        };
+        for (k, slot) in inner.mem.iter() {
+            match &slot.value {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
+        }
+        out
+    }
+
+    /// Empties `partition`'s state: memory, pending changes, its table in the spill file.
+    /// Returns the change in bytes.
+    fn reset(&self, p: &PartitionState, partition: i32) -> isize {
+        let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let freed = inner.bytes as isize;
+        let spilled = inner.spilled;
+        *inner = Inner::default();
+        if let (Some(s), true) = (&self.spill, spilled) {
+            if let Err(e) = s.clear(partition) {
+                warn!(pipeline = %self.pipeline, partition, error = %e, "state: spill file not cleared");
+                // Its rows may still be read: keep consulting it.
+                inner.spilled = true;
+            }
+        }
+        -freed
+    }
+
+    /// The partition's supervisor of restore `generation` stopped (revoked, failed): its state
+    /// leaves memory and the spill file, unless a newer restore of the partition began since.
+    pub fn release(&self, partition: i32, generation: u64) {
+        let Ok(p) = self.partition(partition) else {
+            return;
+        };
+        if p.generation.load(Relaxed) != generation {
+            return;
+        }
+        let delta = self.reset(p, partition);
+        self.account(delta);
+        self.set_keys_gauge();
+    }
+
+    fn set_keys_gauge(&self) {
+        self.gauges.keys.set(
+            self.partitions
+                .iter()
+                .map(|p| p.inner.lock().unwrap_or_else(|e| e.into_inner()).mem.len())
+                .sum::<usize>() as f64,
+        );
     }
 
     /// Rebuilds `partition`'s state from its changelog partition, beginning to end
-    /// (`read_committed`: an aborted transaction's changes are not read). Called by the
-    /// partition supervisor before it fetches the first message. Returns the keys restored.
+    /// (`read_committed`: an aborted transaction's changes are not read), within the memory
+    /// cap (spilling as it reads). Called by the partition supervisor before it fetches the
+    /// first message. Returns the restore's generation (for [`Self::release`]).
     ///
     /// Cancel-safe: the reader runs on a blocking thread and stops at the next poll when this
     /// future is dropped; the restoring mark is a guard.
-    pub async fn restore(self: &Arc<Self>, partition: i32) -> Result<usize, StateError> {
+    pub async fn restore(self: &Arc<Self>, partition: i32) -> Result<u64, StateError> {
         let Ok(p) = self.partition(partition) else {
             return Err(StateError::Changelog {
                 topic: self.changelog.to_string(),
@@ -541,6 +938,7 @@ impl Store {
                 ),
             });
         };
+        let generation = p.generation.fetch_add(1, Relaxed) + 1;
         let _guard = self.mark_restoring(p);
         let started = Instant::now();
         let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -552,69 +950,57 @@ impl Store {
         }
         let _cancel = Cancel(cancelled.clone());
         let (store, c) = (self.clone(), cancelled.clone());
-        let read = tokio::task::spawn_blocking(move || store.read_changelog(partition, &c))
+        let records = tokio::task::spawn_blocking(move || store.read_changelog(partition, &c))
             .await
             .map_err(|e| StateError::Changelog {
                 topic: self.changelog.to_string(),
                 message: format!("restore task failed: {e}"),
             })??;
-        let (map, records) = read;
-        let mut inner = Inner::default();
-        let ttl = self.expiry_ms.load(Relaxed);
-        let now = now_ms();
-        let mut dedup = Vec::new();
-        for (k, (v, at)) in map {
-            if ttl > 0 && k.starts_with(DEDUP_PREFIX) {
-                match entry_ms(&v) {
-                    Some(t) if now.saturating_sub(t) <= ttl => dedup.push((k.clone(), t)),
-                    // Expired: not restored, and compacted away outside `exactly_once`.
-                    _ => {
-                        if !self.transactional {
-                            self.send_now(partition, &k, None);
-                        }
-                        continue;
-                    }
-                }
-            }
-            inner.put(k, Some(v), at);
-        }
-        dedup.sort_by_key(|(_, t)| *t);
-        inner.expiring.extend(dedup);
-        let keys = inner.map.len();
-        let delta = {
-            let mut cur = p.inner.lock().unwrap_or_else(|e| e.into_inner());
-            let before = cur.bytes as isize;
-            *cur = inner;
-            cur.bytes as isize - before
-        };
-        self.account(delta, p);
-        self.keys_gauge.set(
-            self.partitions
-                .iter()
-                .map(|p| p.inner.lock().unwrap_or_else(|e| e.into_inner()).map.len())
-                .sum::<usize>() as f64,
-        );
+        let keys = self.settle_restored(p, partition);
+        self.set_keys_gauge();
         let took = started.elapsed();
         metrics::histogram!(STATE_RESTORE_SECONDS, "pipeline" => self.pipeline.clone())
             .record(took.as_secs_f64());
         metrics::counter!(STATE_RESTORED_KEYS, "pipeline" => self.pipeline.clone())
             .increment(keys as u64);
-        info!(pipeline = %self.pipeline, changelog = %self.changelog, partition, keys, records, took = ?took, "state: partition restored");
-        Ok(keys)
+        let spilled_keys = self.report().get(partition as usize).map_or(0, |r| r.spilled_keys);
+        info!(pipeline = %self.pipeline, changelog = %self.changelog, partition, keys, spilled_keys, records, took = ?took, "state: partition restored");
+        Ok(generation)
     }
 
-    /// Blocking: reads a changelog partition to its end; returns the last value of every key
-    /// (tombstones remove) and how many records were read.
-    #[allow(clippy::type_complexity)]
+    /// After a restore's read: expires the dedup ids older than the ttl (tombstones for them
+    /// outside `exactly_once`). Returns the keys in memory.
+    fn settle_restored(&self, p: &PartitionState, partition: i32) -> usize {
+        let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let ttl = self.expiry_ms.load(Relaxed);
+        if ttl > 0 {
+            inner.expiring.make_contiguous().sort_by_key(|(_, t)| *t);
+            let delta = self.expire(&mut inner, partition, now_ms(), ttl, usize::MAX);
+            self.account(delta);
+        } else {
+            let freed: usize = inner.expiring.iter().map(|(k, _)| expiring_cost(k)).sum();
+            inner.expiring.clear();
+            inner.bytes -= freed;
+            self.account(-(freed as isize));
+        }
+        inner.mem.len()
+    }
+
+    /// Blocking: empties the partition's state, then reads its changelog partition to its end
+    /// into it (tombstones remove), spilling what does not fit. Returns how many records were
+    /// read.
     fn read_changelog(
         &self,
         partition: i32,
         cancelled: &std::sync::atomic::AtomicBool,
-    ) -> Result<(HashMap<Bytes, (Bytes, i64)>, u64), StateError> {
+    ) -> Result<u64, StateError> {
         let kafka = |source| StateError::Kafka {
             topic: self.changelog.to_string(),
             source,
         };
+        let p = &self.partitions[partition as usize];
+        let delta = self.reset(p, partition);
+        self.account(delta);
         let mut cfg = self.client.clone();
         cfg.set("group.id", format!("keyflow-restore-{}", self.pipeline))
             .set("enable.auto.commit", "false")
@@ -628,16 +1014,16 @@ impl Store {
         let (low, high) = consumer
             .fetch_watermarks(&self.changelog, partition, Duration::from_secs(30))
             .map_err(kafka)?;
-        let mut map: HashMap<Bytes, (Bytes, i64)> = HashMap::new();
         let mut records = 0u64;
         if high <= low {
-            return Ok((map, 0));
+            return Ok(0);
         }
         info!(pipeline = %self.pipeline, changelog = %self.changelog, partition, records = high - low, "state: restoring partition");
         let mut tpl = TopicPartitionList::with_capacity(1);
         tpl.add_partition_offset(&self.changelog, partition, Offset::Beginning)
             .map_err(kafka)?;
         consumer.assign(&tpl).map_err(kafka)?;
+        let dedup = self.expiry_ms.load(Relaxed) > 0;
         let mut last_log = Instant::now();
         let assigned = Instant::now();
         let mut first: Option<Duration> = None;
@@ -655,15 +1041,19 @@ impl Store {
                     first.get_or_insert_with(|| assigned.elapsed());
                     if let Some(k) = m.key() {
                         let k = Bytes::copy_from_slice(k);
-                        match m.payload() {
-                            Some(v) => {
-                                let at = m.timestamp().to_millis().unwrap_or(0);
-                                map.insert(k, (Bytes::copy_from_slice(v), at));
-                            }
-                            None => {
-                                map.remove(&k);
-                            }
+                        let at = m.timestamp().to_millis().unwrap_or(0);
+                        let v = m.payload().map(Bytes::copy_from_slice);
+                        let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut delta = 0;
+                        if let (true, Some(v)) = (dedup && k.starts_with(DEDUP_PREFIX), &v) {
+                            inner.bytes += expiring_cost(&k);
+                            delta += expiring_cost(&k) as isize;
+                            let t = entry_ms(v).unwrap_or(at);
+                            inner.expiring.push_back((k.clone(), t));
                         }
+                        delta += inner.put(k, v, at);
+                        self.account(delta);
+                        self.fit(&mut inner, partition);
                     }
                     if m.offset() + 1 >= high {
                         break;
@@ -680,7 +1070,7 @@ impl Store {
             }
         }
         info!(pipeline = %self.pipeline, changelog = %self.changelog, partition, records, first_record_after = ?first, read = ?assigned.elapsed(), "state: changelog read");
-        Ok((map, records))
+        Ok(records)
     }
 }
 

@@ -334,3 +334,109 @@ async fn complete(d: &crate::processors::dedup::Dedup, i: i64) {
     assert_eq!(d.process(&mut m).await.unwrap(), Flow::Continue);
     d.completed(&m);
 }
+
+/// A store with a few KiB of memory reads and snapshots as a plain map whatever the sequence of
+/// sets, deletes and reads (entries evicted to the spill file and read back), stays within
+/// its cap plus one entry, and a release empties both tiers.
+mod spilling {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CAP: u64 = 4096;
+
+    fn run(ops: Vec<(u8, Option<Vec<u8>>)>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::spilling(2, producer(), true, CAP, dir.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let generation = store.partitions[1].generation.load(Relaxed);
+        let mut model: HashMap<Bytes, Bytes> = HashMap::new();
+        for (i, (k, v)) in ops.into_iter().enumerate() {
+            let key = Bytes::from(format!("key-{k}"));
+            let mut m = Message::new("in", 1, i as i64, Some(&key), b"x");
+            assert_eq!(store.get(&m, &key).unwrap(), model.get(&key).cloned());
+            let v = v.map(Bytes::from);
+            rt.block_on(store.stage(&mut m, key.clone(), v.clone()))
+                .unwrap();
+            store.applied(&m, &key);
+            match v {
+                Some(v) => model.insert(key, v),
+                None => model.remove(&key),
+            };
+            let one_entry = (ENTRY_COST + 16 + 300) as u64;
+            assert!(
+                store.bytes() as u64 <= CAP + one_entry,
+                "{} bytes in memory, cap {CAP}",
+                store.bytes()
+            );
+        }
+        assert_eq!(store.snapshot(1), model);
+        store.release(1, generation);
+        assert_eq!(store.bytes(), 0);
+        assert!(store.snapshot(1).is_empty());
+        assert_eq!(store.report()[1].spilled_keys, 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn reads_as_a_map_within_its_cap(
+            ops in proptest::collection::vec(
+                (0u8..60, proptest::option::weighted(0.8, proptest::collection::vec(any::<u8>(), 0..300))),
+                1..400,
+            )
+        ) {
+            run(ops);
+        }
+    }
+
+    #[test]
+    fn many_keys_spill_and_come_back() {
+        // 200 keys of ~250 bytes: ~75 KiB of state in 4 KiB of memory.
+        let ops = (0..200u8)
+            .map(|k| (k % 60, Some(vec![k; 250])))
+            .chain((0..60u8).map(|k| (k, None)))
+            .collect();
+        run(ops);
+    }
+
+    #[tokio::test]
+    async fn debug_describes_keys_in_memory_and_on_disk_without_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::spilling(2, producer(), true, CAP, dir.path()).unwrap();
+        for i in 0..100i64 {
+            let key = Bytes::from(format!("acct-{i:03}"));
+            let mut m = Message::new("in", 1, i, Some(&key), b"x");
+            store.stage(&mut m, key.clone(), Some(Bytes::from(vec![b'v'; 200]))).await.unwrap();
+            store.applied(&m, &key);
+        }
+        let old = store.describe(b"acct-000");
+        assert_eq!(old.len(), 1, "{old:?}");
+        assert!(!old[0].in_memory && old[0].size == 200 && old[0].updated_ms > 0, "{old:?}");
+        let new = store.describe(b"acct-099");
+        assert!(new[0].in_memory && new[0].partition == 1, "{new:?}");
+        assert!(store.describe(b"nobody").is_empty());
+        let recent = store.recent(3);
+        assert_eq!(recent.len(), 3);
+        assert!(recent.windows(2).all(|w| w[0].updated_ms >= w[1].updated_ms));
+        let json = serde_json::to_string(&recent).unwrap();
+        assert!(!json.contains("vvvv"), "a value was printed: {json}");
+    }
+
+    #[tokio::test]
+    async fn a_release_of_an_earlier_assignment_leaves_a_newer_restore_alone() {
+        let store = Store::in_memory(2, producer(), true);
+        let key = Bytes::from_static(b"a");
+        let mut m = msg(0, "a", 1);
+        store.stage(&mut m, key.clone(), Some(Bytes::from_static(b"1"))).await.unwrap();
+        store.applied(&m, &key);
+        // The supervisor of generation 0 stops after generation 1's restore began.
+        store.partitions[1].generation.fetch_add(1, Relaxed);
+        store.release(1, 0);
+        assert_eq!(store.snapshot(1).len(), 1, "released by a stale supervisor");
+        store.release(1, 1);
+        assert!(store.snapshot(1).is_empty());
+        assert_eq!(store.bytes(), 0);
+    }
+}

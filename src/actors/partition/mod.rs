@@ -212,6 +212,9 @@ pub struct PartitionState {
     broker_end: BrokerEnd,
     /// `[batch]` pipelines: the open batch and the batches running (`None`: per message).
     batch: Option<batch::Batching>,
+    /// `[state]` pipelines: the restore of this assignment, whose state is released when the
+    /// supervisor stops.
+    state_generation: Option<u64>,
 }
 
 impl Actor for PartitionSupervisor {
@@ -226,9 +229,10 @@ impl Actor for PartitionSupervisor {
     ) -> Result<PartitionState, ActorProcessingErr> {
         // Per-key state: read the partition's changelog before the first fetch (the queue's
         // wake-up is armed below, after it). Readiness says "restoring state" meanwhile.
-        if let Some(store) = &a.pipeline.state {
-            store.restore(a.partition).await?;
-        }
+        let state_generation = match &a.pipeline.state {
+            Some(store) => Some(store.restore(a.partition).await?),
+            None => None,
+        };
         let mut queue = a.queue;
         let flag = Arc::new(AtomicBool::new(false));
         arm_wakeup(&mut queue, &flag, &me);
@@ -283,6 +287,7 @@ impl Actor for PartitionSupervisor {
             owner: a.owner,
             first_received: None,
             batch: batching,
+            state_generation,
         })
     }
 
@@ -328,6 +333,11 @@ impl Actor for PartitionSupervisor {
         s.owner.close();
         me.stop_children(None);
         s.queue = None;
+        // The partition is someone else's now (or will be restored again here): its state
+        // leaves memory and the spill file.
+        if let (Some(store), Some(generation)) = (&s.pipeline.state, s.state_generation) {
+            store.release(s.partition, generation);
+        }
         debug!(topic = %s.topic, partition = s.partition, "partition supervisor stopped");
         Ok(())
     }
