@@ -50,12 +50,16 @@ impl AccountBalance {
     }
 }
 
-/// One step of the fold: the new state, or `Err(balance)` when a withdrawal would overdraw.
-pub fn apply(state: &Account, kind: &str, amount: i64) -> Result<Account, i64> {
+/// One step of the fold: the new state, or `Err((balance, reason))` when a withdrawal would
+/// overdraw or a deposit overflow the balance.
+pub fn apply(state: &Account, kind: &str, amount: i64) -> Result<Account, (i64, &'static str)> {
     let balance = match kind {
-        "deposit" => state.balance + amount,
+        "deposit" => state
+            .balance
+            .checked_add(amount)
+            .ok_or((state.balance, "balance overflow"))?,
         _ if state.balance >= amount => state.balance - amount,
-        _ => return Err(state.balance),
+        _ => return Err((state.balance, "insufficient funds")),
     };
     Ok(Account {
         balance,
@@ -88,13 +92,13 @@ impl StatefulProcessor for AccountBalance {
         let state = state.unwrap_or_default();
         match apply(&state, e.kind, e.amount) {
             Ok(next) => Ok(StateChange::Set(next)),
-            Err(balance) => {
+            Err((balance, reason)) => {
                 let rejection = serde_json::json!({
                     "id": e.id,
                     "account": msg.key.as_deref().map(String::from_utf8_lossy),
                     "amount": e.amount,
                     "balance": balance,
-                    "reason": "insufficient funds",
+                    "reason": reason,
                 });
                 out.send(
                     self.rejections.clone(),

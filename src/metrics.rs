@@ -72,6 +72,9 @@ pub const COMMIT_METADATA_BYTES: &str = "keyflow_commit_metadata_bytes";
 /// Commits whose completed-offsets metadata was cut to fit the cap (the cut runs are processed
 /// again after a restart).
 pub const COMMIT_METADATA_TRUNCATED_TOTAL: &str = "keyflow_commit_metadata_truncated_total";
+/// Messages of a key over its share of the partition's in-flight budget, written to the
+/// partition's overflow file to come back as the key drains (a hot key).
+pub const HOT_KEY_OVERFLOW_TOTAL: &str = "keyflow_hot_key_overflow_total";
 /// The last committed offset (the next offset to consume), per partition.
 pub const COMMITTED_OFFSET: &str = "keyflow_committed_offset";
 /// Workers restarted after a crash.
@@ -219,6 +222,10 @@ fn describe() {
         "Completed-offsets metadata carried by each commit"
     );
     describe_counter!(
+        HOT_KEY_OVERFLOW_TOTAL,
+        "Messages of a hot key over its share, held in the partition's overflow file instead of memory"
+    );
+    describe_counter!(
         COMMIT_METADATA_TRUNCATED_TOTAL,
         "Commits whose completed-offsets metadata was cut to fit the cap"
     );
@@ -305,6 +312,7 @@ pub struct PipelineMetrics {
     pub filtered: Counter,
     pub deduplicated: Counter,
     pub skipped: Counter,
+    pub overflowed: Counter,
     pub commit_metadata_bytes: Histogram,
     pub commit_metadata_truncated: Counter,
     pub process_duration: Histogram,
@@ -339,6 +347,7 @@ impl Default for PipelineMetrics {
             filtered: Counter::noop(),
             deduplicated: Counter::noop(),
             skipped: Counter::noop(),
+            overflowed: Counter::noop(),
             commit_metadata_bytes: Histogram::noop(),
             commit_metadata_truncated: Counter::noop(),
             process_duration: Histogram::noop(),
@@ -381,6 +390,7 @@ impl PipelineMetrics {
             filtered: msgs(OUTCOME_FILTERED),
             deduplicated: msgs(OUTCOME_DEDUPLICATED),
             skipped: msgs(OUTCOME_SKIPPED),
+            overflowed: counter!(HOT_KEY_OVERFLOW_TOTAL, "pipeline" => p.clone(), "topic" => t.clone()),
             commit_metadata_bytes: histogram!(COMMIT_METADATA_BYTES, "pipeline" => p.clone(), "topic" => t.clone()),
             commit_metadata_truncated: counter!(COMMIT_METADATA_TRUNCATED_TOTAL, "pipeline" => p.clone(), "topic" => t.clone()),
             process_duration: histogram!(PROCESS_DURATION_SECONDS, "pipeline" => p.clone(), "topic" => t.clone()),

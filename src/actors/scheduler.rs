@@ -82,6 +82,28 @@ impl<T: Keyed> KeyScheduler<T> {
         }
     }
 
+    /// As [`admit`](Self::admit), unless the message's key already has `share` messages
+    /// waiting behind its running one (key mode): then it is handed back, not kept
+    /// (`Err`). One map lookup, as `admit`.
+    pub fn admit_within(&mut self, m: T, share: usize) -> Result<Option<T>, T> {
+        if self.mode == Ordering::Key {
+            if let Some(q) = m.key().and_then(|k| self.busy.get_mut(k)) {
+                if q.len() >= share {
+                    return Err(m);
+                }
+                q.push_back(m);
+                self.waiting += 1;
+                return Ok(None);
+            }
+        }
+        Ok(self.admit(m))
+    }
+
+    /// Messages waiting behind the running message of `key` (key mode).
+    pub fn queued(&self, key: &Bytes) -> usize {
+        self.busy.get(key).map_or(0, VecDeque::len)
+    }
+
     /// A message with `key` completed: returns the next message that may start in its place.
     pub fn complete(&mut self, key: Option<&Bytes>) -> Option<T> {
         match self.mode {
@@ -154,6 +176,20 @@ mod tests {
     }
     fn m(k: &str, n: u32) -> M {
         M(Some(Bytes::copy_from_slice(k.as_bytes())), n)
+    }
+
+    #[test]
+    fn a_key_at_its_share_hands_the_message_back() {
+        let mut s = KeyScheduler::new(Ordering::Key);
+        assert_eq!(s.admit_within(m("a", 1), 2), Ok(Some(m("a", 1))));
+        assert_eq!(s.admit_within(m("a", 2), 2), Ok(None));
+        assert_eq!(s.admit_within(m("a", 3), 2), Ok(None));
+        assert_eq!(s.admit_within(m("a", 4), 2), Err(m("a", 4)), "two already wait");
+        assert_eq!(s.admit_within(m("b", 5), 2), Ok(Some(m("b", 5))));
+        assert_eq!(s.queued(&Bytes::from_static(b"a")), 2);
+        assert_eq!(s.complete(Some(&Bytes::from_static(b"a"))), Some(m("a", 2)));
+        assert_eq!(s.admit_within(m("a", 4), 2), Ok(None), "room again");
+        assert_eq!(s.waiting(), 2);
     }
 
     #[test]

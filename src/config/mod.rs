@@ -954,11 +954,11 @@ fn validate_pipeline(
         dir: st.dir.unwrap_or_else(std::env::temp_dir),
     });
     if let Some(m) = state.as_ref().and_then(|st| st.memory) {
-        if m < 1 << 20 {
+        if m < 128 << 10 {
             e(
                 errs,
                 "state.memory",
-                format!("{} is too small, expected at least 1 MiB", ByteSize(m)),
+                format!("{} is too small, expected at least 128 KiB", ByteSize(m)),
             );
         }
     }

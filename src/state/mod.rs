@@ -363,9 +363,10 @@ pub struct KeyReport {
     pub in_memory: bool,
 }
 
-/// The spill file's page cache: an eighth of the state share, within 1..32 MiB.
+/// The spill file's page cache: an eighth of the state share, within 64 KiB..32 MiB (and at
+/// most half the share).
 fn spill_cache(share: u64) -> u64 {
-    (share / 8).clamp(1 << 20, 32 << 20)
+    (share / 8).clamp(64 << 10, 32 << 20).min(share / 2)
 }
 
 impl Store {

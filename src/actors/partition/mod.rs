@@ -17,6 +17,7 @@
 
 mod batch;
 mod drain;
+mod overflow;
 mod path;
 mod report;
 
@@ -215,6 +216,10 @@ pub struct PartitionState {
     /// `[state]` pipelines: the restore of this assignment, whose state is released when the
     /// supervisor stops.
     state_generation: Option<u64>,
+    /// Messages of keys over their share of the in-flight budget (hot keys), out of memory.
+    overflow: overflow::Overflow,
+    /// How many messages a key may have waiting in memory ([`overflow::key_share`]).
+    key_share: usize,
 }
 
 impl Actor for PartitionSupervisor {
@@ -240,6 +245,7 @@ impl Actor for PartitionSupervisor {
         let byte_cap = a.pipeline.memory.partition_cap();
         let grant = Grant::new(a.pipeline.memory.clone());
         let batching = spec.batch.map(batch::Batching::new);
+        let key_share = overflow::key_share(spec.max_in_flight);
         let _ = a.stats.actor.set(me.clone());
         resume_on_start(&a.consumer, &a.topic, a.partition);
         let span = tracing::info_span!("partition", pipeline = %spec.name, topic = %a.topic, partition = a.partition);
@@ -288,6 +294,8 @@ impl Actor for PartitionSupervisor {
             first_received: None,
             batch: batching,
             state_generation,
+            overflow: overflow::Overflow::default(),
+            key_share,
         })
     }
 

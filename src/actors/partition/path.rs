@@ -122,13 +122,39 @@ pub(super) async fn admit(
         count_completion(s);
         return Ok(());
     }
-    s.flow.admit(m.size());
+    let size = m.size();
+    let m = Arc::new(m);
+    let admitted = if s.batch.is_some() {
+        s.scheduler.admit(m)
+    } else {
+        // A key over its share (or with messages in the overflow file already) waits in the
+        // file, not in memory: see `overflow`.
+        let m = match m.key.as_ref() {
+            Some(k) if s.overflow.holds(k) => Err(m),
+            _ => s.scheduler.admit_within(m, s.key_share),
+        };
+        match m {
+            Ok(m) => m,
+            Err(m) => match s.overflow.push(&m) {
+                Ok(()) => {
+                    s.stats.metrics.pipeline.overflowed.increment(1);
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Kept in memory (over the key's share) rather than lost.
+                    warn!(topic = %s.topic, partition = s.partition, error = %e, "hot key overflow file not written; the message waits in memory");
+                    s.scheduler.admit(m)
+                }
+            },
+        }
+    };
+    s.flow.admit(size);
     // An atomic store only when the high water rises, not a read-modify-write per message.
     if s.flow.count() > s.high_water {
         s.high_water = s.flow.count();
         s.stats.in_flight_high_water.store(s.high_water, Relaxed);
     }
-    if let Some(m) = s.scheduler.admit(Arc::new(m)) {
+    if let Some(m) = admitted {
         if s.batch.is_some() {
             super::batch::offer(me, s, m).await?;
         } else {
@@ -367,9 +393,42 @@ pub(super) async fn on_done(
             None => park_idle(s, worker, now),
         },
     }
+    if let Some(key) = m.key.as_ref().filter(|k| s.overflow.holds(k)) {
+        refill(me, s, key).await?;
+    }
     apply_flow(me, s);
     if s.flow.has_room() {
         fetch(me, s).await?;
+    }
+    Ok(())
+}
+
+/// A key with messages in the overflow file drained below half its share: its oldest ones come
+/// back, up to the share, behind what it holds. A file that cannot be read fails the partition
+/// (its messages would otherwise never complete, holding the commit point for good): the
+/// process stops, and Kafka re-delivers them from the commit point.
+async fn refill(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+    key: &bytes::Bytes,
+) -> Result<(), ActorProcessingErr> {
+    if s.scheduler.queued(key) >= s.key_share / 2 {
+        return Ok(());
+    }
+    while s.scheduler.queued(key) < s.key_share {
+        let Some(read) = s.overflow.pop(key, &s.topic, s.partition) else {
+            break;
+        };
+        let m = read.map_err(|e| {
+            format!(
+                "partition {}: hot key overflow file unreadable: {e}",
+                s.partition
+            )
+        })?;
+        s.flow.admit(m.size());
+        if let Some(m) = s.scheduler.admit(Arc::new(m)) {
+            start_or_park(me, s, m, 1).await?;
+        }
     }
     Ok(())
 }
