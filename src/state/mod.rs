@@ -32,7 +32,7 @@ pub use processor::{Outputs, StateChange, Stateful, StatefulProcessor};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -99,7 +99,7 @@ pub enum StateError {
 
 /// A key's value in memory. `None`: removed, a removal the spill file has not seen yet (only
 /// kept while the partition has spilled; otherwise a removal just leaves the map).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Slot {
     value: Option<Bytes>,
     /// Changed since it was read back from the spill file: an eviction writes it there.
@@ -115,43 +115,86 @@ struct Pending {
     value: Option<Bytes>,
 }
 
+/// Where a partition's state is in its life on this member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Not assigned here (or given up): reads and writes of a late worker are refused.
+    Released,
+    /// Its changelog is being read: only the reader of the current generation writes.
+    Restoring,
+    Live,
+}
+
 /// One partition's state in memory: the recently used keys (least recently used evicted first
-/// to the spill file when the store is over its memory share).
+/// to the spill file when the partition is over its part of the memory share).
 #[derive(Debug)]
 struct Inner {
     mem: LruCache<Bytes, Slot>,
+    /// Entries an eviction is writing to the spill file (outside the lock): still read from
+    /// here, still counted, until the write committed.
+    evicting: HashMap<Bytes, Slot>,
+    evicting_now: bool,
     pending: HashMap<Bytes, Pending>,
-    /// Bytes in memory: `mem` and `expiring`.
+    /// Bytes in memory: `mem`, `evicting` and `expiring`.
     bytes: usize,
     /// The spill file may hold keys of this partition.
     spilled: bool,
     last_update_ms: i64,
-    /// Dedup ids in completion order, expired from the front (see [`Store::put_now`]).
+    /// Dedup ids in completion order, expired from the front (see [`Store::put_now`]); older
+    /// ones are in the spill file's expiry index once the partition spills.
     expiring: VecDeque<(Bytes, i64)>,
+    /// The expiry index in the spill file holds entries after `index_cursor`.
+    index_on_disk: bool,
+    /// The last index entry expired (entries up to it are removed by the next eviction).
+    index_cursor: Option<Bytes>,
+    /// Bumped by every restore and release: a reader, an eviction or a release of an earlier
+    /// generation finds it changed and leaves the partition alone.
+    generation: u64,
+    phase: Phase,
 }
 
-impl Default for Inner {
-    fn default() -> Self {
+impl Inner {
+    fn new(phase: Phase) -> Self {
         Inner {
             mem: LruCache::unbounded(),
+            evicting: HashMap::new(),
+            evicting_now: false,
             pending: HashMap::new(),
             bytes: 0,
             spilled: false,
             last_update_ms: 0,
             expiring: VecDeque::new(),
+            index_on_disk: false,
+            index_cursor: None,
+            generation: 0,
+            phase,
         }
     }
 }
 
 /// One input partition's state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PartitionState {
     inner: Mutex<Inner>,
     /// A guard marks it while its changelog is read.
     restoring: std::sync::atomic::AtomicBool,
-    /// Bumped by every restore: a release by the supervisor of an earlier assignment leaves a
-    /// newer restore's state alone.
+    /// `Inner::generation`, readable without the lock (an eviction checks it under redb's
+    /// writer lock before it commits).
     generation: AtomicU64,
+}
+
+impl PartitionState {
+    fn new(phase: Phase) -> Self {
+        PartitionState {
+            inner: Mutex::new(Inner::new(phase)),
+            restoring: std::sync::atomic::AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 fn now_ms() -> i64 {
@@ -174,6 +217,10 @@ impl Inner {
     /// the change in bytes.
     fn put(&mut self, key: Bytes, value: Option<Bytes>, at_ms: i64) -> isize {
         let before = self.bytes;
+        // A newer value than the one an eviction is writing: memory has the last word.
+        if let Some(old) = self.evicting.remove(&key) {
+            self.bytes -= cost(&key, &old);
+        }
         let slot = Slot {
             value,
             dirty: true,
@@ -204,6 +251,9 @@ impl Inner {
         if let Some(slot) = self.mem.get(key) {
             return Ok((slot.value.clone(), 0));
         }
+        if let Some(slot) = self.evicting.get(key) {
+            return Ok((slot.value.clone(), 0));
+        }
         let (Some(spill), true) = (spill, self.spilled) else {
             return Ok((None, 0));
         };
@@ -223,7 +273,7 @@ impl Inner {
 
     /// The value of `key` without making it recently used or bringing it into memory.
     fn peek(&self, spill: Option<&Spill>, partition: i32, key: &[u8]) -> Option<Bytes> {
-        match self.mem.peek(key) {
+        match self.mem.peek(key).or_else(|| self.evicting.get(key)) {
             Some(slot) => slot.value.clone(),
             None if self.spilled => spill
                 .and_then(|s| s.get(partition, key).ok().flatten())
@@ -232,34 +282,14 @@ impl Inner {
         }
     }
 
-    /// Evicts least recently used entries until `want` bytes are freed (or memory holds no
-    /// entry): the changed ones are written to the spill file in one transaction. Returns the
-    /// bytes freed; on a write error nothing is evicted.
-    fn evict(&mut self, spill: &Spill, partition: i32, want: usize) -> Result<usize, SpillError> {
-        let mut out = Vec::new();
-        let mut freed = 0;
-        while freed < want {
-            let Some((k, slot)) = self.mem.pop_lru() else {
-                break;
-            };
-            freed += cost(&k, &slot);
-            out.push((k, slot));
-        }
-        let dirty = out.iter().filter(|(_, s)| s.dirty);
-        if let Err(e) = spill.write(
-            partition,
-            dirty.map(|(k, s)| (k.as_ref(), s.value.as_deref().map(|v| (s.updated_ms, v)))),
-        ) {
-            // Back in memory, in their order (least recently used first again).
-            for (k, slot) in out.into_iter().rev() {
-                self.mem.push(k.clone(), slot);
-                self.mem.demote(&k);
-            }
-            return Err(e);
-        }
-        self.spilled |= out.iter().any(|(_, s)| s.dirty);
-        self.bytes -= freed;
-        Ok(freed)
+    /// Empties the partition's state (the spill file's tables are the caller's), in `phase`,
+    /// as a new generation. Returns the bytes freed.
+    fn reset(&mut self, phase: Phase) -> usize {
+        let freed = self.bytes;
+        let generation = self.generation + 1;
+        *self = Inner::new(phase);
+        self.generation = generation;
+        freed
     }
 }
 
@@ -284,6 +314,8 @@ pub struct Store {
     /// Index = input partition (the partition count is fixed when the store is made).
     partitions: Vec<PartitionState>,
     restoring: AtomicUsize,
+    /// Partitions live on this member: each may hold `cap / live` in memory.
+    live: AtomicUsize,
     /// Bytes in memory, every partition (`keyflow_state_bytes`).
     bytes: AtomicI64,
     /// What the entries may take in memory: the pipeline's state share less the spill file's
@@ -421,8 +453,11 @@ impl Store {
             changelog: Arc::from(topic.as_str()),
             transactional: spec.delivery == crate::config::Delivery::ExactlyOnce,
             producer,
-            partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
+            partitions: (0..partitions)
+                .map(|_| PartitionState::new(Phase::Released))
+                .collect(),
             restoring: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
             bytes: AtomicI64::new(0),
             cap,
             spill: Some(spill),
@@ -441,7 +476,7 @@ impl Store {
     }
 
     /// A store without a broker (unit tests, `keyflow test`): changes are applied, nothing is
-    /// persisted; everything stays in memory.
+    /// persisted; everything stays in memory; every partition is live from the start.
     #[doc(hidden)]
     pub fn in_memory(partitions: usize, producer: Producer, transactional: bool) -> Arc<Self> {
         Self::unpersisted(partitions, producer, transactional, u64::MAX, None)
@@ -479,8 +514,11 @@ impl Store {
             changelog: Arc::from("changelog"),
             transactional,
             producer,
-            partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
+            partitions: (0..partitions)
+                .map(|_| PartitionState::new(Phase::Live))
+                .collect(),
             restoring: AtomicUsize::new(0),
+            live: AtomicUsize::new(partitions),
             bytes: AtomicI64::new(0),
             cap,
             spill,
@@ -516,7 +554,8 @@ impl Store {
     /// cannot be read is a retryable error.
     pub fn get(&self, msg: &Message, key: &Bytes) -> Result<Option<Bytes>, ProcessError> {
         let p = self.partition(msg.partition)?;
-        let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = p.lock();
+        not_live(&inner, msg.partition)?;
         // A change an earlier attempt staged is void: this attempt decides again.
         inner.pending.remove(key);
         let (value, delta) = inner
@@ -525,7 +564,7 @@ impl Store {
         if delta != 0 {
             self.gauges.unspilled.increment(1);
             self.account(delta);
-            self.fit(&mut inner, msg.partition);
+            self.fit(p, inner, msg.partition);
         }
         Ok(value)
     }
@@ -549,7 +588,8 @@ impl Store {
             timestamp_ms: msg.timestamp_ms,
         };
         {
-            let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inner = p.lock();
+            not_live(&inner, msg.partition)?;
             inner.pending.insert(
                 key,
                 Pending {
@@ -619,7 +659,11 @@ impl Store {
         };
         let ttl = self.expiry_ms.load(Relaxed);
         {
-            let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inner = p.lock();
+            if inner.phase != Phase::Live {
+                // Given up meanwhile (a late completion): the next owner's restore decides.
+                return;
+            }
             let now = now_ms();
             let mut delta = inner.put(key.clone(), value.clone(), now);
             if ttl > 0 && key.starts_with(DEDUP_PREFIX) {
@@ -627,10 +671,10 @@ impl Store {
                 inner.bytes += expiring_cost(&key);
                 delta += expiring_cost(&key) as isize;
                 inner.expiring.push_back((key.clone(), at));
-                delta += self.expire(&mut inner, msg.partition, now, ttl, EXPIRE_PER_PUT);
+                delta += self.expire(&mut inner, msg.partition, now, ttl, EXPIRE_PER_PUT).0;
             }
             self.account(delta);
-            self.fit(&mut inner, msg.partition);
+            self.fit(p, inner, msg.partition);
         }
         if self.transactional {
             return;
@@ -659,10 +703,32 @@ impl Store {
     }
 
     /// Removes up to `most` dedup ids older than `ttl` ms (an id completed again since is kept:
-    /// its newer entry is further back). Returns the change in bytes.
-    fn expire(&self, inner: &mut Inner, partition: i32, now: i64, ttl: i64, most: usize) -> isize {
+    /// its newer entry is further back), the spill file's expiry index first (its entries are
+    /// the older ones). Returns the change in bytes.
+    fn expire(
+        &self,
+        inner: &mut Inner,
+        partition: i32,
+        now: i64,
+        ttl: i64,
+        most: usize,
+    ) -> (isize, usize) {
         let mut delta = 0;
-        for _ in 0..most {
+        let mut due: Vec<Bytes> = Vec::new();
+        if let (Some(spill), true) = (&self.spill, inner.index_on_disk) {
+            match spill.expired(partition, inner.index_cursor.as_deref(), now - ttl - 1, most) {
+                Ok(entries) => {
+                    if let Some((last, _, _)) = entries.last() {
+                        inner.index_cursor = Some(last.clone());
+                    }
+                    due.extend(entries.into_iter().map(|(_, _, key)| key));
+                }
+                Err(e) => {
+                    warn!(pipeline = %self.pipeline, partition, error = %e, "state: dedup expiry index not read")
+                }
+            }
+        }
+        while due.len() < most {
             match inner.expiring.front() {
                 Some((_, at)) if now.saturating_sub(*at) > ttl => {}
                 _ => break,
@@ -672,6 +738,10 @@ impl Store {
             };
             inner.bytes -= expiring_cost(&key);
             delta -= expiring_cost(&key) as isize;
+            due.push(key);
+        }
+        let n = due.len();
+        for key in due {
             let expired = inner
                 .peek(self.spill.as_ref(), partition, &key)
                 .is_some_and(|v| entry_ms(&v).map_or(true, |t| now.saturating_sub(t) > ttl));
@@ -682,7 +752,7 @@ impl Store {
                 }
             }
         }
-        delta
+        (delta, n)
     }
 
     /// The message's writes succeeded (`written` hook): apply the change it staged, if any.
@@ -690,7 +760,11 @@ impl Store {
         let Ok(p) = self.partition(msg.partition) else {
             return;
         };
-        let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = p.lock();
+        if inner.phase != Phase::Live {
+            // Given up meanwhile (a late completion): the next owner's restore decides.
+            return;
+        }
         let delta = match inner.pending.remove(key) {
             Some(c) if c.offset == msg.offset => inner.put(key.clone(), c.value, now_ms()),
             // Staged by another message (cannot happen: one message per key at a time).
@@ -701,7 +775,7 @@ impl Store {
             None => 0,
         };
         self.account(delta);
-        self.fit(&mut inner, msg.partition);
+        self.fit(p, inner, msg.partition);
     }
 
     fn account(&self, delta: isize) {
@@ -712,30 +786,101 @@ impl Store {
         }
     }
 
-    /// Over the memory cap: evicts `partition`'s least recently used entries to the spill file,
-    /// down to [`EVICT_TO`] of the cap (or until the partition has nothing left in memory; the
-    /// other partitions evict on their next change). A put only grows memory while the total is
-    /// under the cap, so the total stays within the cap plus one entry per partition changing
-    /// at the same moment.
-    fn fit(&self, inner: &mut Inner, partition: i32) {
+    /// What one live partition may hold in memory: the cap over the partitions live here.
+    fn part(&self) -> u64 {
+        self.cap / self.live.load(Relaxed).max(1) as u64
+    }
+
+    /// Over its part of the cap ([`Self::part`]): evicts the partition's least recently used
+    /// entries to the spill file, down to [`EVICT_TO`] of its part, and its dedup expiry index
+    /// with them. The write runs outside the partition's lock (the entries stay readable, and
+    /// counted, in `evicting` meanwhile) and is void if the partition was reset since. One
+    /// eviction per partition at a time; a put only grows memory by one entry meanwhile.
+    fn fit(&self, p: &PartitionState, mut inner: MutexGuard<'_, Inner>, partition: i32) {
         let Some(spill) = &self.spill else {
             return;
         };
-        let total = self.bytes.load(Relaxed).max(0) as u64;
-        if total <= self.cap {
+        let part = self.part() as usize;
+        if inner.bytes <= part || inner.evicting_now {
             return;
         }
-        let want = total - (self.cap as f64 * EVICT_TO) as u64;
-        let keys = inner.mem.len();
-        match inner.evict(spill, partition, want as usize) {
-            Ok(freed) => {
-                self.gauges
-                    .spilled
-                    .increment((keys - inner.mem.len()) as u64);
-                self.account(-(freed as isize));
+        let want = inner.bytes - (part as f64 * EVICT_TO) as usize;
+        // The expiry index leaves memory first: it is read only as ids expire.
+        let index: Vec<(Bytes, i64)> = inner.expiring.drain(..).collect();
+        let mut gone: usize = index.iter().map(|(k, _)| expiring_cost(k)).sum();
+        let mut freed = gone;
+        let mut writes: Vec<(Bytes, Slot)> = Vec::new();
+        while freed < want {
+            let Some((k, slot)) = inner.mem.pop_lru() else {
+                break;
+            };
+            let c = cost(&k, &slot);
+            freed += c;
+            if slot.dirty {
+                inner.evicting.insert(k.clone(), slot.clone());
+                writes.push((k, slot));
+            } else {
+                // Read back from the spill file and unchanged since: it has it.
+                gone += c;
+            }
+        }
+        inner.bytes -= gone;
+        self.account(-(gone as isize));
+        let done_through = inner.index_cursor.clone();
+        if writes.is_empty() && index.is_empty() && done_through.is_none() {
+            return;
+        }
+        inner.evicting_now = true;
+        inner.spilled |= !writes.is_empty();
+        inner.index_on_disk |= !index.is_empty();
+        let generation = inner.generation;
+        drop(inner);
+        let batch = spill::Batch {
+            changes: writes
+                .iter()
+                .map(|(k, s)| (k.as_ref(), s.value.as_deref().map(|v| (s.updated_ms, v))))
+                .collect(),
+            index_add: &index,
+            index_done_through: done_through.as_deref(),
+        };
+        let result = spill.write(partition, &batch, || {
+            p.generation.load(Relaxed) == generation
+        });
+        drop(batch);
+        let mut inner = p.lock();
+        if inner.generation != generation {
+            // Reset meanwhile: its `evicting` went with it, and the write was void.
+            return;
+        }
+        inner.evicting_now = false;
+        match result {
+            Ok(_) => {
+                let mut written = 0;
+                for (k, _) in &writes {
+                    // Gone from `evicting` if a newer value was put meanwhile (memory has it).
+                    if let Some(slot) = inner.evicting.remove(k) {
+                        written += cost(k, &slot);
+                    }
+                }
+                inner.bytes -= written;
+                self.account(-(written as isize));
+                self.gauges.spilled.increment(writes.len() as u64);
                 self.gauges.disk.set(spill.file_bytes() as f64);
             }
             Err(e) => {
+                // Back in memory, least recently used first again.
+                for (k, _) in writes.iter().rev() {
+                    if let Some(slot) = inner.evicting.remove(k) {
+                        inner.mem.push(k.clone(), slot);
+                        inner.mem.demote(k);
+                    }
+                }
+                let back: usize = index.iter().map(|(k, _)| expiring_cost(k)).sum();
+                for entry in index.into_iter().rev() {
+                    inner.expiring.push_front(entry);
+                }
+                inner.bytes += back;
+                self.account(back as isize);
                 let now = now_ms();
                 let last = self.spill_warned_ms.load(Relaxed);
                 if now - last > 10_000
@@ -744,8 +889,19 @@ impl Store {
                         .compare_exchange(last, now, Relaxed, Relaxed)
                         .is_ok()
                 {
-                    warn!(pipeline = %self.pipeline, partition, error = %e, held = %bytesize::ByteSize(total), cap = %bytesize::ByteSize(self.cap), "state: cannot spill to disk; the state stays in memory over its share");
+                    warn!(pipeline = %self.pipeline, partition, error = %e, held = %bytesize::ByteSize(inner.bytes as u64), part = %bytesize::ByteSize(part as u64), "state: cannot spill to disk; the state stays in memory over its share");
                 }
+            }
+        }
+    }
+
+    /// After an assignment change: every live partition over its (new) part evicts now, so
+    /// that idle partitions do not keep memory the others need.
+    fn trim_all(&self) {
+        for (i, p) in self.partitions.iter().enumerate() {
+            let inner = p.lock();
+            if inner.phase == Phase::Live {
+                self.fit(p, inner, i as i32);
             }
         }
     }
@@ -789,14 +945,14 @@ impl Store {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+                let inner = p.lock();
                 let spilled_keys = match (&self.spill, inner.spilled) {
                     (Some(s), true) => s.len(i as i32).unwrap_or(0),
                     _ => 0,
                 };
                 PartitionReport {
                     partition: i as i32,
-                    keys: inner.mem.len(),
+                    keys: inner.mem.len() + inner.evicting.len(),
                     bytes: inner.bytes,
                     spilled_keys,
                     last_update_ms: inner.last_update_ms,
@@ -811,9 +967,12 @@ impl Store {
     pub fn describe(&self, key: &[u8]) -> Vec<KeyReport> {
         let mut out = Vec::new();
         for (i, p) in self.partitions.iter().enumerate() {
-            let inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
-            let found = match inner.mem.peek(key) {
-                Some(slot) => slot.value.as_ref().map(|v| (v.len(), slot.updated_ms, true)),
+            let inner = p.lock();
+            let found = match inner.mem.peek(key).or_else(|| inner.evicting.get(key)) {
+                Some(slot) => slot
+                    .value
+                    .as_ref()
+                    .map(|v| (v.len(), slot.updated_ms, true)),
                 None if inner.spilled => self
                     .spill
                     .as_ref()
@@ -841,7 +1000,7 @@ impl Store {
         use std::collections::BinaryHeap;
         let mut top: BinaryHeap<Reverse<(i64, i32, Bytes, usize)>> = BinaryHeap::new();
         for (i, p) in self.partitions.iter().enumerate() {
-            let inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let inner = p.lock();
             for (k, slot) in inner.mem.iter() {
                 let Some(v) = &slot.value else { continue };
                 top.push(Reverse((slot.updated_ms, i as i32, k.clone(), v.len())));
@@ -868,12 +1027,12 @@ impl Store {
         let Some(p) = self.partitions.get(partition as usize) else {
             return HashMap::new();
         };
-        let inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = p.lock();
         let mut out: HashMap<Bytes, Bytes> = match (&self.spill, inner.spilled) {
             (Some(s), true) => s.entries(partition).unwrap_or_default().into_iter().collect(),
             _ => HashMap::new(),
         };
-        for (k, slot) in inner.mem.iter() {
+        for (k, slot) in inner.evicting.iter().chain(inner.mem.iter()) {
             match &slot.value {
                 Some(v) => out.insert(k.clone(), v.clone()),
                 None => out.remove(k),
@@ -882,53 +1041,75 @@ impl Store {
         out
     }
 
-    /// Empties `partition`'s state: memory, pending changes, its table in the spill file.
-    /// Returns the change in bytes.
-    fn reset(&self, p: &PartitionState, partition: i32) -> isize {
-        let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let freed = inner.bytes as isize;
-        let spilled = inner.spilled;
-        *inner = Inner::default();
-        if let (Some(s), true) = (&self.spill, spilled) {
+    /// Empties `partition`'s state, memory and spill file, as a new generation in `phase`.
+    /// Returns that generation, or an error if the spill file's tables could not be emptied
+    /// (they would be read again: the partition is left `Released`).
+    fn reset(
+        &self,
+        p: &PartitionState,
+        inner: &mut Inner,
+        partition: i32,
+        phase: Phase,
+    ) -> Result<u64, SpillError> {
+        let was_live = inner.phase == Phase::Live;
+        let on_disk = inner.spilled || inner.index_on_disk || inner.evicting_now;
+        let freed = inner.reset(phase);
+        p.generation.store(inner.generation, Relaxed);
+        self.account(-(freed as isize));
+        if was_live {
+            self.live.fetch_sub(1, Relaxed);
+        }
+        if let (Some(s), true) = (&self.spill, on_disk) {
             if let Err(e) = s.clear(partition) {
-                warn!(pipeline = %self.pipeline, partition, error = %e, "state: spill file not cleared");
-                // Its rows may still be read: keep consulting it.
+                inner.phase = Phase::Released;
+                // The next reset tries again.
                 inner.spilled = true;
+                return Err(e);
             }
         }
-        -freed
+        if phase == Phase::Live {
+            self.live.fetch_add(1, Relaxed);
+        }
+        Ok(inner.generation)
     }
 
     /// The partition's supervisor of restore `generation` stopped (revoked, failed): its state
     /// leaves memory and the spill file, unless a newer restore of the partition began since.
+    /// A worker still finishing a message of it afterwards reads and changes nothing (its
+    /// `get` fails as retryable, its `applied` is ignored): the next owner redoes the message.
     pub fn release(&self, partition: i32, generation: u64) {
         let Ok(p) = self.partition(partition) else {
             return;
         };
-        if p.generation.load(Relaxed) != generation {
-            return;
+        {
+            let mut inner = p.lock();
+            if inner.generation != generation || inner.phase == Phase::Released {
+                return;
+            }
+            if let Err(e) = self.reset(p, &mut inner, partition, Phase::Released) {
+                warn!(pipeline = %self.pipeline, partition, error = %e, "state: spill file not cleared at release");
+            }
         }
-        let delta = self.reset(p, partition);
-        self.account(delta);
         self.set_keys_gauge();
+        self.trim_all();
     }
 
     fn set_keys_gauge(&self) {
         self.gauges.keys.set(
             self.partitions
                 .iter()
-                .map(|p| p.inner.lock().unwrap_or_else(|e| e.into_inner()).mem.len())
+                .map(|p| p.lock().mem.len())
                 .sum::<usize>() as f64,
         );
     }
 
     /// Rebuilds `partition`'s state from its changelog partition, beginning to end
-    /// (`read_committed`: an aborted transaction's changes are not read), within the memory
-    /// cap (spilling as it reads). Called by the partition supervisor before it fetches the
-    /// first message. Returns the restore's generation (for [`Self::release`]).
+    /// (`read_committed`: an aborted transaction's changes are not read), within its part of
+    /// the memory cap (spilling as it reads). Called by the partition supervisor before it
+    /// fetches the first message. Returns the restore's generation (for [`Self::release`]).
     ///
-    /// Cancel-safe: the reader runs on a blocking thread and stops at the next poll when this
-    /// future is dropped; the restoring mark is a guard.
+    /// Cancel-safe: when this future is dropped, the partition is reset (released) and the
+    /// reader, on a blocking thread, finds the generation changed before its next write.
     pub async fn restore(self: &Arc<Self>, partition: i32) -> Result<u64, StateError> {
         let Ok(p) = self.partition(partition) else {
             return Err(StateError::Changelog {
@@ -939,69 +1120,138 @@ impl Store {
                 ),
             });
         };
-        let generation = p.generation.fetch_add(1, Relaxed) + 1;
+        let spill_error = |e: SpillError| StateError::Changelog {
+            topic: self.changelog.to_string(),
+            message: e.to_string(),
+        };
+        let generation = {
+            let mut inner = p.lock();
+            self.reset(p, &mut inner, partition, Phase::Restoring)
+                .map_err(spill_error)?
+        };
         let _guard = self.mark_restoring(p);
         let started = Instant::now();
-        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        struct Cancel(Arc<std::sync::atomic::AtomicBool>);
-        impl Drop for Cancel {
+        /// Dropped before the restore ended: the partition is released, and the reader stops.
+        struct Abandon<'a> {
+            store: &'a Store,
+            p: &'a PartitionState,
+            partition: i32,
+            generation: u64,
+            cancelled: Arc<std::sync::atomic::AtomicBool>,
+            done: bool,
+        }
+        impl Drop for Abandon<'_> {
             fn drop(&mut self) {
-                self.0.store(true, Relaxed);
+                if self.done {
+                    return;
+                }
+                self.cancelled.store(true, Relaxed);
+                let mut inner = self.p.lock();
+                if inner.generation == self.generation && inner.phase == Phase::Restoring {
+                    let _ = self
+                        .store
+                        .reset(self.p, &mut inner, self.partition, Phase::Released);
+                }
             }
         }
-        let _cancel = Cancel(cancelled.clone());
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut abandon = Abandon {
+            store: self,
+            p,
+            partition,
+            generation,
+            cancelled: cancelled.clone(),
+            done: false,
+        };
         let (store, c) = (self.clone(), cancelled.clone());
-        let records = tokio::task::spawn_blocking(move || store.read_changelog(partition, &c))
-            .await
-            .map_err(|e| StateError::Changelog {
-                topic: self.changelog.to_string(),
-                message: format!("restore task failed: {e}"),
-            })??;
-        let keys = self.settle_restored(p, partition);
+        let records =
+            tokio::task::spawn_blocking(move || store.read_changelog(partition, generation, &c))
+                .await
+                .map_err(|e| StateError::Changelog {
+                    topic: self.changelog.to_string(),
+                    message: format!("restore task failed: {e}"),
+                })??;
+        self.settle_restored(p, partition, generation)?;
+        abandon.done = true;
         self.set_keys_gauge();
+        self.trim_all();
         let took = started.elapsed();
         metrics::histogram!(STATE_RESTORE_SECONDS, "pipeline" => self.pipeline.clone())
             .record(took.as_secs_f64());
+        let report = self.report().get(partition as usize).cloned();
+        let (keys, spilled_keys) = report.map_or((0, 0), |r| (r.keys, r.spilled_keys));
         metrics::counter!(STATE_RESTORED_KEYS, "pipeline" => self.pipeline.clone())
-            .increment(keys as u64);
-        let spilled_keys = self.report().get(partition as usize).map_or(0, |r| r.spilled_keys);
+            .increment(keys as u64 + spilled_keys);
         info!(pipeline = %self.pipeline, changelog = %self.changelog, partition, keys, spilled_keys, records, took = ?took, "state: partition restored");
         Ok(generation)
     }
 
     /// After a restore's read: expires the dedup ids older than the ttl (tombstones for them
-    /// outside `exactly_once`). Returns the keys in memory.
-    fn settle_restored(&self, p: &PartitionState, partition: i32) -> usize {
-        let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+    /// outside `exactly_once`), a chunk at a time within the memory part, then makes the
+    /// partition live.
+    fn settle_restored(
+        &self,
+        p: &PartitionState,
+        partition: i32,
+        generation: u64,
+    ) -> Result<(), StateError> {
+        let cancelled = || StateError::Changelog {
+            topic: self.changelog.to_string(),
+            message: "restore cancelled".into(),
+        };
         let ttl = self.expiry_ms.load(Relaxed);
-        if ttl > 0 {
-            inner.expiring.make_contiguous().sort_by_key(|(_, t)| *t);
-            let delta = self.expire(&mut inner, partition, now_ms(), ttl, usize::MAX);
+        let now = now_ms();
+        let mut first = true;
+        loop {
+            let mut inner = p.lock();
+            if inner.generation != generation || inner.phase != Phase::Restoring {
+                return Err(cancelled());
+            }
+            if ttl <= 0 {
+                let freed: usize = inner.expiring.iter().map(|(k, _)| expiring_cost(k)).sum();
+                inner.expiring.clear();
+                inner.bytes -= freed;
+                self.account(-(freed as isize));
+                break;
+            }
+            if first {
+                inner.expiring.make_contiguous().sort_by_key(|(_, t)| *t);
+                first = false;
+            }
+            let (delta, n) = self.expire(&mut inner, partition, now, ttl, 4096);
             self.account(delta);
-        } else {
-            let freed: usize = inner.expiring.iter().map(|(k, _)| expiring_cost(k)).sum();
-            inner.expiring.clear();
-            inner.bytes -= freed;
-            self.account(-(freed as isize));
+            self.fit(p, inner, partition);
+            if n < 4096 {
+                break;
+            }
         }
-        inner.mem.len()
+        let mut inner = p.lock();
+        if inner.generation != generation || inner.phase != Phase::Restoring {
+            return Err(cancelled());
+        }
+        inner.phase = Phase::Live;
+        self.live.fetch_add(1, Relaxed);
+        Ok(())
     }
 
-    /// Blocking: empties the partition's state, then reads its changelog partition to its end
-    /// into it (tombstones remove), spilling what does not fit. Returns how many records were
-    /// read.
+    /// Blocking: reads a changelog partition to its end into the partition's state of restore
+    /// `generation` (tombstones remove), spilling what does not fit. Stops as soon as the
+    /// restore is cancelled or the partition reset. Returns how many records were read.
     fn read_changelog(
         &self,
         partition: i32,
+        generation: u64,
         cancelled: &std::sync::atomic::AtomicBool,
     ) -> Result<u64, StateError> {
         let kafka = |source| StateError::Kafka {
             topic: self.changelog.to_string(),
             source,
         };
+        let stopped = || StateError::Changelog {
+            topic: self.changelog.to_string(),
+            message: "restore cancelled".into(),
+        };
         let p = &self.partitions[partition as usize];
-        let delta = self.reset(p, partition);
-        self.account(delta);
         let mut cfg = self.client.clone();
         cfg.set("group.id", format!("keyflow-restore-{}", self.pipeline))
             .set("enable.auto.commit", "false")
@@ -1030,10 +1280,7 @@ impl Store {
         let mut first: Option<Duration> = None;
         loop {
             if cancelled.load(Relaxed) {
-                return Err(StateError::Changelog {
-                    topic: self.changelog.to_string(),
-                    message: "restore cancelled".into(),
-                });
+                return Err(stopped());
             }
             match consumer.poll(Duration::from_millis(200)) {
                 None => {}
@@ -1044,7 +1291,15 @@ impl Store {
                         let k = Bytes::copy_from_slice(k);
                         let at = m.timestamp().to_millis().unwrap_or(0);
                         let v = m.payload().map(Bytes::copy_from_slice);
-                        let mut inner = p.inner.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut inner = p.lock();
+                        // Checked under the lock, right before the write: a reader of a
+                        // dropped restore never touches a newer generation.
+                        if cancelled.load(Relaxed)
+                            || inner.generation != generation
+                            || inner.phase != Phase::Restoring
+                        {
+                            return Err(stopped());
+                        }
                         let mut delta = 0;
                         if let (true, Some(v)) = (dedup && k.starts_with(DEDUP_PREFIX), &v) {
                             inner.bytes += expiring_cost(&k);
@@ -1054,7 +1309,7 @@ impl Store {
                         }
                         delta += inner.put(k, v, at);
                         self.account(delta);
-                        self.fit(&mut inner, partition);
+                        self.fit(p, inner, partition);
                     }
                     if m.offset() + 1 >= high {
                         break;
@@ -1074,6 +1329,19 @@ impl Store {
         Ok(records)
     }
 }
+
+/// Refuses a read or a change of a partition whose state is not live here (a late worker of a
+/// supervisor that gave the partition up): retryable, so the message is left for the owner.
+fn not_live(inner: &Inner, partition: i32) -> Result<(), ProcessError> {
+    match inner.phase {
+        Phase::Live => Ok(()),
+        Phase::Released | Phase::Restoring => Err(ProcessError::retryable(
+            "state",
+            format!("the state of partition {partition} is not live on this member (given up or restoring): left for its owner"),
+        )),
+    }
+}
+
 
 enum Ensure {
     Kafka(KafkaError),

@@ -432,11 +432,201 @@ mod spilling {
         store.stage(&mut m, key.clone(), Some(Bytes::from_static(b"1"))).await.unwrap();
         store.applied(&m, &key);
         // The supervisor of generation 0 stops after generation 1's restore began.
-        store.partitions[1].generation.fetch_add(1, Relaxed);
+        store.partitions[1].lock().generation += 1;
         store.release(1, 0);
         assert_eq!(store.snapshot(1).len(), 1, "released by a stale supervisor");
         store.release(1, 1);
         assert!(store.snapshot(1).is_empty());
         assert_eq!(store.bytes(), 0);
+    }
+}
+
+/// Review of 7a8e695 (state spill): each test failed on that commit.
+mod review {
+    use super::*;
+
+    /// Finding 1: a worker still running a message of a partition whose state was released
+    /// (stopped at the drain deadline) writes nothing computed from the emptied state.
+    #[tokio::test]
+    async fn a_late_message_of_a_released_partition_writes_nothing_computed_from_an_empty_state() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("in.dlq", 1, 1).unwrap();
+        cluster.create_topic("changelog", 1, 1).unwrap();
+        let brokers = cluster.bootstrap_servers();
+        let ((p, store), key) = (alo_pipeline(&brokers, Arc::new(Pass)), Bytes::from_static(b"a"));
+        let mut m0 = Message::new("in", 0, 0, Some(b"a"), b"100");
+        store.stage(&mut m0, key.clone(), Some(Bytes::from_static(b"100"))).await.unwrap();
+        store.applied(&m0, &key);
+        let generation = store.partitions[0].lock().generation;
+        store.release(0, generation);
+        let out = p.execute(&Message::new("in", 0, 1, Some(b"a"), b"5"), 1).await;
+        assert_eq!(
+            changelog_records(&brokers),
+            0,
+            "a message of a released partition wrote a=5, computed from an empty state ({out:?})"
+        );
+        // A late completion of the released partition leaves nothing in memory either.
+        let mut late = Message::new("in", 0, 2, Some(b"b"), b"1");
+        let _ = store.stage(&mut late, key.clone(), Some(Bytes::from_static(b"1"))).await;
+        store.applied(&late, &key);
+        store.put_now(&late, Bytes::from_static(b"c"), Some(Bytes::from_static(b"1")));
+        assert_eq!(store.bytes(), 0);
+        assert!(store.snapshot(0).is_empty());
+    }
+
+    /// Finding 2: a release that checked its generation and then waited for the lock leaves a
+    /// newer restore's state alone.
+    #[test]
+    fn a_release_that_lost_the_race_to_a_newer_restore_leaves_its_state_alone() {
+        let store = Store::in_memory(2, producer(), true);
+        let (s, p) = (store.clone(), &store.partitions[1]);
+        let mut inner = p.lock();
+        // Generation 0's supervisor stops: its release waits for the lock.
+        let release = std::thread::spawn(move || s.release(1, 0));
+        std::thread::sleep(Duration::from_millis(200));
+        // Meanwhile generation 1's restore begins and reads a record.
+        inner.generation += 1;
+        let d = inner.put(Bytes::from_static(b"a"), Some(Bytes::from_static(b"1")), 0);
+        store.account(d);
+        drop(inner);
+        release.join().unwrap();
+        assert_eq!(
+            store.snapshot(1).len(),
+            1,
+            "a stale release emptied the state a newer restore is reading"
+        );
+    }
+
+    /// Finding 3: the blocking reader of a dropped restore (its task run late) never touches
+    /// the partition again.
+    #[tokio::test]
+    async fn the_reader_of_a_dropped_restore_never_touches_the_partition_again() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("changelog", 2, 1).unwrap();
+        let mut store = Store::in_memory(2, producer(), true);
+        Arc::get_mut(&mut store)
+            .unwrap()
+            .client
+            .set("bootstrap.servers", cluster.bootstrap_servers());
+        let key = Bytes::from_static(b"a");
+        let mut m = msg(0, "a", 1);
+        store.stage(&mut m, key.clone(), Some(Bytes::from_static(b"7"))).await.unwrap();
+        store.applied(&m, &key);
+        for cancelled in [true, false] {
+            // Generation 0's reader, its restore dropped, runs now against generation 0 (live).
+            let (s, c) = (store.clone(), std::sync::atomic::AtomicBool::new(cancelled));
+            let _ = tokio::task::spawn_blocking(move || s.read_changelog(1, 0, &c))
+                .await
+                .unwrap();
+            assert_eq!(
+                store.snapshot(1).get(&key[..]).map(|v| &v[..]),
+                Some(&b"7"[..]),
+                "a cancelled restore's reader emptied the live state"
+            );
+        }
+    }
+
+    /// Finding 4: a partition full of idle keys does not push another partition's keys out.
+    #[tokio::test]
+    async fn a_full_idle_partition_does_not_push_out_another_partitions_hot_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::spilling(2, producer(), true, 4096, dir.path()).unwrap();
+        for (p, n) in [(0, 17), (1, 10)] {
+            for i in 0..n {
+                let key = Bytes::from(format!("p{p}-{i:02}"));
+                let mut m = Message::new("in", p, i, Some(&key), b"x");
+                store.stage(&mut m, key.clone(), Some(Bytes::from(vec![b'v'; 100]))).await.unwrap();
+                store.applied(&m, &key);
+            }
+        }
+        let r = store.report();
+        assert!(
+            r[1].keys >= 5,
+            "partition 1's hot keys evicted, partition 0's idle ones kept: {r:?}"
+        );
+        assert!(store.bytes() as u64 <= 4096 + 2 * 300, "{r:?}");
+    }
+
+    /// Finding 5: a read of a key in memory does not wait for the spill file's writer.
+    #[test]
+    fn a_read_of_a_key_in_memory_does_not_wait_for_the_spill_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::spilling(2, producer(), true, 4096, dir.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let stage = |m: &mut Message, k: &'static str, n: usize| {
+            rt.block_on(store.stage(m, Bytes::from_static(k.as_bytes()), Some(Bytes::from(vec![b'v'; n]))))
+                .unwrap();
+        };
+        let mut hot = Message::new("in", 1, 0, Some(b"hot"), b"x");
+        stage(&mut hot, "hot", 10);
+        store.applied(&hot, &Bytes::from_static(b"hot"));
+        // Another writer of the spill file (partition 0's eviction) holds redb's writer.
+        let ((hold, held), s) = (std::sync::mpsc::channel::<()>(), store.clone());
+        let writer = std::thread::spawn(move || {
+            s.spill
+                .as_ref()
+                .unwrap()
+                .write(0, &spill::Batch::default(), || held.recv().is_ok())
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        // Partition 1 goes over its part: its eviction waits for that writer.
+        let mut big = Message::new("in", 1, 1, Some(b"big"), b"x");
+        stage(&mut big, "big", 5000);
+        let s = store.clone();
+        let evicting = std::thread::spawn(move || s.applied(&big, &Bytes::from_static(b"big")));
+        std::thread::sleep(Duration::from_millis(100));
+        let ((tx, rx), s) = (std::sync::mpsc::channel(), store.clone());
+        std::thread::spawn(move || {
+            let m = Message::new("in", 1, 2, Some(b"hot"), b"x");
+            tx.send(s.get(&m, &Bytes::from_static(b"hot")).ok().flatten().is_some())
+        });
+        let answered = rx.recv_timeout(Duration::from_secs(1));
+        hold.send(()).unwrap();
+        writer.join().unwrap();
+        evicting.join().unwrap();
+        assert_eq!(
+            answered,
+            Ok(true),
+            "a read of an in-memory key waited for another partition's spill write"
+        );
+        assert!(store.describe(b"big")[0].size == 5000);
+    }
+
+    /// Finding 6: dedup ids within their ttl stay within the memory cap (their expiry index
+    /// goes to the spill file), and still expire from there.
+    #[tokio::test]
+    async fn dedup_ids_within_the_ttl_stay_within_the_memory_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::spilling(1, producer(), true, 4096, dir.path()).unwrap();
+        store.set_expiry(Duration::from_millis(300));
+        let id = |i: i64| {
+            let mut key = DEDUP_PREFIX.to_vec();
+            key.extend_from_slice(i.to_string().as_bytes());
+            Bytes::from(key)
+        };
+        for i in 0..500i64 {
+            let m = Message::new("in", 0, i, Some(b"k"), b"{}");
+            store.put_now(&m, id(i), Some(Bytes::copy_from_slice(&now_ms().to_be_bytes())));
+        }
+        assert!(
+            store.bytes() <= 4096 + 256,
+            "{} bytes in memory for a 4096-byte cap",
+            store.bytes()
+        );
+        assert_eq!(store.snapshot(0).len(), 500);
+        // After the ttl, new ids expire the old ones, the spilled index's first.
+        std::thread::sleep(Duration::from_millis(400));
+        for i in 500..520i64 {
+            let m = Message::new("in", 0, i, Some(b"k"), b"{}");
+            store.put_now(&m, id(i), Some(Bytes::copy_from_slice(&now_ms().to_be_bytes())));
+        }
+        let left = store.snapshot(0);
+        assert!(
+            !left.contains_key(&id(0)) && left.len() < 500,
+            "{} ids left; id 0 still there: {}",
+            left.len(),
+            left.contains_key(&id(0))
+        );
     }
 }
