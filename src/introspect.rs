@@ -67,6 +67,11 @@ pub struct PartitionDebug {
     pub since_last_completion_seconds: Option<f64>,
     /// Keys held back behind a running message of the same key.
     pub waiting_keys: Vec<WaitingKey>,
+    /// Messages in the partition's hot-key overflow file, and the keys with most of them (10).
+    #[serde(default)]
+    pub overflow_messages: usize,
+    #[serde(default)]
+    pub overflow_keys: Vec<(String, usize)>,
     /// Set when the supervisor did not answer in time (it is busy or blocked).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,

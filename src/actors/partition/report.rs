@@ -275,6 +275,14 @@ pub(super) fn inspect(s: &PartitionState) -> PartitionDebug {
             .last_completion
             .map(|t| now.duration_since(t).as_secs_f64()),
         waiting_keys,
+        overflow_messages: s.overflow.len(),
+        overflow_keys: {
+            let mut keys: Vec<(String, usize)> =
+                s.overflow.keys().map(|(k, n)| (show_key(k), n)).collect();
+            keys.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+            keys.truncate(10);
+            keys
+        },
         error: None,
     }
 }
