@@ -72,6 +72,8 @@ pub struct PartitionDebug {
     pub overflow_messages: usize,
     #[serde(default)]
     pub overflow_keys: Vec<(String, usize)>,
+    #[serde(default)]
+    pub overflow_disk_bytes: u64,
     /// Set when the supervisor did not answer in time (it is busy or blocked).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,

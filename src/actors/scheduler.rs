@@ -99,6 +99,11 @@ impl<T: Keyed> KeyScheduler<T> {
         Ok(self.admit(m))
     }
 
+    /// A message of `key` runs (key mode).
+    pub fn is_busy(&self, key: &Bytes) -> bool {
+        self.busy.contains_key(key)
+    }
+
     /// Messages waiting behind the running message of `key` (key mode).
     pub fn queued(&self, key: &Bytes) -> usize {
         self.busy.get(key).map_or(0, VecDeque::len)

@@ -9,9 +9,13 @@
 //! - Commit: a message in the file is received and not complete, so the commit point stays at
 //!   or below it: a crash or a rebalance re-delivers it from Kafka (the file is a cache, never
 //!   read after the supervisor stops).
-//! - Memory: an index entry per message in the file (its place and when it arrived); the file
-//!   is anonymous (made unlinked in the system's temp dir, gone with the process) and is
-//!   emptied each time every message in it has been read back.
+//! - Memory: an index entry per message in the file ([`INDEX_COST`]), counted with the offset
+//!   tracker in the partition's share: at half of it the partition takes no more messages
+//!   until the hot key catches up (the backlog stays in Kafka). The file is anonymous (made
+//!   unlinked in the system's temp dir, gone with the process), a chain of segments each
+//!   dropped once every message in it was read back.
+//! - A failed write (disk full): what was pushed stays readable from the write buffer, and the
+//!   partition takes no more messages until a write succeeds.
 //! - Cost: nothing on the path of a key under its share (one flag test); a spilled message is
 //!   written once (buffered, one `pwrite` per [`WRITE_BUFFER`]) and read once (one `pread`).
 //!
@@ -34,6 +38,12 @@ use crate::message::Message;
 
 /// Bytes gathered before a write to the file.
 const WRITE_BUFFER: usize = 64 << 10;
+/// The file is a chain of segments of about this size: a segment is dropped (its disk space
+/// given back) once every message in it was read back, so the disk holds about the backlog,
+/// not everything ever spilled.
+const SEGMENT_BYTES: u64 = 4 << 20;
+/// What a message in the file costs in memory: its index entry (and the deque's slack).
+pub const INDEX_COST: u64 = 24;
 
 /// A key's share of a partition's in-flight messages: how many may wait behind its running one
 /// before the rest go to the overflow file.
@@ -41,25 +51,39 @@ pub fn key_share(max_in_flight: usize) -> usize {
     (max_in_flight / 8).max(4)
 }
 
-/// Where a message is in the file.
+/// Where a message is: segment id, place in it.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    pos: u64,
+    segment: u64,
+    pos: u32,
     len: u32,
-    received: Instant,
+}
+
+#[derive(Debug)]
+struct Segment {
+    id: u64,
+    file: File,
+    /// Bytes written to the file; the write buffer (last segment only) continues from here.
+    written: u64,
+    /// Messages in it not read back yet.
+    live: usize,
 }
 
 /// One partition's overflow: messages of keys over their share, per key in offset order.
 #[derive(Debug, Default)]
 pub struct Overflow {
-    file: Option<File>,
-    /// Bytes written to the file; the write buffer continues from here.
-    flushed: u64,
+    /// Oldest first; the last one is written to.
+    segments: VecDeque<Segment>,
+    next_id: u64,
+    /// Bytes of the last segment not written yet (they are read from here meanwhile).
     buf: Vec<u8>,
     keys: FxHashMap<Bytes, VecDeque<Entry>>,
     /// Messages in the file not read back yet.
     held: usize,
-    /// Every message ever spilled / read back (for `/debug` and metrics).
+    /// The last write failed (disk full, I/O error): what was pushed is still readable from
+    /// `buf`, and the partition takes no more messages until a write succeeds.
+    failing: bool,
+    /// Every message ever spilled (for `/debug` and metrics).
     pub spilled_total: u64,
 }
 
@@ -85,45 +109,104 @@ impl Overflow {
         !self.is_empty() && self.keys.contains_key(key)
     }
 
-    /// Writes `m` (it has a key) to the file, behind its key's earlier ones.
+    /// The last write failed: take no more messages (see [`Self::retry`]).
+    pub fn failing(&self) -> bool {
+        self.failing
+    }
+
+    /// Memory the overflow takes: its index and the write buffer.
+    pub fn memory(&self) -> u64 {
+        self.held as u64 * INDEX_COST + self.buf.capacity() as u64
+    }
+
+    /// Bytes on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.written).sum()
+    }
+
+    /// Writes `m` (it has a key) behind its key's earlier ones. Never refuses: a record that
+    /// cannot be written stays readable in the buffer, and [`Self::failing`] says so.
     pub fn push(&mut self, m: &Message) -> io::Result<()> {
         let Some(key) = &m.key else {
             return Err(io::Error::other("a message without key is never held back"));
         };
-        if self.file.is_none() {
-            self.file = Some(tempfile::tempfile()?);
+        let full = self
+            .segments
+            .back()
+            .is_none_or(|s| s.written + self.buf.len() as u64 >= SEGMENT_BYTES);
+        if full && self.flush().is_ok() {
+            // A new segment (the last one is complete): on failure, keep appending to the
+            // buffer of the last one, if any.
+            match tempfile::tempfile() {
+                Ok(file) => {
+                    self.segments.push_back(Segment {
+                        id: self.next_id,
+                        file,
+                        written: 0,
+                        live: 0,
+                    });
+                    self.next_id += 1;
+                }
+                Err(e) if self.segments.is_empty() => {
+                    self.failing = true;
+                    return Err(e);
+                }
+                Err(_) => self.failing = true,
+            }
         }
-        let pos = self.flushed + self.buf.len() as u64;
+        let Some(seg) = self.segments.back_mut() else {
+            return Err(io::Error::other("no overflow segment"));
+        };
+        let pos = seg.written + self.buf.len() as u64;
         encode(m, &mut self.buf);
-        let len = (self.flushed + self.buf.len() as u64 - pos) as u32;
-        if self.buf.len() >= WRITE_BUFFER {
-            self.flush()?;
-        }
-        self.keys.entry(key.clone()).or_default().push_back(Entry {
-            pos,
+        let len = (seg.written + self.buf.len() as u64 - pos) as u32;
+        seg.live += 1;
+        let entry = Entry {
+            segment: seg.id,
+            pos: pos as u32,
             len,
-            received: m.received,
-        });
+        };
+        self.keys.entry(key.clone()).or_default().push_back(entry);
         self.held += 1;
         self.spilled_total += 1;
+        if self.buf.len() >= WRITE_BUFFER {
+            let _ = self.flush();
+        }
         Ok(())
     }
 
+    /// Writes the buffer to the last segment; a failure keeps it (readable) and sets
+    /// [`Self::failing`].
     fn flush(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let Some(f) = &self.file else {
-            return Err(io::Error::other("overflow file missing"));
+        let Some(seg) = self.segments.back_mut() else {
+            return Ok(());
         };
-        f.write_all_at(&self.buf, self.flushed)?;
-        self.flushed += self.buf.len() as u64;
-        self.buf.clear();
-        Ok(())
+        match seg.file.write_all_at(&self.buf, seg.written) {
+            Ok(()) => {
+                seg.written += self.buf.len() as u64;
+                self.buf.clear();
+                self.failing = false;
+                Ok(())
+            }
+            Err(e) => {
+                self.failing = true;
+                Err(e)
+            }
+        }
     }
 
-    /// The oldest message of `key` in the file, if any. When the file holds nothing more it is
-    /// emptied (its space given back).
+    /// After a failed write: tries again (on a tick, or before a fetch).
+    pub fn retry(&mut self) {
+        if self.failing {
+            let _ = self.flush();
+        }
+    }
+
+    /// The oldest message of `key` in the file, if any. A segment every message of which was
+    /// read back is dropped; when nothing is held the buffer is given back too.
     pub fn pop(&mut self, key: &Bytes, topic: &Arc<str>, partition: i32) -> Option<io::Result<Message>> {
         let q = self.keys.get_mut(key)?;
         let e = q.pop_front()?;
@@ -131,36 +214,47 @@ impl Overflow {
             self.keys.remove(key);
         }
         self.held -= 1;
-        let read = self.read(e).map(|bytes| decode(bytes, topic, partition, e.received));
+        let read = self.read(e).map(|bytes| decode(bytes, topic, partition));
+        if let Some(seg) = self.segment_mut(e.segment) {
+            seg.live -= 1;
+        }
+        while self.segments.len() > 1 && self.segments.front().is_some_and(|s| s.live == 0) {
+            self.segments.pop_front();
+        }
         if self.held == 0 {
-            self.reset();
+            self.segments.clear();
+            self.buf = Vec::new();
+            self.keys.shrink_to_fit();
+            self.failing = false;
         }
         Some(read.and_then(|m| m.ok_or_else(|| io::Error::other("overflow record unreadable"))))
     }
 
-    fn read(&mut self, e: Entry) -> io::Result<Bytes> {
-        if e.pos + e.len as u64 > self.flushed {
-            self.flush()?;
-        }
-        let Some(f) = &self.file else {
-            return Err(io::Error::other("overflow file missing"));
-        };
-        let mut b = BytesMut::zeroed(e.len as usize);
-        f.read_exact_at(&mut b, e.pos)?;
-        Ok(b.freeze())
+    fn segment_mut(&mut self, id: u64) -> Option<&mut Segment> {
+        let first = self.segments.front()?.id;
+        self.segments.get_mut(id.checked_sub(first)? as usize)
     }
 
-    /// Nothing held: the file is truncated and written from its start again.
-    fn reset(&mut self) {
-        self.buf.clear();
-        self.buf.shrink_to(0);
-        self.flushed = 0;
-        self.keys.shrink_to_fit();
-        if let Some(f) = &self.file {
-            if f.set_len(0).is_err() {
-                self.file = None;
+    fn read(&mut self, e: Entry) -> io::Result<Bytes> {
+        let last = self.segments.back().map(|s| (s.id, s.written));
+        let (pos, len) = (e.pos as u64, e.len as usize);
+        if let Some((id, written)) = last {
+            if id == e.segment && pos >= written {
+                // Still in the write buffer: no write needed to read it.
+                let at = (pos - written) as usize;
+                return self
+                    .buf
+                    .get(at..at + len)
+                    .map(Bytes::copy_from_slice)
+                    .ok_or_else(|| io::Error::other("overflow record past the buffer"));
             }
         }
+        let Some(seg) = self.segment_mut(e.segment) else {
+            return Err(io::Error::other("overflow segment missing"));
+        };
+        let mut b = BytesMut::zeroed(len);
+        seg.file.read_exact_at(&mut b, pos)?;
+        Ok(b.freeze())
     }
 }
 
@@ -209,7 +303,7 @@ fn get_opt(b: &mut Bytes) -> Option<Option<Bytes>> {
 }
 
 /// The message written by [`encode`]; `None` if the bytes are not one (a damaged file).
-fn decode(mut b: Bytes, topic: &Arc<str>, partition: i32, received: Instant) -> Option<Message> {
+fn decode(mut b: Bytes, topic: &Arc<str>, partition: i32) -> Option<Message> {
     if b.remaining() < 9 {
         return None;
     }
@@ -247,7 +341,8 @@ fn decode(mut b: Bytes, topic: &Arc<str>, partition: i32, received: Instant) -> 
         key,
         payload,
         headers,
-        received,
+        // Back in memory now: queue wait and drain ages count from here.
+        received: Instant::now(),
         outbox: Vec::new(),
     })
 }
@@ -293,7 +388,7 @@ mod tests {
         let b = o.pop(&Bytes::from_static(b"b"), &topic, 3).unwrap().unwrap();
         assert_eq!((b.offset, b.payload, b.timestamp_ms), (3, None, None));
         assert!(o.is_empty());
-        assert_eq!(o.flushed, 0, "emptied once everything was read back");
+        assert!(o.segments.is_empty(), "emptied once everything was read back");
     }
 
     #[test]
@@ -304,7 +399,7 @@ mod tests {
         for i in 0..500 {
             o.push(&msg(i, "hot", &payload)).unwrap();
         }
-        assert!(o.flushed > 0, "written to the file, not all buffered");
+        assert!(o.disk_bytes() > 0, "written to the file, not all buffered");
         let hot = Bytes::from_static(b"hot");
         for i in 0..500 {
             let m = o.pop(&hot, &topic, 3).unwrap().unwrap();
@@ -314,16 +409,57 @@ mod tests {
         assert!(o.pop(&hot, &topic, 3).is_none());
     }
 
+    /// Review F1: a steady hot key (always one message held) does not grow the file.
+    #[test]
+    fn a_steady_hot_key_does_not_grow_the_file() {
+        let (topic, hot): (Arc<str>, _) = (Arc::from("t"), Bytes::from_static(b"hot"));
+        let (mut o, payload) = (Overflow::default(), "x".repeat(1000));
+        o.push(&msg(0, "hot", &payload)).unwrap();
+        for i in 1..20_000 {
+            o.push(&msg(i, "hot", &payload)).unwrap();
+            assert_eq!(o.pop(&hot, &topic, 3).unwrap().unwrap().offset, i - 1);
+        }
+        let on_disk = o.disk_bytes();
+        assert!(
+            on_disk <= 2 * SEGMENT_BYTES,
+            "1 message (1 KB) held, {on_disk} bytes on disk"
+        );
+    }
+
+    /// Review F4: with the disk full, what was pushed stays readable (from the buffer, without
+    /// a write), the overflow says it is failing, and nothing is lost or reordered.
+    #[test]
+    fn a_full_disk_keeps_what_was_pushed_readable_and_in_order() {
+        let (topic, hot): (Arc<str>, _) = (Arc::from("t"), Bytes::from_static(b"hot"));
+        let mut o = Overflow::default();
+        let payload = "x".repeat(1000);
+        o.push(&msg(0, "hot", &payload)).unwrap();
+        o.segments.back_mut().unwrap().file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        for i in 1..200 {
+            o.push(&msg(i, "hot", &payload)).unwrap();
+        }
+        assert!(o.failing(), "a failed write is reported");
+        for i in 0..200 {
+            let m = o.pop(&hot, &topic, 3).unwrap().expect("readable without a write");
+            assert_eq!(m.offset, i);
+        }
+        assert!(o.is_empty() && !o.failing());
+    }
+
     #[test]
     fn damaged_bytes_decode_to_none_never_a_panic() {
         let topic: Arc<str> = Arc::from("t");
         let mut buf = Vec::new();
         encode(&msg(9, "k", "payload"), &mut buf);
         for cut in 0..buf.len() {
-            let _ = decode(Bytes::copy_from_slice(&buf[..cut]), &topic, 0, Instant::now());
+            let _ = decode(Bytes::copy_from_slice(&buf[..cut]), &topic, 0);
         }
         let mut bad = buf.clone();
         bad[8] = 7;
-        assert!(decode(Bytes::from(bad), &topic, 0, Instant::now()).is_none());
+        assert!(decode(Bytes::from(bad), &topic, 0).is_none());
     }
 }

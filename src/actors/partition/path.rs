@@ -64,9 +64,10 @@ pub(super) async fn fetch(
     let Some(queue) = s.queue.take() else {
         return Ok(());
     };
+    s.overflow.retry();
     let mut taken = 0;
     let mut result = Ok(());
-    while s.flow.has_room() && !metadata_full(s) {
+    while s.flow.has_room() && !metadata_full(s) && !overflow_full(s, budget) {
         if taken == FETCH_BATCH {
             let _ = me.cast(PartitionMsg::Fetch);
             break;
@@ -102,6 +103,19 @@ pub(super) async fn fetch(
 fn metadata_full(s: &PartitionState) -> bool {
     s.pipeline.txn.is_some() && s.tracker.pending() >= EXACTLY_ONCE_MAX_PENDING
 }
+
+/// A hot key is far behind: the offsets received above the commit point (the tracker's
+/// entries) and the overflow file's index take half the partition's share, or the overflow
+/// file cannot be written. The partition takes no more messages until the key catches up (the
+/// backlog waits in Kafka, as it did before the overflow). One compare per fetched message.
+fn overflow_full(s: &PartitionState, budget: u64) -> bool {
+    !s.overflow.is_empty()
+        && (s.overflow.failing()
+            || s.tracker.pending() as u64 * OFFSET_COST + s.overflow.memory() > budget / 2)
+}
+
+/// What an offset received above the commit point costs the tracker.
+const OFFSET_COST: u64 = 16;
 
 pub(super) async fn admit(
     me: &ActorRef<PartitionMsg>,
@@ -415,7 +429,11 @@ async fn refill(
     if s.scheduler.queued(key) >= s.key_share / 2 {
         return Ok(());
     }
-    while s.scheduler.queued(key) < s.key_share {
+    // Within the partition's byte budget, except one message when the key has nothing in
+    // memory: it must run, or nothing would call this again for the key.
+    while s.scheduler.queued(key) < s.key_share
+        && (s.flow.has_room() || !s.scheduler.is_busy(key))
+    {
         let Some(read) = s.overflow.pop(key, &s.topic, s.partition) else {
             break;
         };

@@ -188,9 +188,31 @@ pub(super) fn observe(s: &mut PartitionState) {
     // incomplete message arrived: a message is never called stuck before it has waited
     // `stuck_after` itself (ticks are `commit_interval` apart).
     let waiting_since = oldest_received.map_or(s.last_progress, |r| r.max(s.last_progress));
-    let stuck = pending && now.duration_since(waiting_since) > crate::metrics::stuck_after();
+    let stuck_after = crate::metrics::stuck_after();
+    let idle = pending && now.duration_since(waiting_since) > stuck_after;
+    // A hung key among flowing keys: the others complete, so the partition looks alive, but one
+    // message has run for `stuck_after` while more of its key wait (in memory or in the
+    // overflow file) and it holds the commit point. O(workers) per tick.
+    let hung = s
+        .workers
+        .iter()
+        .filter_map(|w| w.running.as_ref().map(|m| (m, w.started)))
+        .find(|(m, started)| {
+            now.duration_since(*started) > stuck_after
+                && m.key
+                    .as_ref()
+                    .is_some_and(|k| s.overflow.holds(k) || s.scheduler.queued(k) > 0)
+        });
+    let stuck = idle || hung.is_some();
     if stuck && !s.stats.stuck.load(Relaxed) {
-        warn!(topic = %s.topic, partition = s.partition, lag, in_flight = s.flow.count(), since_progress = ?now.duration_since(waiting_since), "partition stuck: nothing completed");
+        match hung.filter(|_| !idle) {
+            Some((m, started)) => {
+                warn!(topic = %s.topic, partition = s.partition, offset = m.offset, key = %m.key.as_deref().map(show_key).unwrap_or_default(), running = ?now.duration_since(started), waiting = s.scheduler.queued(m.key.as_ref().unwrap_or(&bytes::Bytes::new())), in_overflow = s.overflow.len(), "partition stuck: one key's message has run for stuck_after while more of the key wait")
+            }
+            None => {
+                warn!(topic = %s.topic, partition = s.partition, lag, in_flight = s.flow.count(), since_progress = ?now.duration_since(waiting_since), "partition stuck: nothing completed")
+            }
+        }
     }
     s.stats.stuck.store(stuck, Relaxed);
     s.stats.lag.store(lag, Relaxed);
@@ -276,6 +298,7 @@ pub(super) fn inspect(s: &PartitionState) -> PartitionDebug {
             .map(|t| now.duration_since(t).as_secs_f64()),
         waiting_keys,
         overflow_messages: s.overflow.len(),
+        overflow_disk_bytes: s.overflow.disk_bytes(),
         overflow_keys: {
             let mut keys: Vec<(String, usize)> =
                 s.overflow.keys().map(|(k, n)| (show_key(k), n)).collect();
