@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use support::{inline_config, pipeline_header, unique, Broker, OutMsg};
 
+const STUCK_AFTER: Duration = Duration::from_secs(2);
+
 /// Records each run (key, offset). The key "hot" sleeps `first` on its first message and `hot`
 /// on the others; other keys 1 ms.
 struct Rec {
@@ -70,9 +72,9 @@ async fn start(
         pipeline_header(topic, group, extra)
     );
     let mut config = inline_config(&b.bootstrap, &toml);
-    if let Some(d) = stuck_after {
-        config.global.stuck_after = d;
-    }
+    // `stuck_after` is process-wide (the last runtime started sets it): every test of this
+    // file uses the same, so that they can run side by side.
+    config.global.stuck_after = stuck_after.unwrap_or(STUCK_AFTER);
     keyflow::Runtime::new(config)
         .with_processor("rec", rec.clone())
         .start()
@@ -99,7 +101,7 @@ async fn refill_keeps_the_partition_within_its_byte_budget() {
         broker,
         &topic,
         &group,
-        "max_in_flight = 1000\nmax_buffered_bytes = \"1MiB\"\ncommit_interval = \"50ms\"",
+        "max_in_flight = 1000\nmax_buffered_bytes = \"1MiB\"",
         &rec,
         None,
     )
@@ -142,9 +144,9 @@ async fn a_hung_hot_key_under_steady_traffic_is_reported_stuck() {
         broker,
         &topic,
         &group,
-        "max_in_flight = 80\ncommit_interval = \"200ms\"",
+        "max_in_flight = 80",
         &rec,
-        Some(Duration::from_secs(2)),
+        Some(STUCK_AFTER),
     )
     .await;
     let (t0, mut stuck, mut i) = (Instant::now(), false, 0);
