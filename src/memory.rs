@@ -517,7 +517,10 @@ mod tests {
         let err = PipelineMemory::new(256 * MIB, 1, 64 * MIB)
             .with_state(Some(250 * MIB))
             .unwrap_err();
-        assert!(err.starts_with("state.memory:") && err.contains("lower state.memory"), "{err}");
+        assert!(
+            err.starts_with("state.memory:") && err.contains("lower state.memory"),
+            "{err}"
+        );
     }
 
     #[test]

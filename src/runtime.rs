@@ -140,8 +140,11 @@ impl Runtime {
             "memory budget for messages"
         );
         for (spec, pstats) in self.config.pipelines.into_iter().zip(self.stats) {
-            let mut memory =
-                crate::memory::PipelineMemory::new(memory_limit, pipelines, spec.max_buffered_bytes);
+            let mut memory = crate::memory::PipelineMemory::new(
+                memory_limit,
+                pipelines,
+                spec.max_buffered_bytes,
+            );
             if let Some(st) = &spec.state {
                 memory = memory
                     .with_state(st.memory)

@@ -316,7 +316,12 @@ async fn a_hot_key_does_not_starve_its_partition() {
         assert!(*seq > prev, "key {k}: {seq} ran after {prev}");
     }
     let hot_done: Vec<Instant> = runs.iter().filter(|r| r.0 == "hot").map(|r| r.2).collect();
-    let others_last = runs.iter().filter(|r| r.0 != "hot").map(|r| r.2).max().unwrap();
+    let others_last = runs
+        .iter()
+        .filter(|r| r.0 != "hot")
+        .map(|r| r.2)
+        .max()
+        .unwrap();
     let hot_before = hot_done.iter().filter(|t| **t <= others_last).count();
     println!(
         "hot key: {hot_before} of {} messages done when the other keys' 1,200 were all done",

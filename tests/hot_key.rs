@@ -221,7 +221,10 @@ async fn a_hung_hot_key_does_not_read_ahead_without_bound() {
         }
     }
     running.shutdown().await;
-    println!("with the hot key hung: {last} of {} other messages ran", N - N / 10);
+    println!(
+        "with the hot key hung: {last} of {} other messages ran",
+        N - N / 10
+    );
     assert!(last > 1000, "the other keys flowed for a while: {last}");
     assert!(
         last < 40_000,

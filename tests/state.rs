@@ -298,7 +298,9 @@ fn balances_equal_the_fold_after_kill9_and_rebalance() {
         spilled.iter().any(|&n| n > 0),
         "with {STATE_MEMORY} of state memory, restores spilled to disk: {spilled:?}"
     );
-    println!("keys in the spill file after each restore ({STATE_MEMORY} of state memory): {spilled:?}");
+    println!(
+        "keys in the spill file after each restore ({STATE_MEMORY} of state memory): {spilled:?}"
+    );
     println!(
         "{EVENTS} events, {ACCOUNTS} accounts, {PARTITIONS} partitions: all balances equal their fold; \
          {rejected} rejections; {total_records} changelog records (uncompacted); in {took:?}"

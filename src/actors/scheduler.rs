@@ -189,7 +189,11 @@ mod tests {
         assert_eq!(s.admit_within(m("a", 1), 2), Ok(Some(m("a", 1))));
         assert_eq!(s.admit_within(m("a", 2), 2), Ok(None));
         assert_eq!(s.admit_within(m("a", 3), 2), Ok(None));
-        assert_eq!(s.admit_within(m("a", 4), 2), Err(m("a", 4)), "two already wait");
+        assert_eq!(
+            s.admit_within(m("a", 4), 2),
+            Err(m("a", 4)),
+            "two already wait"
+        );
         assert_eq!(s.admit_within(m("b", 5), 2), Ok(Some(m("b", 5))));
         assert_eq!(s.queued(&Bytes::from_static(b"a")), 2);
         assert_eq!(s.complete(Some(&Bytes::from_static(b"a"))), Some(m("a", 2)));

@@ -671,7 +671,9 @@ impl Store {
                 inner.bytes += expiring_cost(&key);
                 delta += expiring_cost(&key) as isize;
                 inner.expiring.push_back((key.clone(), at));
-                delta += self.expire(&mut inner, msg.partition, now, ttl, EXPIRE_PER_PUT).0;
+                delta += self
+                    .expire(&mut inner, msg.partition, now, ttl, EXPIRE_PER_PUT)
+                    .0;
             }
             self.account(delta);
             self.fit(p, inner, msg.partition);
@@ -716,7 +718,12 @@ impl Store {
         let mut delta = 0;
         let mut due: Vec<Bytes> = Vec::new();
         if let (Some(spill), true) = (&self.spill, inner.index_on_disk) {
-            match spill.expired(partition, inner.index_cursor.as_deref(), now - ttl - 1, most) {
+            match spill.expired(
+                partition,
+                inner.index_cursor.as_deref(),
+                now - ttl - 1,
+                most,
+            ) {
                 Ok(entries) => {
                     if let Some((last, _, _)) = entries.last() {
                         inner.index_cursor = Some(last.clone());
@@ -1029,7 +1036,11 @@ impl Store {
         };
         let inner = p.lock();
         let mut out: HashMap<Bytes, Bytes> = match (&self.spill, inner.spilled) {
-            (Some(s), true) => s.entries(partition).unwrap_or_default().into_iter().collect(),
+            (Some(s), true) => s
+                .entries(partition)
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
             _ => HashMap::new(),
         };
         for (k, slot) in inner.evicting.iter().chain(inner.mem.iter()) {
@@ -1341,7 +1352,6 @@ fn not_live(inner: &Inner, partition: i32) -> Result<(), ProcessError> {
         )),
     }
 }
-
 
 enum Ensure {
     Kafka(KafkaError),

@@ -182,7 +182,9 @@ impl Spill {
             Err(x) => return Err(e(&x)),
         };
         let range = match after {
-            Some(a) => index.range::<&[u8]>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            Some(a) => {
+                index.range::<&[u8]>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+            }
             None => index.range::<&[u8]>(..),
         }
         .map_err(|x| e(&x))?;
@@ -273,7 +275,13 @@ mod tests {
             };
             assert!(s.write(p, &batch, || true).unwrap());
         };
-        write(0, vec![(&b"a"[..], Some((7, &b"1"[..]))), (&b"b"[..], Some((8, &b"2"[..])))]);
+        write(
+            0,
+            vec![
+                (&b"a"[..], Some((7, &b"1"[..]))),
+                (&b"b"[..], Some((8, &b"2"[..]))),
+            ],
+        );
         write(1, vec![(&b"a"[..], Some((9, &b"x"[..])))]);
         write(0, vec![(&b"b"[..], None)]);
         // A batch whose partition was reset meanwhile is not committed.
@@ -290,12 +298,31 @@ mod tests {
         assert_eq!(s.get(0, b"a").unwrap(), None);
         assert_eq!(s.get(1, b"a").unwrap(), Some((9, Bytes::from_static(b"x"))));
         // The expiry index: oldest first, up to a time, after a cursor; a done prefix removed.
-        let ids = [(Bytes::from_static(b"id-b"), 20), (Bytes::from_static(b"id-a"), 10), (Bytes::from_static(b"id-c"), 30)];
-        assert!(s.write(1, &Batch { index_add: &ids, ..Batch::default() }, || true).unwrap());
+        let ids = [
+            (Bytes::from_static(b"id-b"), 20),
+            (Bytes::from_static(b"id-a"), 10),
+            (Bytes::from_static(b"id-c"), 30),
+        ];
+        assert!(s
+            .write(
+                1,
+                &Batch {
+                    index_add: &ids,
+                    ..Batch::default()
+                },
+                || true
+            )
+            .unwrap());
         let due = s.expired(1, None, 20, 10).unwrap();
-        assert_eq!(due.iter().map(|e| (e.1, &e.2[..])).collect::<Vec<_>>(), [(10, &b"id-a"[..]), (20, &b"id-b"[..])]);
+        assert_eq!(
+            due.iter().map(|e| (e.1, &e.2[..])).collect::<Vec<_>>(),
+            [(10, &b"id-a"[..]), (20, &b"id-b"[..])]
+        );
         assert_eq!(s.expired(1, Some(&due[0].0), 20, 10).unwrap().len(), 1);
-        let done = Batch { index_done_through: Some(&due[1].0), ..Batch::default() };
+        let done = Batch {
+            index_done_through: Some(&due[1].0),
+            ..Batch::default()
+        };
         assert!(s.write(1, &done, || true).unwrap());
         assert_eq!(s.expired(1, None, 99, 10).unwrap().len(), 1, "id-c is left");
         // The file is anonymous: nothing is left in the directory.

@@ -408,18 +408,26 @@ mod spilling {
         for i in 0..100i64 {
             let key = Bytes::from(format!("acct-{i:03}"));
             let mut m = Message::new("in", 1, i, Some(&key), b"x");
-            store.stage(&mut m, key.clone(), Some(Bytes::from(vec![b'v'; 200]))).await.unwrap();
+            store
+                .stage(&mut m, key.clone(), Some(Bytes::from(vec![b'v'; 200])))
+                .await
+                .unwrap();
             store.applied(&m, &key);
         }
         let old = store.describe(b"acct-000");
         assert_eq!(old.len(), 1, "{old:?}");
-        assert!(!old[0].in_memory && old[0].size == 200 && old[0].updated_ms > 0, "{old:?}");
+        assert!(
+            !old[0].in_memory && old[0].size == 200 && old[0].updated_ms > 0,
+            "{old:?}"
+        );
         let new = store.describe(b"acct-099");
         assert!(new[0].in_memory && new[0].partition == 1, "{new:?}");
         assert!(store.describe(b"nobody").is_empty());
         let recent = store.recent(3);
         assert_eq!(recent.len(), 3);
-        assert!(recent.windows(2).all(|w| w[0].updated_ms >= w[1].updated_ms));
+        assert!(recent
+            .windows(2)
+            .all(|w| w[0].updated_ms >= w[1].updated_ms));
         let json = serde_json::to_string(&recent).unwrap();
         assert!(!json.contains("vvvv"), "a value was printed: {json}");
     }
@@ -429,7 +437,10 @@ mod spilling {
         let store = Store::in_memory(2, producer(), true);
         let key = Bytes::from_static(b"a");
         let mut m = msg(0, "a", 1);
-        store.stage(&mut m, key.clone(), Some(Bytes::from_static(b"1"))).await.unwrap();
+        store
+            .stage(&mut m, key.clone(), Some(Bytes::from_static(b"1")))
+            .await
+            .unwrap();
         store.applied(&m, &key);
         // The supervisor of generation 0 stops after generation 1's restore began.
         store.partitions[1].lock().generation += 1;
@@ -453,13 +464,21 @@ mod review {
         cluster.create_topic("in.dlq", 1, 1).unwrap();
         cluster.create_topic("changelog", 1, 1).unwrap();
         let brokers = cluster.bootstrap_servers();
-        let ((p, store), key) = (alo_pipeline(&brokers, Arc::new(Pass)), Bytes::from_static(b"a"));
+        let ((p, store), key) = (
+            alo_pipeline(&brokers, Arc::new(Pass)),
+            Bytes::from_static(b"a"),
+        );
         let mut m0 = Message::new("in", 0, 0, Some(b"a"), b"100");
-        store.stage(&mut m0, key.clone(), Some(Bytes::from_static(b"100"))).await.unwrap();
+        store
+            .stage(&mut m0, key.clone(), Some(Bytes::from_static(b"100")))
+            .await
+            .unwrap();
         store.applied(&m0, &key);
         let generation = store.partitions[0].lock().generation;
         store.release(0, generation);
-        let out = p.execute(&Message::new("in", 0, 1, Some(b"a"), b"5"), 1).await;
+        let out = p
+            .execute(&Message::new("in", 0, 1, Some(b"a"), b"5"), 1)
+            .await;
         assert_eq!(
             changelog_records(&brokers),
             0,
@@ -467,9 +486,15 @@ mod review {
         );
         // A late completion of the released partition leaves nothing in memory either.
         let mut late = Message::new("in", 0, 2, Some(b"b"), b"1");
-        let _ = store.stage(&mut late, key.clone(), Some(Bytes::from_static(b"1"))).await;
+        let _ = store
+            .stage(&mut late, key.clone(), Some(Bytes::from_static(b"1")))
+            .await;
         store.applied(&late, &key);
-        store.put_now(&late, Bytes::from_static(b"c"), Some(Bytes::from_static(b"1")));
+        store.put_now(
+            &late,
+            Bytes::from_static(b"c"),
+            Some(Bytes::from_static(b"1")),
+        );
         assert_eq!(store.bytes(), 0);
         assert!(store.snapshot(0).is_empty());
     }
@@ -510,7 +535,10 @@ mod review {
             .set("bootstrap.servers", cluster.bootstrap_servers());
         let key = Bytes::from_static(b"a");
         let mut m = msg(0, "a", 1);
-        store.stage(&mut m, key.clone(), Some(Bytes::from_static(b"7"))).await.unwrap();
+        store
+            .stage(&mut m, key.clone(), Some(Bytes::from_static(b"7")))
+            .await
+            .unwrap();
         store.applied(&m, &key);
         for cancelled in [true, false] {
             // Generation 0's reader, its restore dropped, runs now against generation 0 (live).
@@ -535,7 +563,10 @@ mod review {
             for i in 0..n {
                 let key = Bytes::from(format!("p{p}-{i:02}"));
                 let mut m = Message::new("in", p, i, Some(&key), b"x");
-                store.stage(&mut m, key.clone(), Some(Bytes::from(vec![b'v'; 100]))).await.unwrap();
+                store
+                    .stage(&mut m, key.clone(), Some(Bytes::from(vec![b'v'; 100])))
+                    .await
+                    .unwrap();
                 store.applied(&m, &key);
             }
         }
@@ -552,10 +583,16 @@ mod review {
     fn a_read_of_a_key_in_memory_does_not_wait_for_the_spill_file() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::spilling(2, producer(), true, 4096, dir.path()).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let stage = |m: &mut Message, k: &'static str, n: usize| {
-            rt.block_on(store.stage(m, Bytes::from_static(k.as_bytes()), Some(Bytes::from(vec![b'v'; n]))))
-                .unwrap();
+            rt.block_on(store.stage(
+                m,
+                Bytes::from_static(k.as_bytes()),
+                Some(Bytes::from(vec![b'v'; n])),
+            ))
+            .unwrap();
         };
         let mut hot = Message::new("in", 1, 0, Some(b"hot"), b"x");
         stage(&mut hot, "hot", 10);
@@ -579,7 +616,12 @@ mod review {
         let ((tx, rx), s) = (std::sync::mpsc::channel(), store.clone());
         std::thread::spawn(move || {
             let m = Message::new("in", 1, 2, Some(b"hot"), b"x");
-            tx.send(s.get(&m, &Bytes::from_static(b"hot")).ok().flatten().is_some())
+            tx.send(
+                s.get(&m, &Bytes::from_static(b"hot"))
+                    .ok()
+                    .flatten()
+                    .is_some(),
+            )
         });
         let answered = rx.recv_timeout(Duration::from_secs(1));
         hold.send(()).unwrap();
@@ -607,7 +649,11 @@ mod review {
         };
         for i in 0..500i64 {
             let m = Message::new("in", 0, i, Some(b"k"), b"{}");
-            store.put_now(&m, id(i), Some(Bytes::copy_from_slice(&now_ms().to_be_bytes())));
+            store.put_now(
+                &m,
+                id(i),
+                Some(Bytes::copy_from_slice(&now_ms().to_be_bytes())),
+            );
         }
         assert!(
             store.bytes() <= 4096 + 256,
@@ -619,7 +665,11 @@ mod review {
         std::thread::sleep(Duration::from_millis(400));
         for i in 500..520i64 {
             let m = Message::new("in", 0, i, Some(b"k"), b"{}");
-            store.put_now(&m, id(i), Some(Bytes::copy_from_slice(&now_ms().to_be_bytes())));
+            store.put_now(
+                &m,
+                id(i),
+                Some(Bytes::copy_from_slice(&now_ms().to_be_bytes())),
+            );
         }
         let left = store.snapshot(0);
         assert!(

@@ -207,7 +207,12 @@ impl Overflow {
 
     /// The oldest message of `key` in the file, if any. A segment every message of which was
     /// read back is dropped; when nothing is held the buffer is given back too.
-    pub fn pop(&mut self, key: &Bytes, topic: &Arc<str>, partition: i32) -> Option<io::Result<Message>> {
+    pub fn pop(
+        &mut self,
+        key: &Bytes,
+        topic: &Arc<str>,
+        partition: i32,
+    ) -> Option<io::Result<Message>> {
         let q = self.keys.get_mut(key)?;
         let e = q.pop_front()?;
         if q.is_empty() {
@@ -364,19 +369,32 @@ mod tests {
         let mut with_headers = msg(2, "a", "two");
         with_headers.headers = Some(
             OwnedHeaders::new()
-                .insert(Header { key: "h", value: Some(&b"v"[..]) })
-                .insert(Header::<&[u8]> { key: "null", value: None }),
+                .insert(Header {
+                    key: "h",
+                    value: Some(&b"v"[..]),
+                })
+                .insert(Header::<&[u8]> {
+                    key: "null",
+                    value: None,
+                }),
         );
         let mut no_payload = msg(3, "b", "");
         no_payload.payload = None;
         no_payload.timestamp_ms = None;
-        for m in [&msg(1, "a", "one"), &with_headers, &no_payload, &msg(4, "a", "four")] {
+        for m in [
+            &msg(1, "a", "one"),
+            &with_headers,
+            &no_payload,
+            &msg(4, "a", "four"),
+        ] {
             o.push(m).unwrap();
         }
         assert_eq!(o.len(), 4);
         assert!(o.holds(&Bytes::from_static(b"a")) && !o.holds(&Bytes::from_static(b"c")));
         let a = Bytes::from_static(b"a");
-        let got: Vec<Message> = std::iter::from_fn(|| o.pop(&a, &topic, 3)).map(Result::unwrap).collect();
+        let got: Vec<Message> = std::iter::from_fn(|| o.pop(&a, &topic, 3))
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(got.iter().map(|m| m.offset).collect::<Vec<_>>(), [1, 2, 4]);
         assert_eq!(got[0].payload.as_deref(), Some(&b"one"[..]));
         assert_eq!(got[0].timestamp_ms, Some(1_700_000_000_001));
@@ -385,10 +403,16 @@ mod tests {
         assert_eq!(h.count(), 2);
         assert_eq!((h.get(0).key, h.get(0).value), ("h", Some(&b"v"[..])));
         assert_eq!((h.get(1).key, h.get(1).value), ("null", None));
-        let b = o.pop(&Bytes::from_static(b"b"), &topic, 3).unwrap().unwrap();
+        let b = o
+            .pop(&Bytes::from_static(b"b"), &topic, 3)
+            .unwrap()
+            .unwrap();
         assert_eq!((b.offset, b.payload, b.timestamp_ms), (3, None, None));
         assert!(o.is_empty());
-        assert!(o.segments.is_empty(), "emptied once everything was read back");
+        assert!(
+            o.segments.is_empty(),
+            "emptied once everything was read back"
+        );
     }
 
     #[test]
@@ -444,7 +468,10 @@ mod tests {
         }
         assert!(o.failing(), "a failed write is reported");
         for i in 0..200 {
-            let m = o.pop(&hot, &topic, 3).unwrap().expect("readable without a write");
+            let m = o
+                .pop(&hot, &topic, 3)
+                .unwrap()
+                .expect("readable without a write");
             assert_eq!(m.offset, i);
         }
         assert!(o.is_empty() && !o.failing());

@@ -431,8 +431,7 @@ async fn refill(
     }
     // Within the partition's byte budget, except one message when the key has nothing in
     // memory: it must run, or nothing would call this again for the key.
-    while s.scheduler.queued(key) < s.key_share
-        && (s.flow.has_room() || !s.scheduler.is_busy(key))
+    while s.scheduler.queued(key) < s.key_share && (s.flow.has_room() || !s.scheduler.is_busy(key))
     {
         let Some(read) = s.overflow.pop(key, &s.topic, s.partition) else {
             break;
