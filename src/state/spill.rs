@@ -23,7 +23,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use bytes::Bytes;
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadOnlyTable, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 
 /// A disk error, said once with what was attempted.
 #[derive(Debug, thiserror::Error)]
@@ -96,14 +98,26 @@ impl Spill {
         TableDefinition::new(&self.names[partition as usize].1)
     }
 
+    /// `def` in a read transaction of its own; `None` when the table was never written (or
+    /// was cleared): empty.
+    fn open_read(
+        &self,
+        def: TableDefinition<'_, &'static [u8], &'static [u8]>,
+        e: &impl Fn(&dyn std::fmt::Display) -> SpillError,
+    ) -> Result<Option<ReadOnlyTable<&'static [u8], &'static [u8]>>, SpillError> {
+        let txn = self.db.begin_read().map_err(|x| e(&x))?;
+        match txn.open_table(def) {
+            Ok(t) => Ok(Some(t)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(x) => Err(e(&x)),
+        }
+    }
+
     /// The value of `key` in `partition`'s table, with the time of its last change (ms).
     pub fn get(&self, partition: i32, key: &[u8]) -> Result<Option<(i64, Bytes)>, SpillError> {
         let e = err("read");
-        let txn = self.db.begin_read().map_err(|x| e(&x))?;
-        let table = match txn.open_table(self.table(partition)) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(x) => return Err(e(&x)),
+        let Some(table) = self.open_read(self.table(partition), &e)? else {
+            return Ok(None);
         };
         let v = table.get(key).map_err(|x| e(&x))?;
         Ok(v.map(|v| split(v.value())))
@@ -175,11 +189,8 @@ impl Spill {
         most: usize,
     ) -> Result<Vec<(Bytes, i64, Bytes)>, SpillError> {
         let e = err("read the expiry index");
-        let txn = self.db.begin_read().map_err(|x| e(&x))?;
-        let index = match txn.open_table(self.index(partition)) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(x) => return Err(e(&x)),
+        let Some(index) = self.open_read(self.index(partition), &e)? else {
+            return Ok(Vec::new());
         };
         let range = match after {
             Some(a) => {
@@ -220,22 +231,17 @@ impl Spill {
     /// Keys in `partition`'s table.
     pub fn len(&self, partition: i32) -> Result<u64, SpillError> {
         let e = err("count");
-        let txn = self.db.begin_read().map_err(|x| e(&x))?;
-        match txn.open_table(self.table(partition)) {
-            Ok(t) => t.len().map_err(|x| e(&x)),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-            Err(x) => Err(e(&x)),
+        match self.open_read(self.table(partition), &e)? {
+            Some(t) => t.len().map_err(|x| e(&x)),
+            None => Ok(0),
         }
     }
 
     /// Every key and value of `partition`'s table (tests, `/debug`-free snapshots).
     pub fn entries(&self, partition: i32) -> Result<Vec<(Bytes, Bytes)>, SpillError> {
         let e = err("scan");
-        let txn = self.db.begin_read().map_err(|x| e(&x))?;
-        let table = match txn.open_table(self.table(partition)) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(x) => return Err(e(&x)),
+        let Some(table) = self.open_read(self.table(partition), &e)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for row in table.iter().map_err(|x| e(&x))? {

@@ -83,8 +83,6 @@ pub struct Overflow {
     /// The last write failed (disk full, I/O error): what was pushed is still readable from
     /// `buf`, and the partition takes no more messages until a write succeeds.
     failing: bool,
-    /// Every message ever spilled (for `/debug` and metrics).
-    pub spilled_total: u64,
 }
 
 impl Overflow {
@@ -168,7 +166,6 @@ impl Overflow {
         };
         self.keys.entry(key.clone()).or_default().push_back(entry);
         self.held += 1;
-        self.spilled_total += 1;
         if self.buf.len() >= WRITE_BUFFER {
             let _ = self.flush();
         }
