@@ -2,6 +2,8 @@
 //! supervisor. Workers hold no per-message state the supervisor does not also hold, so a worker
 //! that panics is replaced and its message runs again.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -9,9 +11,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::Instrument;
 
 use super::partition::PartitionMsg;
-use crate::kafka::transaction::Ownership;
+use crate::kafka::transaction::{Ownership, TxnGuard};
 use crate::message::Message;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Outcome, Pipeline};
 use crate::processors::ProcessError;
 
 pub struct Worker;
@@ -43,6 +45,38 @@ pub enum WorkerMsg {
     /// `[batch]` pipelines: run this batch to its end (retries and splits included, see
     /// [`crate::batch`]) and report one outcome per message.
     RunBatch(Arc<[Arc<Message>]>),
+    /// Finish an attempt the supervisor started inline and that did not complete in its first
+    /// poll (see [`job`]).
+    Resume(Job),
+}
+
+/// One attempt of the pipeline on one message, owned, so that it can start on the supervisor
+/// (inline: most processors finish within their first poll) and move to a worker if it awaits.
+pub type Job = Pin<Box<dyn Future<Output = (Outcome, Option<TxnGuard>)> + Send>>;
+
+/// The attempt as a [`Job`]: what `Run` does, in a box.
+pub fn job(pipeline: Arc<Pipeline>, m: Arc<Message>, attempt: u32, owner: Arc<Ownership>) -> Job {
+    Box::pin(async move { attempt_once(&pipeline, &m, attempt, &owner).await })
+}
+
+/// One attempt, inside the message's span (with the input's W3C trace id, so logs join the
+/// caller's trace; read only when the span is recorded: no cost otherwise).
+async fn attempt_once(
+    pipeline: &Pipeline,
+    m: &Message,
+    attempt: u32,
+    owner: &Arc<Ownership>,
+) -> (Outcome, Option<TxnGuard>) {
+    let span = tracing::debug_span!("message", topic = %m.topic, partition = m.partition, offset = m.offset, trace_id = tracing::field::Empty);
+    if !span.is_disabled() {
+        if let Some(t) = m.headers.as_ref().and_then(crate::trace::find_trace_id) {
+            span.record("trace_id", t.as_str());
+        }
+    }
+    pipeline
+        .execute_in(m, attempt, owner)
+        .instrument(span)
+        .await
 }
 
 impl Actor for Worker {
@@ -72,22 +106,18 @@ impl Actor for Worker {
     ) -> Result<(), ActorProcessingErr> {
         let (outcome, txn) = match msg {
             WorkerMsg::Run(m, attempt) => {
-                let span = tracing::debug_span!("message", topic = %m.topic, partition = m.partition, offset = m.offset, trace_id = tracing::field::Empty);
-                // The input's W3C trace id, so logs join the caller's trace (only when the span
-                // is recorded: no cost otherwise).
-                if !span.is_disabled() {
-                    if let Some(t) = m.headers.as_ref().and_then(crate::trace::find_trace_id) {
-                        span.record("trace_id", t.as_str());
-                    }
-                }
                 s.progress.store(1, Relaxed);
                 crate::introspect::PROGRESS
                     .scope(
                         s.progress.clone(),
-                        s.pipeline
-                            .execute_in(&m, attempt, &s.owner)
-                            .instrument(span),
+                        attempt_once(&s.pipeline, &m, attempt, &s.owner),
                     )
+                    .await
+            }
+            WorkerMsg::Resume(job) => {
+                s.progress.store(1, Relaxed);
+                crate::introspect::PROGRESS
+                    .scope(s.progress.clone(), job)
                     .await
             }
             WorkerMsg::DeadLetter(m, e) => s.pipeline.dead_letter_now_in(&m, &e, &s.owner).await,

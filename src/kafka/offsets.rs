@@ -33,7 +33,8 @@ use rdkafka::{Offset, TopicPartitionList};
 /// transaction markers) and which of them completed. The commit point is the lowest offset that
 /// is not complete; everything below it is done.
 ///
-/// Received offsets only grow, so `pending` is sorted and a completion is a binary search.
+/// Received offsets only grow, so `pending` is sorted and a completion is an index (dense
+/// offsets) or a binary search.
 /// Memory is bounded by the partition's in-flight limit.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
@@ -62,8 +63,19 @@ impl OffsetTracker {
     /// Marks an offset complete. Returns `false` if it is not pending (never received, or
     /// completed already).
     pub fn completed(&mut self, offset: i64) -> bool {
-        let Ok(i) = self.pending.binary_search_by_key(&offset, |e| e.0) else {
-            return false;
+        // Offsets are dense but for compaction gaps and transaction markers: the entry is
+        // almost always at `offset - oldest`, an index; a binary search otherwise.
+        let guess = self
+            .pending
+            .front()
+            .and_then(|f| usize::try_from(offset - f.0).ok())
+            .filter(|&i| self.pending.get(i).is_some_and(|e| e.0 == offset));
+        let i = match guess {
+            Some(i) => i,
+            None => match self.pending.binary_search_by_key(&offset, |e| e.0) {
+                Ok(i) => i,
+                Err(_) => return false,
+            },
         };
         if self.pending[i].1 {
             return false;

@@ -24,7 +24,8 @@ mod report;
 pub use drain::{Abandoned, DrainReport};
 use path::{
     admit, apply_flow, arm_wakeup, commit_metadata, commit_progress, fetch, on_done,
-    resume_on_start, shrink_pool, spawn_worker, start_or_park, sync_pause,
+    rerun_after_crash, resume_on_start, settle_and_fetch, shrink_pool, spawn_worker, start_or_park,
+    sync_pause,
 };
 use report::{inspect, observe, BrokerEnd};
 
@@ -38,7 +39,7 @@ use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use rdkafka::consumer::Consumer as _;
 use rdkafka::TopicPartitionList;
-use tracing::{debug, error, info, Instrument};
+use tracing::{debug, info, Instrument};
 
 use super::flow::FlowControl;
 use super::scheduler::KeyScheduler;
@@ -46,12 +47,11 @@ use super::worker::WorkerMsg;
 use crate::config::PipelineSpec;
 use crate::introspect::PartitionDebug;
 use crate::kafka::offsets::SkipSet;
-use crate::kafka::transaction::Ownership;
+use crate::kafka::transaction::{Ownership, TxnGuard};
 use crate::kafka::{Consumer, KeyflowContext, OffsetTracker};
 use crate::memory::{Grant, WORKER_COST};
 use crate::message::Message;
 use crate::pipeline::{Outcome, Pipeline};
-use crate::processors::ProcessError;
 use crate::stats::PartitionStats;
 
 type PartitionQueue = rdkafka::consumer::base_consumer::PartitionQueue<KeyflowContext>;
@@ -125,6 +125,16 @@ pub enum PartitionMsg {
     /// fetching it while the supervisor believes it is running (tests/stalls.rs).
     #[doc(hidden)]
     PauseBehindItsBack(RpcReplyPort<bool>),
+}
+
+/// An attempt that finished in the supervisor's own poll (see `path::start`), completed by
+/// `path::settle` before the handler returns.
+struct InlineDone {
+    worker: usize,
+    outcome: Outcome,
+    /// Exactly-once: dropped once the completion is recorded.
+    guard: Option<TxnGuard>,
+    at: Instant,
 }
 
 /// A worker idle for longer than this is stopped on a tick and its slot freed, so the pool falls
@@ -220,6 +230,12 @@ pub struct PartitionState {
     overflow: overflow::Overflow,
     /// How many messages a key may have waiting in memory ([`overflow::key_share`]).
     key_share: usize,
+    /// Attempts that finished inline, not yet completed (empty between handlers).
+    inline_done: VecDeque<InlineDone>,
+    /// Inline starts are off until then (a first poll was slow, see `path::INLINE_MAX`).
+    inline_off_until: Option<Instant>,
+    /// Slow first polls in a row.
+    inline_slow: u32,
 }
 
 impl Actor for PartitionSupervisor {
@@ -296,6 +312,9 @@ impl Actor for PartitionSupervisor {
             state_generation,
             overflow: overflow::Overflow::default(),
             key_share,
+            inline_done: VecDeque::new(),
+            inline_off_until: None,
+            inline_slow: 0,
         })
     }
 
@@ -450,6 +469,7 @@ impl Actor for PartitionSupervisor {
                 // While draining a waiting retry is abandoned: the commit point cannot pass it.
                 if s.draining.is_none() {
                     start_or_park(&me, s, m, attempt).await?;
+                    settle_and_fetch(&me, s).await?;
                 }
             }
             PartitionMsg::Gate(held) => {
@@ -487,52 +507,9 @@ impl Actor for PartitionSupervisor {
         }) else {
             return Ok(());
         };
-        s.stats_restart();
-        let now = Instant::now();
-        let budget = s.spec.worker_restarts;
-        s.restarts.push_back(now);
-        while s
-            .restarts
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > budget.within.get())
-        {
-            s.restarts.pop_front();
-        }
-        let offset = s.workers[id].running.as_ref().map(|m| m.offset);
-        error!(topic = %s.topic, partition = s.partition, worker = id, ?offset, %reason, restarts = s.restarts.len(), "worker crashed; restarting it");
-        if s.restarts.len() as u32 > budget.max {
-            return Err(format!(
-                "partition {}/{}: {} worker crashes within {} (budget {}); failing the partition",
-                s.topic,
-                s.partition,
-                s.restarts.len(),
-                budget.within,
-                budget.max
-            )
-            .into());
-        }
         let actor = spawn_worker(&me, s, id, s.workers[id].progress.clone()).await?;
-        s.workers[id].actor = Some(actor.clone());
-        if let Some(b) = s.batch.as_ref().and_then(|b| b.running(id)) {
-            actor.cast(WorkerMsg::RunBatch(b))?;
-        }
-        if let Some(m) = s.workers[id].running.clone() {
-            s.workers[id].crashes += 1;
-            let crashes = s.workers[id].crashes;
-            let msg = if crashes >= s.spec.retry.max_attempts {
-                WorkerMsg::DeadLetter(
-                    m,
-                    ProcessError::permanent(
-                        "panic",
-                        format!("crashed its worker {crashes} times: {reason}"),
-                    ),
-                )
-            } else {
-                WorkerMsg::Run(m, s.workers[id].attempt)
-            };
-            actor.cast(msg)?;
-        }
-        Ok(())
+        s.workers[id].actor = Some(actor);
+        rerun_after_crash(s, id, &reason.to_string())
     }
 }
 

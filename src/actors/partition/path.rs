@@ -6,10 +6,12 @@
 //! above it, every `commit_every` completions or `commit_interval`). Flow control pauses the
 //! partition on the consumer when it stays congested.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -17,14 +19,17 @@ use rdkafka::consumer::Consumer as _;
 use rdkafka::TopicPartitionList;
 use tracing::{debug, error, warn};
 
-use super::{drain, PartitionMsg, PartitionQueue, PartitionState, Slot, WORKER_IDLE_STOP};
-use crate::actors::worker::{Worker, WorkerArgs, WorkerMsg};
+use super::{
+    drain, InlineDone, PartitionMsg, PartitionQueue, PartitionState, Slot, WORKER_IDLE_STOP,
+};
+use crate::actors::worker::{self, Worker, WorkerArgs, WorkerMsg};
 use crate::config::EXACTLY_ONCE_MAX_PENDING;
 use crate::kafka::committer::Point;
 use crate::kafka::Consumer;
 use crate::memory::{PipelineMemory, WORKER_COST};
 use crate::message::Message;
 use crate::pipeline::Outcome;
+use crate::processors::ProcessError;
 
 /// Messages taken off the queue per `Fetch` before yielding to the mailbox, so completions
 /// interleave with fetching.
@@ -173,6 +178,7 @@ pub(super) async fn admit(
             super::batch::offer(me, s, m).await?;
         } else {
             start_or_park(me, s, m, 1).await?;
+            settle(me, s).await?;
         }
     }
     Ok(())
@@ -317,6 +323,25 @@ pub(super) async fn spawn_worker(
     Ok(actor)
 }
 
+/// First polls that keep the supervisor busy longer than [`INLINE_MAX`] (a processor heavy on
+/// CPU, or one that blocks its thread) turn inline starts off for the partition for
+/// [`INLINE_PAUSE`]: its messages then run on the workers, spread over the runtime's threads,
+/// and the supervisor's mailbox (completions, drains, ticks) is not held up behind them. It
+/// takes [`INLINE_SLOW_STREAK`] slow polls in a row, or one over [`INLINE_BLOCKED`]: a thread
+/// preempted by the OS in the middle of one cheap poll (milliseconds on a busy machine) is not
+/// a slow processor.
+const INLINE_MAX: Duration = Duration::from_micros(200);
+const INLINE_SLOW_STREAK: u32 = 4;
+const INLINE_BLOCKED: Duration = Duration::from_millis(50);
+const INLINE_PAUSE: Duration = Duration::from_secs(5);
+
+/// Starts attempt `attempt` of `m` on worker `id`. The supervisor polls the attempt once itself
+/// (inline): a processor that does not await finishes there, with no hand-off to the worker and
+/// back (two mailbox hops and two task wake-ups per message), and its completion is queued for
+/// [`settle`]. An attempt that awaits moves, as it is, to the worker (`Resume`), which finishes
+/// it. Either way the slot is the worker's while the message runs, so `/debug`, the watchdog,
+/// the drain and crash handling see one model. A panic in the inline poll counts as a crash of
+/// the worker: the message runs again on it (see [`rerun_after_crash`]).
 fn start(
     s: &mut PartitionState,
     id: usize,
@@ -334,20 +359,171 @@ fn start(
     let Some(actor) = slot.actor.as_ref() else {
         return Err(format!("worker slot {id} has no actor").into());
     };
-    actor.cast(WorkerMsg::Run(m.clone(), attempt))?;
-    slot.running = Some(m);
+    let inline = !s.inline_off_until.is_some_and(|t| now < t);
+    if !inline {
+        actor.cast(WorkerMsg::Run(m.clone(), attempt))?;
+    }
+    slot.running = Some(m.clone());
     slot.attempt = attempt;
     slot.crashes = 0;
     slot.started = now;
     s.running += 1;
+    if !inline {
+        return Ok(());
+    }
+    let mut job = worker::job(s.pipeline.clone(), m, attempt, s.owner.clone());
+    let polled = catch_unwind(AssertUnwindSafe(|| {
+        job.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+    }));
+    let end = Instant::now();
+    let took = end.saturating_duration_since(now);
+    s.inline_slow = if took > INLINE_MAX {
+        s.inline_slow + 1
+    } else {
+        0
+    };
+    if s.inline_slow >= INLINE_SLOW_STREAK || took > INLINE_BLOCKED {
+        s.inline_slow = 0;
+        s.inline_off_until = Some(end + INLINE_PAUSE);
+        debug!(topic = %s.topic, partition = s.partition, ?took, "first polls are slow: messages run on workers for a while");
+    }
+    match polled {
+        Ok(Poll::Ready((outcome, guard))) => s.inline_done.push_back(InlineDone {
+            worker: id,
+            outcome,
+            guard,
+            at: end,
+        }),
+        // The waker of the first poll was a no-op: the worker polls it again at once, with its
+        // own (a future must wake the waker of its latest poll).
+        Ok(Poll::Pending) => match s.workers[id].actor.as_ref() {
+            Some(actor) => actor.cast(WorkerMsg::Resume(job))?,
+            None => return Err(format!("worker slot {id} has no actor").into()),
+        },
+        Err(panic) => {
+            drop(job);
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|p| p.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into());
+            rerun_after_crash(s, id, &format!("panicked: {reason}"))?;
+        }
+    }
     Ok(())
 }
 
+/// A crash of worker `id` (its actor died, or its message panicked in the inline poll): counted
+/// against the restart budget (spent: the partition fails), then the message runs again on the
+/// worker, or is dead-lettered once it has crashed `max_attempts` times. The worker's actor
+/// must be alive (respawned after an actor crash).
+pub(super) fn rerun_after_crash(
+    s: &mut PartitionState,
+    id: usize,
+    reason: &str,
+) -> Result<(), ActorProcessingErr> {
+    s.stats_restart();
+    let now = Instant::now();
+    let budget = s.spec.worker_restarts;
+    s.restarts.push_back(now);
+    while s
+        .restarts
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > budget.within.get())
+    {
+        s.restarts.pop_front();
+    }
+    let slot = &mut s.workers[id];
+    let offset = slot.running.as_ref().map(|m| m.offset);
+    error!(topic = %s.topic, partition = s.partition, worker = id, ?offset, %reason, restarts = s.restarts.len(), "worker crashed; restarting it");
+    if s.restarts.len() as u32 > budget.max {
+        return Err(format!(
+            "partition {}/{}: {} worker crashes within {} (budget {}); failing the partition",
+            s.topic,
+            s.partition,
+            s.restarts.len(),
+            budget.within,
+            budget.max
+        )
+        .into());
+    }
+    let Some(actor) = slot.actor.clone() else {
+        return Err(format!("worker slot {id} has no actor").into());
+    };
+    if let Some(b) = s.batch.as_ref().and_then(|b| b.running(id)) {
+        actor.cast(WorkerMsg::RunBatch(b))?;
+    }
+    if let Some(m) = slot.running.clone() {
+        slot.crashes += 1;
+        let crashes = slot.crashes;
+        let msg = if crashes >= s.spec.retry.max_attempts {
+            WorkerMsg::DeadLetter(
+                m,
+                ProcessError::permanent(
+                    "panic",
+                    format!("crashed its worker {crashes} times: {reason}"),
+                ),
+            )
+        } else {
+            WorkerMsg::Run(m, slot.attempt)
+        };
+        actor.cast(msg)?;
+    }
+    Ok(())
+}
+
+/// Completes what finished inline ([`start`]), oldest first. A completion may start the key's
+/// next message, inline too: this loop, not recursion, finishes it. Called after every start,
+/// so a slot is the worker's only while its message runs, and before the handler returns.
+pub(super) async fn settle(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+) -> Result<(), ActorProcessingErr> {
+    while let Some(d) = s.inline_done.pop_front() {
+        complete(me, s, d.worker, d.outcome, d.at).await?;
+        // Exactly-once: the completion is recorded before the transaction may commit.
+        drop(d.guard);
+    }
+    Ok(())
+}
+
+/// A worker reported its message (`Done`): complete it, then what finished inline behind it,
+/// then take more messages if that freed room.
 pub(super) async fn on_done(
     me: &ActorRef<PartitionMsg>,
     s: &mut PartitionState,
     worker: usize,
     outcome: Outcome,
+) -> Result<(), ActorProcessingErr> {
+    complete(me, s, worker, outcome, Instant::now()).await?;
+    settle_and_fetch(me, s).await
+}
+
+/// After a start or a completion outside the fetch loop: settle what finished inline, then
+/// pause or resume, and take more messages if there is room.
+pub(super) async fn settle_and_fetch(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+) -> Result<(), ActorProcessingErr> {
+    settle(me, s).await?;
+    if s.draining.is_some() {
+        return Ok(());
+    }
+    apply_flow(me, s);
+    if s.flow.has_room() {
+        fetch(me, s).await?;
+    }
+    Ok(())
+}
+
+/// Worker `worker`'s message finished at `now` with `outcome`: its offset completes (or its
+/// retry is scheduled), and the worker takes the key's next message, a parked one, or idles.
+async fn complete(
+    me: &ActorRef<PartitionMsg>,
+    s: &mut PartitionState,
+    worker: usize,
+    outcome: Outcome,
+    now: Instant,
 ) -> Result<(), ActorProcessingErr> {
     let Some((m, started)) = s
         .workers
@@ -356,7 +532,6 @@ pub(super) async fn on_done(
     else {
         return Ok(());
     };
-    let now = Instant::now();
     s.last_progress = now;
     s.last_completion = Some(now);
     s.stats
@@ -409,10 +584,6 @@ pub(super) async fn on_done(
     }
     if let Some(key) = m.key.as_ref().filter(|k| s.overflow.holds(k)) {
         refill(me, s, key).await?;
-    }
-    apply_flow(me, s);
-    if s.flow.has_room() {
-        fetch(me, s).await?;
     }
     Ok(())
 }
