@@ -236,6 +236,8 @@ pub struct PartitionState {
     inline_off_until: Option<Instant>,
     /// Slow first polls in a row.
     inline_slow: u32,
+    /// The last fetch stopped with messages possibly left in the queue (see `path::fetch`).
+    fetch_left: bool,
 }
 
 impl Actor for PartitionSupervisor {
@@ -315,6 +317,7 @@ impl Actor for PartitionSupervisor {
             inline_done: VecDeque::new(),
             inline_off_until: None,
             inline_slow: 0,
+            fetch_left: true,
         })
     }
 

@@ -57,6 +57,7 @@ pub(super) async fn fetch(
     s: &mut PartitionState,
 ) -> Result<(), ActorProcessingErr> {
     if s.draining.is_some() || s.gate_held {
+        s.fetch_left = true;
         return Ok(());
     }
     // This partition's share of the pipeline's buffer budget, re-split when the assignment
@@ -72,13 +73,22 @@ pub(super) async fn fetch(
     s.overflow.retry();
     let mut taken = 0;
     let mut result = Ok(());
+    // Whether messages may be left in the queue when the loop stops: not when it stops on an
+    // empty queue (librdkafka's wake-up sends `Fetch` when one arrives) nor at `FETCH_BATCH`
+    // (a `Fetch` is queued), so that a completion polls the queue only when the bound, not
+    // the queue, stopped the last fetch.
+    let mut left = true;
     while s.flow.has_room() && !metadata_full(s) && !overflow_full(s, budget) {
         if taken == FETCH_BATCH {
             let _ = me.cast(PartitionMsg::Fetch);
+            left = false;
             break;
         }
         let m = match queue.poll(Duration::ZERO) {
-            None => break,
+            None => {
+                left = false;
+                break;
+            }
             Some(Err(e)) => {
                 warn!(topic = %s.topic, partition = s.partition, error = %e, "fetch error");
                 continue;
@@ -92,6 +102,7 @@ pub(super) async fn fetch(
         }
     }
     s.queue = Some(queue);
+    s.fetch_left = left;
     if taken > 0 {
         tracing::trace!(topic = %s.topic, partition = s.partition, taken, in_flight = s.flow.count(), "fetched");
     }
@@ -510,7 +521,7 @@ pub(super) async fn settle_and_fetch(
         return Ok(());
     }
     apply_flow(me, s);
-    if s.flow.has_room() {
+    if s.flow.has_room() && s.fetch_left {
         fetch(me, s).await?;
     }
     Ok(())
