@@ -44,9 +44,10 @@ pub struct Record {
 }
 
 impl Message {
-    /// Copies a fetched message out of librdkafka's memory. `topic` is shared per partition so
-    /// that no per-message string is allocated.
-    pub fn from_borrowed(m: &BorrowedMessage<'_>, topic: &Arc<str>) -> Self {
+    /// Copies a fetched message out of librdkafka's memory, taken off the queue at `received`
+    /// (read once per fetch, not per message). `topic` is shared per partition so that no
+    /// per-message string is allocated.
+    pub fn from_borrowed(m: &BorrowedMessage<'_>, topic: &Arc<str>, received: Instant) -> Self {
         Message {
             topic: topic.clone(),
             partition: m.partition(),
@@ -55,7 +56,7 @@ impl Message {
             key: m.key().map(Bytes::copy_from_slice),
             payload: m.payload().map(Bytes::copy_from_slice),
             headers: m.headers().filter(|h| h.count() > 0).map(|h| h.detach()),
-            received: Instant::now(),
+            received,
             outbox: Vec::new(),
         }
     }

@@ -881,8 +881,11 @@ fn spawn_poll_thread(
                 stats.poll_heartbeat();
                 match consumer.poll(Duration::from_millis(100)) {
                     Some(Ok(m)) => {
-                        let _ = coordinator
-                            .cast(CoordinatorMsg::Stray(Message::from_borrowed(&m, &topic)));
+                        let _ = coordinator.cast(CoordinatorMsg::Stray(Message::from_borrowed(
+                            &m,
+                            &topic,
+                            std::time::Instant::now(),
+                        )));
                     }
                     Some(Err(e)) => warn!(pipeline = %name, error = %e, "consumer error"),
                     None => {}

@@ -273,6 +273,12 @@ pub struct PipelineFile {
     /// worker costs a few tens of KiB; messages ready to start wait for a free worker.
     #[serde(default = "default_max_workers")]
     pub max_workers: usize,
+    /// Start each attempt on the partition supervisor, moving it to a worker only if it awaits
+    /// (the hot path: no hand-off for processors that finish at once). `false`: every attempt
+    /// runs on a worker, for processors that block their thread (synchronous I/O, long
+    /// computations), which would hold up the whole partition inline.
+    #[serde(default = "default_inline")]
+    pub inline: bool,
     /// Pause a partition on the consumer once it has stayed at its bound this long.
     #[serde(default = "default_pause_after")]
     pub pause_after: HumanDuration,
@@ -352,6 +358,10 @@ fn default_resume_at() -> f64 {
 }
 // 256 concurrent messages per partition: 128k msg/s per partition at a 2 ms downstream. Each
 // worker actor's task and mailboxes cost ~10 KiB (massif): 12 partitions × 256 ≈ 30 MiB.
+fn default_inline() -> bool {
+    true
+}
+
 fn default_max_workers() -> usize {
     256
 }
@@ -487,6 +497,7 @@ pub struct PipelineSpec {
     pub max_buffered_bytes: u64,
     pub resume_at: f64,
     pub max_workers: usize,
+    pub inline: bool,
     pub pause_after: std::time::Duration,
     pub commit_interval: std::time::Duration,
     pub commit_every: u64,
@@ -1008,6 +1019,7 @@ fn validate_pipeline(
         resume_at: f.resume_at,
         pause_after: f.pause_after.get(),
         max_workers: f.max_workers.min(f.max_in_flight).max(1),
+        inline: f.inline,
         commit_interval: f.commit_interval.get(),
         commit_every: f.commit_every,
         drain_timeout: f.drain_timeout.get(),

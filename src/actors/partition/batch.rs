@@ -167,7 +167,7 @@ pub(super) async fn on_done(
     else {
         return Ok(());
     };
-    let now = Instant::now();
+    let now = s.tick_clock();
     s.last_progress = now;
     s.last_completion = Some(now);
     if let Some(w) = s.workers.get(worker) {
@@ -180,7 +180,7 @@ pub(super) async fn on_done(
     s.running -= 1;
     park_idle(s, worker, now);
     for (m, outcome) in batch.iter().zip(outcomes) {
-        record_completion(s, m, outcome);
+        record_completion(s, m, outcome, now);
         if s.draining.is_none() {
             if let Some(next) = s.scheduler.complete(m.key.as_ref()) {
                 if let Some(b) = s.batch.as_mut() {

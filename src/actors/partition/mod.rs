@@ -234,10 +234,16 @@ pub struct PartitionState {
     inline_done: VecDeque<InlineDone>,
     /// Inline starts are off until then (a first poll was slow, see `path::INLINE_MAX`).
     inline_off_until: Option<Instant>,
-    /// Slow first polls in a row.
+    /// The last 32 first polls, one bit each: slow (1) or not.
     inline_slow: u32,
+    /// Inline starts are allowed until then (see `path::INLINE_SLICE`).
+    inline_slice_end: Instant,
     /// The last fetch stopped with messages possibly left in the queue (see `path::fetch`).
     fetch_left: bool,
+    /// The time as of the handler's start or its last inline attempt (see `path::start`), and
+    /// the wall clock at an instant read on ticks: the per-message path reads the clock once.
+    clock: Instant,
+    wall: (Instant, i64),
 }
 
 impl Actor for PartitionSupervisor {
@@ -317,7 +323,10 @@ impl Actor for PartitionSupervisor {
             inline_done: VecDeque::new(),
             inline_off_until: None,
             inline_slow: 0,
+            inline_slice_end: Instant::now(),
             fetch_left: true,
+            clock: Instant::now(),
+            wall: (Instant::now(), path::now_ms()),
         })
     }
 
@@ -385,6 +394,7 @@ impl Actor for PartitionSupervisor {
                 fetch(&me, s).instrument(span).await?;
             }
             PartitionMsg::Deliver(m) => {
+                s.tick_clock();
                 if s.draining.is_none() {
                     admit(&me, s, m).instrument(span).await?;
                     apply_flow(&me, s);
@@ -408,6 +418,7 @@ impl Actor for PartitionSupervisor {
                 }
             }
             PartitionMsg::Tick => {
+                s.wall = (s.tick_clock(), path::now_ms());
                 if s.draining.is_none() {
                     // Heal a lost wake-up within one tick. The queue's non-empty callback lives
                     // on librdkafka's queue, shared by every handle of the partition: another
@@ -471,8 +482,13 @@ impl Actor for PartitionSupervisor {
                 s.backoffs.retain(|(b, _, _)| b.offset != m.offset);
                 // While draining a waiting retry is abandoned: the commit point cannot pass it.
                 if s.draining.is_none() {
-                    start_or_park(&me, s, m, attempt).await?;
-                    settle_and_fetch(&me, s).await?;
+                    s.tick_clock();
+                    async {
+                        start_or_park(&me, s, m, attempt).await?;
+                        settle_and_fetch(&me, s).await
+                    }
+                    .instrument(span)
+                    .await?;
                 }
             }
             PartitionMsg::Gate(held) => {
@@ -517,6 +533,18 @@ impl Actor for PartitionSupervisor {
 }
 
 impl PartitionState {
+    /// Reads the clock for the handler that starts (see `clock`).
+    fn tick_clock(&mut self) -> Instant {
+        self.clock = Instant::now();
+        self.inline_slice_end = self.clock + path::INLINE_SLICE;
+        self.clock
+    }
+
+    /// Milliseconds since the epoch at `at`, from the wall clock read on the last tick.
+    fn wall_ms(&self, at: Instant) -> i64 {
+        self.wall.1 + at.saturating_duration_since(self.wall.0).as_millis() as i64
+    }
+
     fn stats_restart(&self) {
         self.pipeline.stats.worker_restarts.fetch_add(1, Relaxed);
         self.stats.metrics.pipeline.worker_restarts.increment(1);

@@ -70,6 +70,7 @@ pub(super) async fn fetch(
     let Some(queue) = s.queue.take() else {
         return Ok(());
     };
+    s.tick_clock();
     s.overflow.retry();
     let mut taken = 0;
     let mut result = Ok(());
@@ -93,7 +94,8 @@ pub(super) async fn fetch(
                 warn!(topic = %s.topic, partition = s.partition, error = %e, "fetch error");
                 continue;
             }
-            Some(Ok(b)) => Message::from_borrowed(&b, &s.topic),
+            // `clock` moves on with each inline attempt (see `start`).
+            Some(Ok(b)) => Message::from_borrowed(&b, &s.topic, s.clock),
         };
         taken += 1;
         if let Err(e) = admit(me, s, m).await {
@@ -334,17 +336,23 @@ pub(super) async fn spawn_worker(
     Ok(actor)
 }
 
-/// First polls that keep the supervisor busy longer than [`INLINE_MAX`] (a processor heavy on
-/// CPU, or one that blocks its thread) turn inline starts off for the partition for
-/// [`INLINE_PAUSE`]: its messages then run on the workers, spread over the runtime's threads,
-/// and the supervisor's mailbox (completions, drains, ticks) is not held up behind them. It
-/// takes [`INLINE_SLOW_STREAK`] slow polls in a row, or one over [`INLINE_BLOCKED`]: a thread
-/// preempted by the OS in the middle of one cheap poll (milliseconds on a busy machine) is not
-/// a slow processor.
+/// When attempts start inline ([`start`]), and when they go to the workers instead:
+/// - `inline = false` in the pipeline: never inline.
+/// - Each handler may run attempts inline for [`INLINE_SLICE`] after it began (one fetch, one
+///   completion and what it starts): the attempts it starts later go to the workers, so that a
+///   hot key's backlog draining message after message does not keep the supervisor from its
+///   mailbox (completions, ticks, drains, `/debug`).
+/// - A processor heavy on CPU: when [`INLINE_SLOW_OF`] of the last 32 first polls took longer
+///   than [`INLINE_MAX`], attempts go to the workers (spread over the runtime's threads) for
+///   [`INLINE_PAUSE`]. A window, not one poll: a thread preempted by the OS in the middle of a
+///   cheap poll (milliseconds on a busy machine) is not a slow processor.
+/// - A processor that blocks its thread: one first poll over [`INLINE_BLOCKED`] turns inline off
+///   for the life of this supervisor, with a warning (the poll held the whole partition).
+pub(super) const INLINE_SLICE: Duration = Duration::from_millis(2);
 const INLINE_MAX: Duration = Duration::from_micros(200);
-const INLINE_SLOW_STREAK: u32 = 4;
-const INLINE_BLOCKED: Duration = Duration::from_millis(50);
+const INLINE_SLOW_OF: u32 = 8;
 const INLINE_PAUSE: Duration = Duration::from_secs(5);
+const INLINE_BLOCKED: Duration = Duration::from_millis(50);
 
 /// Starts attempt `attempt` of `m` on worker `id`. The supervisor polls the attempt once itself
 /// (inline): a processor that does not await finishes there, with no hand-off to the worker and
@@ -359,7 +367,9 @@ fn start(
     m: Arc<Message>,
     attempt: u32,
 ) -> Result<(), ActorProcessingErr> {
-    let now = Instant::now();
+    // The partition's clock, read when the handler began and after each inline attempt: one
+    // clock read per message, not three.
+    let now = s.clock;
     s.stats
         .metrics
         .pipeline
@@ -370,7 +380,8 @@ fn start(
     let Some(actor) = slot.actor.as_ref() else {
         return Err(format!("worker slot {id} has no actor").into());
     };
-    let inline = !s.inline_off_until.is_some_and(|t| now < t);
+    let inline =
+        s.spec.inline && now < s.inline_slice_end && !s.inline_off_until.is_some_and(|t| now < t);
     if !inline {
         actor.cast(WorkerMsg::Run(m.clone(), attempt))?;
     }
@@ -387,13 +398,13 @@ fn start(
         job.as_mut().poll(&mut Context::from_waker(Waker::noop()))
     }));
     let end = Instant::now();
+    s.clock = end;
     let took = end.saturating_duration_since(now);
-    s.inline_slow = if took > INLINE_MAX {
-        s.inline_slow + 1
-    } else {
-        0
-    };
-    if s.inline_slow >= INLINE_SLOW_STREAK || took > INLINE_BLOCKED {
+    s.inline_slow = (s.inline_slow << 1) | u32::from(took > INLINE_MAX);
+    if took > INLINE_BLOCKED {
+        s.inline_off_until = Some(end + Duration::from_secs(365 * 24 * 3600));
+        warn!(topic = %s.topic, partition = s.partition, offset = s.workers[id].running.as_ref().map(|m| m.offset), ?took, "a processor blocked the partition's supervisor in its first poll: every message of this partition runs on a worker from now on (set `inline = false` for processors that block their thread)");
+    } else if s.inline_slow.count_ones() >= INLINE_SLOW_OF {
         s.inline_slow = 0;
         s.inline_off_until = Some(end + INLINE_PAUSE);
         debug!(topic = %s.topic, partition = s.partition, ?took, "first polls are slow: messages run on workers for a while");
@@ -446,7 +457,7 @@ pub(super) fn rerun_after_crash(
     }
     let slot = &mut s.workers[id];
     let offset = slot.running.as_ref().map(|m| m.offset);
-    error!(topic = %s.topic, partition = s.partition, worker = id, ?offset, %reason, restarts = s.restarts.len(), "worker crashed; restarting it");
+    error!(topic = %s.topic, partition = s.partition, worker = id, ?offset, %reason, restarts = s.restarts.len(), "worker crashed (or its message panicked in its first poll); running the message again on it");
     if s.restarts.len() as u32 > budget.max {
         return Err(format!(
             "partition {}/{}: {} worker crashes within {} (budget {}); failing the partition",
@@ -506,7 +517,8 @@ pub(super) async fn on_done(
     worker: usize,
     outcome: Outcome,
 ) -> Result<(), ActorProcessingErr> {
-    complete(me, s, worker, outcome, Instant::now()).await?;
+    let now = s.tick_clock();
+    complete(me, s, worker, outcome, now).await?;
     settle_and_fetch(me, s).await
 }
 
@@ -569,7 +581,7 @@ async fn complete(
         me.send_after(after, move || PartitionMsg::Retry(m, attempt));
         return Ok(());
     }
-    record_completion(s, &m, outcome);
+    record_completion(s, &m, outcome, now);
     if s.draining.is_some() {
         if s.running == 0 {
             drain::finish(me, s);
@@ -635,10 +647,16 @@ async fn refill(
 /// `m` completed with `outcome` (not a retry): its offset completes, its budget is freed, and
 /// it is counted.
 #[inline]
-pub(super) fn record_completion(s: &mut PartitionState, m: &Message, outcome: Outcome) {
+pub(super) fn record_completion(
+    s: &mut PartitionState,
+    m: &Message,
+    outcome: Outcome,
+    now: Instant,
+) {
     let pm = &s.stats.metrics.pipeline;
     if let Some(ts) = m.timestamp_ms.filter(|&t| t > 0) {
-        pm.end_to_end.record((now_ms() - ts).max(0) as f64 / 1000.0);
+        pm.end_to_end
+            .record((s.wall_ms(now) - ts).max(0) as f64 / 1000.0);
     }
     match outcome {
         Outcome::Processed => &pm.processed,
