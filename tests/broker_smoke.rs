@@ -72,7 +72,7 @@ fn broker_produce_consume_commit() {
             .or_insert(m.partition);
         assert_eq!(p, m.partition, "a key spans partitions");
         let prev = last_offset.insert(m.partition, m.offset);
-        assert!(prev.map_or(true, |o| o < m.offset), "offsets out of order");
+        assert!(prev.is_none_or(|o| o < m.offset), "offsets out of order");
     }
     let ends: BTreeMap<i32, i64> = last_offset.iter().map(|(p, o)| (*p, o + 1)).collect();
     assert_eq!(ends, produced.next_offsets);

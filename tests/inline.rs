@@ -52,10 +52,10 @@ async fn start(
 
 async fn only_supervisor(stats: &PipelineStats) -> ractor::ActorRef<PartitionMsg> {
     let t0 = Instant::now();
-    while !stats
+    while stats
         .partitions()
         .first()
-        .is_some_and(|(_, p)| p.actor.get().is_some())
+        .is_none_or(|(_, p)| p.actor.get().is_none())
     {
         assert!(
             t0.elapsed() < Duration::from_secs(60),

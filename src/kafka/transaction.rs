@@ -460,7 +460,7 @@ impl Transactions {
             let last = self.last.lock().unwrap();
             points.retain(|(p, n, m)| {
                 finals.iter().any(|f| f.partition == *p)
-                    || last.get(p).map_or(true, |(ln, lm)| ln != n || lm != m)
+                    || last.get(p).is_none_or(|(ln, lm)| ln != n || lm != m)
             });
         }
         if points.is_empty() {

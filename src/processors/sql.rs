@@ -672,7 +672,7 @@ impl Sql {
 
 /// The server answered (with a result or an error of its own): the request is finished.
 fn answered<T>(r: &Result<T, tokio_postgres::Error>) -> bool {
-    r.as_ref().err().map_or(true, |e| e.as_db_error().is_some())
+    r.as_ref().err().is_none_or(|e| e.as_db_error().is_some())
 }
 
 /// A pooled connection that goes back to the pool only if no transaction is left open on it:

@@ -751,7 +751,7 @@ impl Store {
         for key in due {
             let expired = inner
                 .peek(self.spill.as_ref(), partition, &key)
-                .is_some_and(|v| entry_ms(&v).map_or(true, |t| now.saturating_sub(t) > ttl));
+                .is_some_and(|v| entry_ms(&v).is_none_or(|t| now.saturating_sub(t) > ttl));
             if expired {
                 delta += inner.put(key.clone(), None, now);
                 if !self.transactional {

@@ -381,7 +381,7 @@ fn start(
         return Err(format!("worker slot {id} has no actor").into());
     };
     let inline =
-        s.spec.inline && now < s.inline_slice_end && !s.inline_off_until.is_some_and(|t| now < t);
+        s.spec.inline && now < s.inline_slice_end && s.inline_off_until.is_none_or(|t| now >= t);
     if !inline {
         actor.cast(WorkerMsg::Run(m.clone(), attempt))?;
     }
