@@ -348,7 +348,7 @@ pub(super) async fn spawn_worker(
 ///   cheap poll (milliseconds on a busy machine) is not a slow processor.
 /// - A processor that blocks its thread: one first poll over [`INLINE_BLOCKED`] turns inline off
 ///   for the life of this supervisor, with a warning (the poll held the whole partition).
-pub(super) const INLINE_SLICE: Duration = Duration::from_millis(2);
+pub(super) const INLINE_SLICE: Duration = Duration::from_millis(10);
 const INLINE_MAX: Duration = Duration::from_micros(200);
 const INLINE_SLOW_OF: u32 = 8;
 const INLINE_PAUSE: Duration = Duration::from_secs(5);
