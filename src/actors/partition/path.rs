@@ -1,8 +1,9 @@
 //! The per-message path of a partition, top to bottom: fetch (take messages off the partition
 //! queue while flow control has room) → admit (record the offset, skip what a previous owner
 //! completed, hand the message to the key scheduler) → start (on an idle or new worker, or park
-//! it until one is free) → complete (`Done`: the offset completes, the budget is freed, the key's
-//! next message starts on the same worker) → commit (the commit point and the offsets completed
+//! it until one is free; the supervisor polls the attempt once itself, inline, and only an
+//! attempt that awaits moves to the worker) → complete (inline, or the worker's `Done`: the
+//! offset completes, the budget is freed, the key's next message starts on the same worker) → commit (the commit point and the offsets completed
 //! above it, every `commit_every` completions or `commit_interval`). Flow control pauses the
 //! partition on the consumer when it stays congested.
 
