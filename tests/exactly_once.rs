@@ -88,7 +88,8 @@ fn every_input_exactly_once_through_ten_kills_and_a_rebalance() {
     let mut kills = Vec::new();
     let started = Instant::now();
     std::thread::scope(|scope| {
-        scope.spawn(|| produce_until(&broker, &input, KEYS, &stop, &produced, &expected));
+        let producer =
+            scope.spawn(|| produce_until(&broker, &input, KEYS, &stop, &produced, &expected));
         for crash in 0..CRASHES {
             let before = produced.load(Relaxed);
             support::wait_until(
@@ -140,6 +141,9 @@ fn every_input_exactly_once_through_ten_kills_and_a_rebalance() {
             b.log_tail(30)
         );
         stop.store(true, Relaxed);
+        // The producer may be inside its last batch: the end is read once it is written (a
+        // batch landing after the read put the commits past `end` for good).
+        producer.join().expect("producer thread");
         let end = broker.high_watermarks(&input);
         support::wait_until(
             Duration::from_secs(120),
@@ -187,7 +191,8 @@ fn a_zombie_member_cannot_commit() {
     let produced = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        scope.spawn(|| produce_until(&broker, &input, KEYS, &stop, &produced, &expected));
+        let producer =
+            scope.spawn(|| produce_until(&broker, &input, KEYS, &stop, &produced, &expected));
         let mut a = member(&broker, &toml, "a");
         a.wait_for_log("partition supervisor started", Duration::from_secs(60));
         let mut b = member(&broker, &toml, "b");
@@ -235,6 +240,9 @@ fn a_zombie_member_cannot_commit() {
         );
         assert!(!refused.is_empty(), "{}", a.log_tail(30));
         stop.store(true, Relaxed);
+        // The producer may be inside its last batch: the end is read once it is written (a
+        // batch landing after the read put the commits past `end` for good).
+        producer.join().expect("producer thread");
         let end = broker.high_watermarks(&input);
         support::wait_until(
             Duration::from_secs(120),
