@@ -42,10 +42,12 @@ pub const PREFETCH_USEFUL: u64 = 32 << 20;
 /// A partition's prefetch never goes below this, so that it can fetch at all (a topic with
 /// more partitions than `prefetch share / 64 KiB` exceeds the prefetch half by that floor).
 pub const MIN_PREFETCH: u64 = 64 << 10;
-/// Bytes a queued message costs librdkafka beyond its payload (its op and message structs):
-/// `queued.min.messages` is derived with it, so that a queue of small messages stays within
-/// the share too.
-pub const QUEUED_MESSAGE_COST: u64 = 256;
+/// Bytes a queued message costs librdkafka beyond its payload (its op and message structs, and
+/// its share of the fetch buffer it pins): `queued.min.messages` is derived with it, so that a
+/// queue of small messages stays within the share too. Measured: with 90-byte messages on 8
+/// partitions, queues of 16,384 messages each (derived with 256) peaked ~50 MiB higher than
+/// queues of 4,096, ~510 bytes per queued message (BENCHMARKS.md, "After the hot path").
+pub const QUEUED_MESSAGE_COST: u64 = 512;
 /// What a worker actor costs while it exists (its task, mailboxes and ractor cell; ~10 KiB
 /// measured with massif, ~12 KiB per worker seen as RSS with 8,192 workers). A partition's
 /// workers share its buffer budget with its messages: the pool grows to at most half the

@@ -202,7 +202,7 @@ mod tests {
         // Half queued, half for the fetch response that may land on a queue just below it.
         assert_eq!(cfg.get("queued.max.messages.kbytes"), Some("2048"));
         assert_eq!(cfg.get("max.partition.fetch.bytes"), Some("2097152"));
-        assert_eq!(cfg.get("queued.min.messages"), Some("16384"));
+        assert_eq!(cfg.get("queued.min.messages"), Some("8192"));
         assert_eq!(cfg.get("fetch.max.bytes"), Some("4194304"));
         // A full queue is fetched again within 10 ms, not librdkafka's 1 s (review H1).
         assert_eq!(cfg.get("fetch.queue.backoff.ms"), Some("10"));
