@@ -203,12 +203,16 @@ impl Pipeline {
 
 /// A processor's panic as a permanent error naming it.
 fn panicked(p: Box<dyn std::any::Any + Send>) -> ProcessError {
-    let text = p
-        .downcast_ref::<&str>()
+    let text = panic_text(&*p);
+    ProcessError::permanent("panic", format!("the processor panicked: {text}"))
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-string payload".into());
-    ProcessError::permanent("panic", format!("the processor panicked: {text}"))
+        .unwrap_or_else(|| "a non-string payload".into())
 }
 
 async fn run(chain: &[Arc<dyn Processor>], m: &mut Message) -> Result<Flow, ProcessError> {

@@ -391,9 +391,21 @@ fn start(
     slot.crashes = 0;
     slot.started = now;
     s.running += 1;
-    if !inline {
-        return Ok(());
+    if inline {
+        poll_inline(s, id, m, attempt, now)?;
     }
+    Ok(())
+}
+
+/// [`start`]'s first poll on the supervisor: queue the completion, hand the attempt to worker
+/// `id`, or count its panic as the worker's crash.
+fn poll_inline(
+    s: &mut PartitionState,
+    id: usize,
+    m: Arc<Message>,
+    attempt: u32,
+    now: Instant,
+) -> Result<(), ActorProcessingErr> {
     let mut job = worker::job(s.pipeline.clone(), m, attempt, s.owner.clone());
     let polled = catch_unwind(AssertUnwindSafe(|| {
         job.as_mut().poll(&mut Context::from_waker(Waker::noop()))
@@ -425,11 +437,7 @@ fn start(
         },
         Err(panic) => {
             drop(job);
-            let reason = panic
-                .downcast_ref::<&str>()
-                .map(|p| p.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic".into());
+            let reason = crate::batch::panic_text(&*panic);
             rerun_after_crash(s, id, &format!("panicked: {reason}"))?;
         }
     }
