@@ -25,7 +25,6 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
 use crate::actors::partition::PartitionMsg;
@@ -39,7 +38,7 @@ const INSPECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct HttpState {
-    pub prometheus: PrometheusHandle,
+    pub prometheus: crate::metrics::MetricsHandle,
     pub pipelines: Vec<Arc<PipelineStats>>,
 }
 

@@ -10,11 +10,14 @@
 //! incremented. Without an installed recorder (library use, in-process tests) the handles are
 //! no-ops.
 //!
-//! The recorder keeps each histogram sample until upkeep folds it into the buckets (about 8
-//! bytes per sample, three samples per message). [`install`] therefore starts its own upkeep
-//! thread, independent of the HTTP endpoint: with `[http] address = "off"` the recorder stays
-//! installed (a library user or an embedding application can still render it through
-//! [`handle`]) and its memory stays bounded.
+//! keyflow's histograms count their samples into fixed buckets as they come ([`buckets`]: an
+//! atomic add, no allocation, nothing held between scrapes). Other histograms (an embedding
+//! application's) go to the exporter, which keeps each sample until upkeep folds it into
+//! buckets; [`install`] runs that upkeep on a thread of its own, independent of the HTTP
+//! endpoint: with `[http] address = "off"` the recorder stays installed (a library user or an
+//! embedding application can still render it through [`handle`]) and its memory stays bounded.
+
+pub mod buckets;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
@@ -24,7 +27,7 @@ use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
     Gauge, Histogram, Unit,
 };
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Messages completed or retried, by `outcome` (see the `OUTCOME_*` constants).
 pub const MESSAGES_TOTAL: &str = "keyflow_messages_total";
@@ -118,58 +121,50 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     3600.0, 14400.0,
 ];
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-/// How often the upkeep thread folds histogram samples into their buckets. Samples pile up for
-/// one interval: at 200k msg/s, three samples a message, 1 s holds ~5 MB (5 s held ~25 MB,
-/// measured as +15 MB of RSS over 800k messages on Apache Kafka). Upkeep of keyflow's few
-/// histograms takes microseconds.
+static HANDLE: OnceLock<MetricsHandle> = OnceLock::new();
+/// How often the upkeep thread folds the exporter's histogram samples into their buckets (only
+/// histograms that are not keyflow's keep samples: see [`buckets`]).
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// The stuck-partition watchdog threshold in milliseconds (process-wide; `[http] stuck_after`).
 // The default of `[http] stuck_after` (config::default_stuck_after); `Runtime::start` sets the
 // configured value.
 static STUCK_AFTER_MS: AtomicU64 = AtomicU64::new(120_000);
 
+/// Renders everything the installed recorder holds: the exporter's counters and gauges, then
+/// keyflow's histograms.
+#[derive(Clone)]
+pub struct MetricsHandle {
+    prometheus: PrometheusHandle,
+    histograms: buckets::Histograms,
+}
+
+impl MetricsHandle {
+    /// The Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut text = self.prometheus.render();
+        self.histograms.render(&mut text);
+        text
+    }
+
+    /// Folds the exporter's pending histogram samples into their buckets.
+    pub fn run_upkeep(&self) {
+        self.prometheus.run_upkeep();
+    }
+}
+
 /// Installs the Prometheus recorder once per process and returns its handle (later calls return
 /// the same handle), and starts the upkeep thread that keeps its memory bounded. Call it before
 /// the runtime starts so that every handle registers.
-pub fn install() -> PrometheusHandle {
+pub fn install() -> MetricsHandle {
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full(PROCESS_DURATION_SECONDS.into()),
-                    DURATION_BUCKETS,
-                )
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(QUEUE_WAIT_SECONDS.into()),
-                        DURATION_BUCKETS,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(END_TO_END_LATENCY_SECONDS.into()),
-                        LATENCY_BUCKETS,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(COMMIT_METADATA_BYTES.into()),
-                        METADATA_BUCKETS,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_SIZE_BUCKETS)
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(crate::state::STATE_RESTORE_SECONDS.into()),
-                        LATENCY_BUCKETS,
-                    )
-                })
-                .expect("bucket lists are non-empty");
-            let handle = builder
-                .install_recorder()
+            let inner = PrometheusBuilder::new().build_recorder();
+            let histograms = buckets::Histograms::default();
+            let handle = MetricsHandle {
+                prometheus: inner.handle(),
+                histograms: histograms.clone(),
+            };
+            metrics::set_global_recorder(buckets::Recorder { inner, histograms })
                 .expect("no other metrics recorder is installed");
             describe();
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -181,7 +176,7 @@ pub fn install() -> PrometheusHandle {
 
 /// Runs the recorder's upkeep every [`UPKEEP_INTERVAL`] for the life of the process. A thread,
 /// not a task: `install` may run outside a tokio runtime, and upkeep must outlive any of them.
-fn spawn_upkeep(handle: PrometheusHandle) {
+fn spawn_upkeep(handle: MetricsHandle) {
     let started = std::thread::Builder::new()
         .name("keyflow-metrics-upkeep".into())
         .spawn(move || loop {
@@ -194,7 +189,7 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 }
 
 /// The installed recorder's handle, if any.
-pub fn handle() -> Option<&'static PrometheusHandle> {
+pub fn handle() -> Option<&'static MetricsHandle> {
     HANDLE.get()
 }
 
