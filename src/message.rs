@@ -3,15 +3,18 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _, OwnedHeaders};
 
 /// What a held message costs beyond its key, payload and headers: the struct in its `Arc`
 /// (~180 bytes) and the allocator's overhead of its two buffers, rounded up.
 pub const MESSAGE_COST: usize = 256;
 
-/// One consumed record. Key and payload are `Bytes`, so passing a message between actors, or
-/// retrying it, never copies the payload: the one copy is out of librdkafka's buffer on receipt.
+/// One consumed record. Key and payload are `Bytes` sharing one buffer, and headers are shared
+/// too, so passing a message between actors, or starting an attempt from it, copies nothing and
+/// allocates nothing: the one copy is out of librdkafka's buffer on receipt. A processor that
+/// changes the headers takes them ([`Message::take_headers`]: copied only if shared) and sets
+/// new ones.
 #[derive(Debug, Clone)]
 pub struct Message {
     pub topic: Arc<str>,
@@ -21,7 +24,8 @@ pub struct Message {
     pub timestamp_ms: Option<i64>,
     pub key: Option<Bytes>,
     pub payload: Option<Bytes>,
-    pub headers: Option<OwnedHeaders>,
+    /// Shared between the message as consumed and each attempt's copy (copy on write).
+    pub headers: Option<Arc<OwnedHeaders>>,
     /// When keyflow took it off the consumer queue (queue-wait and drain reporting).
     pub received: Instant,
     /// Under `delivery = "exactly_once"`: what this attempt will write, held until the chain
@@ -48,17 +52,34 @@ impl Message {
     /// (read once per fetch, not per message). `topic` is shared per partition so that no
     /// per-message string is allocated.
     pub fn from_borrowed(m: &BorrowedMessage<'_>, topic: &Arc<str>, received: Instant) -> Self {
+        let (key, payload) = key_and_payload(m.key(), m.payload());
         Message {
             topic: topic.clone(),
             partition: m.partition(),
             offset: m.offset(),
             timestamp_ms: m.timestamp().to_millis(),
-            key: m.key().map(Bytes::copy_from_slice),
-            payload: m.payload().map(Bytes::copy_from_slice),
-            headers: m.headers().filter(|h| h.count() > 0).map(|h| h.detach()),
+            key,
+            payload,
+            headers: m
+                .headers()
+                .filter(|h| h.count() > 0)
+                .map(|h| Arc::new(h.detach())),
             received,
             outbox: Vec::new(),
         }
+    }
+
+    /// Takes the headers to change them: no copy unless another holder (the message as
+    /// consumed, kept for a retry) shares them.
+    pub fn take_headers(&mut self) -> Option<OwnedHeaders> {
+        self.headers
+            .take()
+            .map(|h| Arc::try_unwrap(h).unwrap_or_else(|shared| (*shared).clone()))
+    }
+
+    /// Replaces the headers.
+    pub fn set_headers(&mut self, headers: OwnedHeaders) {
+        self.headers = Some(Arc::new(headers));
     }
 
     /// Bytes counted against a partition's buffer budget (`max_buffered_bytes`, its share of
@@ -92,16 +113,31 @@ impl Message {
         key: Option<&[u8]>,
         payload: &[u8],
     ) -> Self {
+        let (key, payload) = key_and_payload(key, Some(payload));
         Message {
             topic: Arc::from(topic),
             partition,
             offset,
             timestamp_ms: None,
-            key: key.map(Bytes::copy_from_slice),
-            payload: Some(Bytes::copy_from_slice(payload)),
+            key,
+            payload,
             headers: None,
             received: Instant::now(),
             outbox: Vec::new(),
         }
     }
+}
+
+/// Key and payload copied into one buffer, as two `Bytes` that share it: one allocation for
+/// both (plus the buffer's shared header), and clones that only count references. Bytes made
+/// from a `Vec` (`copy_from_slice`) would allocate that header on their first clone instead,
+/// i.e. on every message's first attempt.
+fn key_and_payload(key: Option<&[u8]>, payload: Option<&[u8]>) -> (Option<Bytes>, Option<Bytes>) {
+    let (k, p) = (key.map_or(0, <[u8]>::len), payload.map_or(0, <[u8]>::len));
+    let mut buf = BytesMut::with_capacity(k + p);
+    buf.extend_from_slice(key.unwrap_or_default());
+    buf.extend_from_slice(payload.unwrap_or_default());
+    // `split_to` makes the buffer shared (even at 0): both halves then clone without allocating.
+    let key_part = buf.split_to(k).freeze();
+    (key.map(|_| key_part), payload.map(|_| buf.freeze()))
 }

@@ -671,7 +671,7 @@ mod tests {
                 value: Some(*v),
             });
         }
-        m.headers = Some(h);
+        m.set_headers(h);
         m
     }
 

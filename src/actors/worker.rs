@@ -2,12 +2,11 @@
 //! supervisor. Workers hold no per-message state the supervisor does not also hold, so a worker
 //! that panics is replaced and its message runs again.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio_util::sync::ReusableBoxFuture;
 use tracing::Instrument;
 
 use super::partition::PartitionMsg;
@@ -52,11 +51,27 @@ pub enum WorkerMsg {
 
 /// One attempt of the pipeline on one message, owned, so that it can start on the supervisor
 /// (inline: most processors finish within their first poll) and move to a worker if it awaits.
-pub type Job = Pin<Box<dyn Future<Output = (Outcome, Option<TxnGuard>)> + Send>>;
+/// Its box is reused: every attempt is the same future type, so a finished job's box takes the
+/// next attempt without allocating (the supervisor keeps the spare ones, a worker hands its
+/// back with `Done`).
+pub type Job = ReusableBoxFuture<'static, (Outcome, Option<TxnGuard>)>;
 
-/// The attempt as a [`Job`]: what `Run` does, in a box.
-pub fn job(pipeline: Arc<Pipeline>, m: Arc<Message>, attempt: u32, owner: Arc<Ownership>) -> Job {
-    Box::pin(async move { attempt_once(&pipeline, &m, attempt, &owner).await })
+/// The attempt as a [`Job`]: what `Run` does, in `spare`'s box if there is one.
+pub fn job(
+    spare: Option<Job>,
+    pipeline: Arc<Pipeline>,
+    m: Arc<Message>,
+    attempt: u32,
+    owner: Arc<Ownership>,
+) -> Job {
+    let attempt = async move { attempt_once(&pipeline, &m, attempt, &owner).await };
+    match spare {
+        Some(mut job) => {
+            job.set(attempt);
+            job
+        }
+        None => ReusableBoxFuture::new(attempt),
+    }
 }
 
 /// One attempt, inside the message's span (with the input's W3C trace id, so logs join the
@@ -69,7 +84,7 @@ async fn attempt_once(
 ) -> (Outcome, Option<TxnGuard>) {
     let span = tracing::debug_span!("message", topic = %m.topic, partition = m.partition, offset = m.offset, trace_id = tracing::field::Empty);
     if !span.is_disabled() {
-        if let Some(t) = m.headers.as_ref().and_then(crate::trace::find_trace_id) {
+        if let Some(t) = m.headers.as_deref().and_then(crate::trace::find_trace_id) {
             span.record("trace_id", t.as_str());
         }
     }
@@ -104,6 +119,7 @@ impl Actor for Worker {
         msg: WorkerMsg,
         s: &mut WorkerState,
     ) -> Result<(), ActorProcessingErr> {
+        let mut spare = None;
         let (outcome, txn) = match msg {
             WorkerMsg::Run(m, attempt) => {
                 s.progress.store(1, Relaxed);
@@ -114,11 +130,13 @@ impl Actor for Worker {
                     )
                     .await
             }
-            WorkerMsg::Resume(job) => {
+            WorkerMsg::Resume(mut job) => {
                 s.progress.store(1, Relaxed);
-                crate::introspect::PROGRESS
-                    .scope(s.progress.clone(), job)
-                    .await
+                let done = crate::introspect::PROGRESS
+                    .scope(s.progress.clone(), &mut job)
+                    .await;
+                spare = Some(job);
+                done
             }
             WorkerMsg::DeadLetter(m, e) => s.pipeline.dead_letter_now_in(&m, &e, &s.owner).await,
             WorkerMsg::RunBatch(b) => {
@@ -137,6 +155,7 @@ impl Actor for Worker {
         let _ = s.parent.cast(PartitionMsg::Done {
             worker: s.id,
             outcome,
+            job: spare,
         });
         // Exactly-once: the completion is in the supervisor's mailbox before a commit can start
         // (the commit asks the supervisor for its point after it).

@@ -87,9 +87,9 @@ impl Forward {
     /// and payload are shared `Bytes`).
     fn stage(&self, msg: &mut Message) {
         let headers = if self.keep_headers {
-            msg.headers.as_ref().map(crate::trace::continue_trace)
+            msg.headers.as_deref().map(crate::trace::continue_trace)
         } else {
-            msg.headers.take().map(crate::trace::continue_trace_owned)
+            msg.take_headers().map(crate::trace::continue_trace_owned)
         };
         msg.outbox.push(crate::message::Record {
             topic: self.topic.clone(),
@@ -102,6 +102,14 @@ impl Forward {
     }
 
     async fn write(&self, msg: &mut Message) -> Result<(), ProcessError> {
+        // Each written message continues the input's trace under its own span id. Without
+        // `keep_headers` nothing after this step reads them: they are handed over, copied only
+        // if the message as consumed still shares them (it does while a retry may need them).
+        let headers = if self.keep_headers {
+            msg.headers.as_deref().map(crate::trace::continue_trace)
+        } else {
+            msg.take_headers().map(crate::trace::continue_trace_owned)
+        };
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic);
         if let Some(k) = msg.key.as_deref() {
             record = record.key(k);
@@ -109,13 +117,8 @@ impl Forward {
         if let Some(p) = msg.payload.as_deref() {
             record = record.payload(p);
         }
-        if self.keep_headers {
-            if let Some(h) = &msg.headers {
-                record = record.headers(crate::trace::continue_trace(h));
-            }
-        } else if let Some(h) = msg.headers.take() {
-            // Nothing after this step reads headers: hand the list over, no copy.
-            record = record.headers(crate::trace::continue_trace_owned(h));
+        if let Some(h) = headers {
+            record = record.headers(h);
         }
         if let Some(ts) = msg.timestamp_ms {
             record = record.timestamp(ts);

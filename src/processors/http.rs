@@ -203,7 +203,7 @@ impl Http {
         }
         if let Some(tp) = msg
             .headers
-            .as_ref()
+            .as_deref()
             .and_then(crate::trace::traceparent)
             .and_then(crate::trace::continued)
         {
@@ -340,7 +340,7 @@ mod tests {
         let h = Http::new(&cfg, &Arc::new(Gate::default()), "p").unwrap();
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let mut m = Message::new("t", 0, 0, Some(b"k"), b"{}");
-        m.headers = Some(OwnedHeaders::new().insert(Header {
+        m.set_headers(OwnedHeaders::new().insert(Header {
             key: "traceparent",
             value: Some(tp),
         }));

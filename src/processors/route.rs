@@ -123,7 +123,7 @@ impl Processor for Route {
                     partition: None,
                     key: msg.key.clone(),
                     payload: msg.payload.clone(),
-                    headers: msg.headers.as_ref().map(crate::trace::continue_trace),
+                    headers: msg.headers.as_deref().map(crate::trace::continue_trace),
                     timestamp_ms: None,
                 });
             }

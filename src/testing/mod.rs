@@ -501,7 +501,7 @@ fn message(topic: &str, offset: i64, input: &Input) -> Message {
                 value: Some(v.as_bytes()),
             });
         }
-        m.headers = Some(h);
+        m.set_headers(h);
     }
     m
 }

@@ -43,7 +43,7 @@ use tracing::{debug, info, Instrument};
 
 use super::flow::FlowControl;
 use super::scheduler::KeyScheduler;
-use super::worker::WorkerMsg;
+use super::worker::{Job, WorkerMsg};
 use crate::config::PipelineSpec;
 use crate::introspect::PartitionDebug;
 use crate::kafka::offsets::SkipSet;
@@ -81,6 +81,8 @@ pub enum PartitionMsg {
     Done {
         worker: usize,
         outcome: Outcome,
+        /// The finished job's box, when the attempt started inline: kept for the next one.
+        job: Option<Job>,
     },
     /// `[batch]`: a worker finished its batch; one outcome per message, in batch order.
     BatchDone {
@@ -232,6 +234,8 @@ pub struct PartitionState {
     key_share: usize,
     /// Attempts that finished inline, not yet completed (empty between handlers).
     inline_done: VecDeque<InlineDone>,
+    /// Boxes of finished jobs, for the next inline attempts (at most one per worker slot).
+    spare_jobs: Vec<Job>,
     /// Inline starts are off until then (a first poll was slow, see `path::INLINE_MAX`).
     inline_off_until: Option<Instant>,
     /// The last 32 first polls, one bit each: slow (1) or not.
@@ -321,6 +325,7 @@ impl Actor for PartitionSupervisor {
             overflow: overflow::Overflow::default(),
             key_share,
             inline_done: VecDeque::new(),
+            spare_jobs: Vec::new(),
             inline_off_until: None,
             inline_slow: 0,
             inline_slice_end: Instant::now(),
@@ -400,7 +405,12 @@ impl Actor for PartitionSupervisor {
                     apply_flow(&me, s);
                 }
             }
-            PartitionMsg::Done { worker, outcome } => {
+            PartitionMsg::Done {
+                worker,
+                outcome,
+                job,
+            } => {
+                s.spare_jobs.extend(job);
                 on_done(&me, s, worker, outcome).instrument(span).await?;
             }
             PartitionMsg::BatchDone { worker, outcomes } => {

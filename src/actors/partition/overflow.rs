@@ -342,7 +342,7 @@ fn decode(mut b: Bytes, topic: &Arc<str>, partition: i32) -> Option<Message> {
         timestamp_ms,
         key,
         payload,
-        headers,
+        headers: headers.map(Arc::new),
         // Back in memory now: queue wait and drain ages count from here.
         received: Instant::now(),
         outbox: Vec::new(),
@@ -364,7 +364,7 @@ mod tests {
         let topic: Arc<str> = Arc::from("t");
         let mut o = Overflow::default();
         let mut with_headers = msg(2, "a", "two");
-        with_headers.headers = Some(
+        with_headers.set_headers(
             OwnedHeaders::new()
                 .insert(Header {
                     key: "h",

@@ -406,9 +406,10 @@ fn poll_inline(
     attempt: u32,
     now: Instant,
 ) -> Result<(), ActorProcessingErr> {
-    let mut job = worker::job(s.pipeline.clone(), m, attempt, s.owner.clone());
+    let spare = s.spare_jobs.pop();
+    let mut job = worker::job(spare, s.pipeline.clone(), m, attempt, s.owner.clone());
     let polled = catch_unwind(AssertUnwindSafe(|| {
-        job.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+        job.poll(&mut Context::from_waker(Waker::noop()))
     }));
     let end = Instant::now();
     s.clock = end;
@@ -423,12 +424,15 @@ fn poll_inline(
         debug!(topic = %s.topic, partition = s.partition, ?took, "first polls are slow: messages run on workers for a while");
     }
     match polled {
-        Ok(Poll::Ready((outcome, guard))) => s.inline_done.push_back(InlineDone {
-            worker: id,
-            outcome,
-            guard,
-            at: end,
-        }),
+        Ok(Poll::Ready((outcome, guard))) => {
+            s.spare_jobs.push(job);
+            s.inline_done.push_back(InlineDone {
+                worker: id,
+                outcome,
+                guard,
+                at: end,
+            })
+        }
         // The waker of the first poll was a no-op: the worker polls it again at once, with its
         // own (a future must wake the waker of its latest poll).
         Ok(Poll::Pending) => match s.workers[id].actor.as_ref() {
