@@ -62,6 +62,14 @@ struct Args {
     /// it keyflow's default applies (half the cgroup limit, else 256 MiB).
     #[arg(long)]
     memory_limit: Option<u64>,
+    /// The preload producer's `batch.size` (bytes). A consumer fetches whole record batches:
+    /// left to librdkafka's default (1 MB, filled or not depending on how busy the machine is),
+    /// the preload's batch sizes varied from run to run (8 to 56 batches per partition on cpu64)
+    /// and with them every peak RSS. 65,536 keeps them the same in every run (the Java
+    /// producer's default is 16,384); `--preload-batch-bytes 1000000` shows what ~1 MB batches
+    /// cost (BENCHMARKS.md, "One batch per partition").
+    #[arg(long, default_value_t = 65_536)]
+    preload_batch_bytes: usize,
     /// Messages per second produced during the latency scenario.
     #[arg(long, default_value_t = 20_000)]
     latency_rate: usize,
@@ -863,8 +871,12 @@ fn main() {
             let topic = support::unique(&format!("bench-{}", s.name));
             broker.create_topic_blocking(&topic, s.partitions);
             let t = Instant::now();
-            broker.produce(&topic, messages(s));
-            eprintln!("   loaded in {:.1} s", t.elapsed().as_secs_f64());
+            broker.produce_in_batches_of(a.preload_batch_bytes, &topic, messages(s));
+            eprintln!(
+                "   loaded in {:.1} s (producer batches of at most {} bytes)",
+                t.elapsed().as_secs_f64(),
+                a.preload_batch_bytes
+            );
             topic
         });
         let mut results: Vec<RunResult> = Vec::new();

@@ -113,16 +113,31 @@ struct PartitionQueueStats {
     /// Payload bytes in the partition's fetch queue.
     #[serde(default)]
     fetchq_size: u64,
+    /// Messages in it.
+    #[serde(default)]
+    fetchq_cnt: u64,
 }
 
 impl BrokerStates {
+    /// What the partitions' fetch queues hold: payload bytes, and what each queued message
+    /// costs librdkafka beyond its payload ([`crate::memory::QUEUED_MESSAGE_COST`]: its op and
+    /// its part of the fetch buffer; 90-byte messages cost ~6× their payload).
     fn prefetched_bytes(&self) -> u64 {
         self.topics
             .values()
             .flat_map(|t| t.partitions.values())
-            .map(|p| p.fetchq_size)
+            .map(|p| p.fetchq_size + p.fetchq_cnt * crate::memory::QUEUED_MESSAGE_COST)
             .sum()
     }
+}
+
+/// How often, at most, the prefetch-over-budget warning repeats.
+const PREFETCH_WARN_EVERY_MS: u64 = 10 * 60 * 1000;
+
+/// Whether librdkafka's prefetch (`held`) is over what the budget sized it for: twice the
+/// budget, since a queue may hold its `queued.min.messages` plus the fetch that crossed it.
+fn prefetch_over_budget(held: u64, budget: u64) -> bool {
+    budget > 0 && held > budget.saturating_mul(2)
 }
 
 #[derive(serde::Deserialize)]
@@ -355,7 +370,21 @@ impl ClientContext for KeyflowContext {
         };
         // The memory budget's use, every statistics interval (not per message).
         let m = &self.stats.metrics;
-        m.memory_used_prefetch.set(s.prefetched_bytes() as f64);
+        let held = s.prefetched_bytes();
+        m.memory_used_prefetch.set(held as f64);
+        let budget = self.stats.prefetch_budget.load(Ordering::Relaxed);
+        let now = crate::stats::now_ms();
+        let warned = &self.stats.prefetch_warned_ms;
+        if prefetch_over_budget(held, budget)
+            && now.saturating_sub(warned.load(Ordering::Relaxed)) >= PREFETCH_WARN_EVERY_MS
+        {
+            warned.store(now, Ordering::Relaxed);
+            // librdkafka fetches whole record batches: a partition holds at least one, whatever
+            // its prefetch settings, and a batch of small messages costs ~4× its bytes in
+            // memory (BENCHMARKS.md, "One batch per partition"). Pausing is no answer (it drops
+            // the batch, which is fetched again): say so, once in a while.
+            warn!(pipeline = %self.pipeline, held = %bytesize::ByteSize(held), budget = %bytesize::ByteSize(budget), "librdkafka's prefetch holds more than twice its part of memory_limit: the input's record batches are probably larger than a partition's prefetch (a partition always holds a whole batch). Smaller producer batches (batch.size), fewer partitions per instance or a larger memory_limit bound it");
+        }
         let buffered: usize = self
             .stats
             .partitions()
@@ -403,6 +432,22 @@ impl ConsumerContext for KeyflowContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefetch_use_counts_each_queued_message_beyond_its_payload() {
+        let stats = br#"{"brokers": {}, "topics": {"in": {"partitions": {
+            "0": {"fetchq_size": 900, "fetchq_cnt": 10},
+            "1": {"fetchq_size": 0, "fetchq_cnt": 0},
+            "-1": {"fetchq_size": 0, "fetchq_cnt": 0}}}}}"#;
+        let s: BrokerStates = serde_json::from_slice(stats).unwrap();
+        assert_eq!(
+            s.prefetched_bytes(),
+            900 + 10 * crate::memory::QUEUED_MESSAGE_COST
+        );
+        assert!(!prefetch_over_budget(200, 100));
+        assert!(prefetch_over_budget(201, 100));
+        assert!(!prefetch_over_budget(1 << 30, 0), "not sized yet: no verdict");
+    }
 
     #[test]
     fn secrets_are_blanked_out_of_reasons() {

@@ -847,7 +847,32 @@ impl Broker {
     /// General produce (optional partition, key, headers); waits for every
     /// delivery report and panics on any delivery error.
     pub fn produce(&self, topic: &str, messages: impl IntoIterator<Item = OutMsg>) -> Produced {
-        let producer = self.base_producer();
+        self.produce_on(self.base_producer(), topic, messages)
+    }
+
+    /// [`Self::produce`] with record batches of at most `batch_bytes` (`batch.size`), from a
+    /// producer of its own: what a consumer fetches comes in whole batches, so a benchmark's
+    /// preload fixes their size rather than leave it to how busy the machine was.
+    pub fn produce_in_batches_of(
+        &self,
+        batch_bytes: usize,
+        topic: &str,
+        messages: impl IntoIterator<Item = OutMsg>,
+    ) -> Produced {
+        let producer: BaseProducer<DeliveryCtx> = self
+            .producer_config()
+            .set("batch.size", batch_bytes.to_string())
+            .create_with_context(DeliveryCtx)
+            .unwrap_or_else(|e| panic!("cannot create BaseProducer: {e}"));
+        self.produce_on(&producer, topic, messages)
+    }
+
+    fn produce_on(
+        &self,
+        producer: &BaseProducer<DeliveryCtx>,
+        topic: &str,
+        messages: impl IntoIterator<Item = OutMsg>,
+    ) -> Produced {
         let batch = Arc::new(Batch::default());
         let mut sent = 0usize;
         for m in messages {
