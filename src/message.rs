@@ -128,16 +128,19 @@ impl Message {
     }
 }
 
-/// Key and payload copied into one buffer, as two `Bytes` that share it: one allocation for
-/// both (plus the buffer's shared header), and clones that only count references. Bytes made
-/// from a `Vec` (`copy_from_slice`) would allocate that header on their first clone instead,
-/// i.e. on every message's first attempt.
+/// Key and payload copied out of librdkafka's buffer, each into a buffer of its own that clones
+/// only by counting references (a `Bytes` made from a `Vec`, as `copy_from_slice` makes it,
+/// allocates a shared header on its first clone instead: on every message's first attempt).
+/// Not one buffer for both: a key outlives its message in the scheduler's busy map, the
+/// overflow index and `[state]` stores, and it must not keep the payload alive there (review of
+/// e637ab6, `tests/state_retention.rs`).
 fn key_and_payload(key: Option<&[u8]>, payload: Option<&[u8]>) -> (Option<Bytes>, Option<Bytes>) {
-    let (k, p) = (key.map_or(0, <[u8]>::len), payload.map_or(0, <[u8]>::len));
-    let mut buf = BytesMut::with_capacity(k + p);
-    buf.extend_from_slice(key.unwrap_or_default());
-    buf.extend_from_slice(payload.unwrap_or_default());
-    // `split_to` makes the buffer shared (even at 0): both halves then clone without allocating.
-    let key_part = buf.split_to(k).freeze();
-    (key.map(|_| key_part), payload.map(|_| buf.freeze()))
+    (key.map(shared), payload.map(shared))
+}
+
+fn shared(bytes: &[u8]) -> Bytes {
+    let mut buf = BytesMut::from(bytes);
+    // `split_to` makes the buffer shared (even at 0): the `Bytes` then clones without allocating.
+    drop(buf.split_to(0));
+    buf.freeze()
 }

@@ -76,7 +76,9 @@ fn histogram_samples_hold_no_memory_without_the_http_endpoint() {
     );
     let text = handle.render();
     assert!(
-        text.contains("keyflow_process_duration_seconds_count{pipeline=\"mem\",topic=\"t\"} 1000000\n"),
+        text.contains(
+            "keyflow_process_duration_seconds_count{pipeline=\"mem\",topic=\"t\"} 1000000\n"
+        ),
         "every sample counted: {text}"
     );
 }

@@ -179,6 +179,34 @@ mod tests {
             self.0.as_ref()
         }
     }
+    /// Review of e637ab6: the busy entry keeps the key of the message that opened it; while the
+    /// key stays busy (a hot key: a next message always waiting), a key sharing its buffer with
+    /// the payload would keep that first message's whole payload in memory after it completed.
+    #[test]
+    fn a_busy_key_does_not_keep_a_completed_payload_alive() {
+        use crate::message::Message;
+        use std::sync::Arc;
+        let big = vec![b'x'; 1 << 20];
+        let mut s = KeyScheduler::new(Ordering::Key);
+        let first = Arc::new(Message::new("t", 0, 1, Some(b"hot"), &big));
+        let second = Arc::new(Message::new("t", 0, 2, Some(b"hot"), b"small"));
+        assert!(s.admit(first.clone()).is_some());
+        assert!(s.admit(second).is_none());
+        // The first completes (and is released); the second starts: the key is still busy.
+        let next = s.complete(first.key.as_ref()).unwrap();
+        assert_eq!(next.offset, 2);
+        drop(first);
+        let (key, _) = s.busy.drain().next().unwrap();
+        let retained = key
+            .try_into_mut()
+            .expect("only the map holds it")
+            .capacity();
+        assert!(
+            retained < 1024,
+            "the busy map's 3-byte key keeps a {retained}-byte buffer alive"
+        );
+    }
+
     fn m(k: &str, n: u32) -> M {
         M(Some(Bytes::copy_from_slice(k.as_bytes())), n)
     }

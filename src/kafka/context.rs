@@ -446,7 +446,10 @@ mod tests {
         );
         assert!(!prefetch_over_budget(200, 100));
         assert!(prefetch_over_budget(201, 100));
-        assert!(!prefetch_over_budget(1 << 30, 0), "not sized yet: no verdict");
+        assert!(
+            !prefetch_over_budget(1 << 30, 0),
+            "not sized yet: no verdict"
+        );
     }
 
     #[test]

@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use indexmap::IndexMap;
-use metrics::{
-    Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, SharedString, Unit,
-};
+use metrics::{Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, SharedString, Unit};
 use metrics_exporter_prometheus::formatting::{
     write_help_line, write_metric_line, write_type_line,
 };
@@ -62,7 +60,11 @@ impl Buckets {
             })
             .collect();
         let total = cumulative + self.counts[self.bounds.len()].load(Relaxed);
-        (per_bound, total, f64::from_bits(self.sum_bits.load(Relaxed)))
+        (
+            per_bound,
+            total,
+            f64::from_bits(self.sum_bits.load(Relaxed)),
+        )
     }
 }
 
@@ -130,11 +132,35 @@ impl Histograms {
                 let labels = LabelSet::from_key_and_global(key, &no_global_labels);
                 let (per_bound, count, sum) = buckets.snapshot();
                 for (le, c) in per_bound {
-                    write_metric_line(out, name, Some("bucket"), &labels, Some(("le", le)), c, None);
+                    write_metric_line(
+                        out,
+                        name,
+                        Some("bucket"),
+                        &labels,
+                        Some(("le", le)),
+                        c,
+                        None,
+                    );
                 }
-                write_metric_line(out, name, Some("bucket"), &labels, Some(("le", "+Inf")), count, None);
+                write_metric_line(
+                    out,
+                    name,
+                    Some("bucket"),
+                    &labels,
+                    Some(("le", "+Inf")),
+                    count,
+                    None,
+                );
                 write_metric_line::<&str, f64>(out, name, Some("sum"), &labels, None, sum, None);
-                write_metric_line::<&str, u64>(out, name, Some("count"), &labels, None, count, None);
+                write_metric_line::<&str, u64>(
+                    out,
+                    name,
+                    Some("count"),
+                    &labels,
+                    None,
+                    count,
+                    None,
+                );
             }
             out.push('\n');
         }
@@ -203,7 +229,10 @@ mod tests {
         h.describe("kf_x_seconds", "What x takes");
         let key = Key::from_parts("kf_x_seconds", vec![metrics::Label::new("pipeline", "p")]);
         let b = h.register(&key, &[0.5, 1.0]);
-        assert!(Arc::ptr_eq(&b, &h.register(&key, &[0.5, 1.0])), "one series per key");
+        assert!(
+            Arc::ptr_eq(&b, &h.register(&key, &[0.5, 1.0])),
+            "one series per key"
+        );
         b.record(0.2);
         b.record(2.0);
         let mut out = String::new();

@@ -359,6 +359,26 @@ mod tests {
         m
     }
 
+    /// Review of e637ab6: a message written to the overflow file leaves memory, but the index
+    /// keeps its key; were the key a view of the buffer that also holds the payload, the payload
+    /// would stay in memory, outside `memory()`, as long as the key has overflow.
+    #[test]
+    fn an_overflowed_key_does_not_keep_its_payload_in_memory() {
+        let mut o = Overflow::default();
+        let big = "x".repeat(1 << 20);
+        o.push(&msg(1, "hot", &big)).unwrap();
+        // The message itself is gone (written to the overflow buffer/file).
+        let (key, _) = o.keys.drain().next().unwrap();
+        let retained = key
+            .try_into_mut()
+            .expect("the index holds the only reference")
+            .capacity();
+        assert!(
+            retained < 1024,
+            "the overflow index's 3-byte key keeps a {retained}-byte buffer alive"
+        );
+    }
+
     #[test]
     fn messages_come_back_per_key_in_order_with_everything() {
         let topic: Arc<str> = Arc::from("t");
