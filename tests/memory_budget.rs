@@ -170,3 +170,66 @@ fn a_1gib_backlog_on_32_partitions_stays_within_memory_limit() {
         MARGIN / MIB
     );
 }
+
+/// librdkafka fetches whole record batches: a partition holds at least one, whatever its
+/// prefetch share. Small messages in ~1 MB batches over 16 partitions hold far more than the
+/// prefetch budget of `memory_limit = "16MiB"`: `/metrics` shows it and keyflow says why.
+#[test]
+fn prefetch_of_batches_larger_than_the_share_is_shown_and_explained() {
+    const N: i32 = 16;
+    let broker = Broker::shared();
+    let topic = unique("mem-big-batches");
+    broker.create_topic_blocking(&topic, N);
+    let payload = vec![b'x'; 90];
+    broker.produce_in_batches_of(
+        1_000_000,
+        &topic,
+        (0..400_000).map(|i| support::OutMsg {
+            key: Some(format!("k{i}").into_bytes()),
+            payload: payload.clone(),
+            ..support::OutMsg::default()
+        }),
+    );
+    let address = format!("127.0.0.1:{}", free_port());
+    let group = unique("mem-big-batches-g");
+    // A processor slow enough that the prefetch stays queued while it is looked at.
+    let k = Keyflow::start_many(
+        &broker.bootstrap,
+        &[&pipeline(&topic, &group)],
+        &[
+            ("KEYFLOW_HTTP__ADDRESS", address.as_str()),
+            ("KEYFLOW_MEMORY_LIMIT", "16MiB"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    let mut seen = (0.0, 0.0);
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            let Ok((200, m)) = get_blocking(&address, "/metrics", Duration::from_secs(2)) else {
+                return false;
+            };
+            let budget =
+                prometheus_sample(&m, "keyflow_memory_budget_bytes", &[("part", "prefetch")]);
+            let used = prometheus_sample(&m, "keyflow_memory_used_bytes", &[("part", "prefetch")]);
+            seen = (used.unwrap_or(0.0), budget.unwrap_or(0.0));
+            seen.1 > 0.0 && seen.0 > 2.0 * seen.1
+        },
+        "the prefetch in use above twice its budget on /metrics",
+    );
+    println!(
+        "prefetch in use {:.1} MiB against a budget of {:.1} MiB",
+        seen.0 / MIB as f64,
+        seen.1 / MIB as f64
+    );
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            k.log()
+                .contains("librdkafka's prefetch holds more than twice its part of memory_limit")
+        },
+        "the warning that explains it",
+    );
+}
