@@ -46,11 +46,11 @@ pub struct PipelineStats {
     partitions: Mutex<BTreeMap<i32, Arc<PartitionStats>>>,
     /// `[state]`: the per-key state store (readiness while restoring, `/debug/state`).
     pub state: OnceLock<Arc<crate::state::Store>>,
-    /// What librdkafka's prefetch may hold by the memory budget (bytes; 0 before it is sized),
-    /// against which its statistics are checked (see `KeyflowContext::stats_raw`).
-    pub prefetch_budget: AtomicU64,
-    /// Wall-clock milliseconds of the last "prefetch over its budget" warning.
-    pub prefetch_warned_ms: AtomicU64,
+    /// librdkafka's prefetch per partition, as the consumer was made (bytes; 0 before it is
+    /// sized), against which its statistics are checked (see `KeyflowContext::stats_raw`).
+    pub prefetch_per_partition: AtomicU64,
+    /// When the last "prefetch over its budget" warning was logged.
+    pub prefetch_warned: Mutex<Option<std::time::Instant>>,
 }
 
 #[derive(Debug, Default)]

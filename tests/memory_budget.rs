@@ -171,6 +171,9 @@ fn a_1gib_backlog_on_32_partitions_stays_within_memory_limit() {
     );
 }
 
+/// The prefetch warning (its words before and after the review of e0b8e8b start alike).
+const PREFETCH_WARNING: &str = "librdkafka's prefetch holds";
+
 /// librdkafka fetches whole record batches: a partition holds at least one, whatever its
 /// prefetch share. Small messages in ~1 MB batches over 16 partitions hold far more than the
 /// prefetch budget of `memory_limit = "16MiB"`: `/metrics` shows it and keyflow says why.
@@ -214,9 +217,10 @@ fn prefetch_of_batches_larger_than_the_share_is_shown_and_explained() {
                 prometheus_sample(&m, "keyflow_memory_budget_bytes", &[("part", "prefetch")]);
             let used = prometheus_sample(&m, "keyflow_memory_used_bytes", &[("part", "prefetch")]);
             seen = (used.unwrap_or(0.0), budget.unwrap_or(0.0));
-            seen.1 > 0.0 && seen.0 > 2.0 * seen.1
+            // Every partition is this instance's: the budget is what the settings allow them.
+            seen.1 > 0.0 && seen.0 > 4.0 * seen.1
         },
-        "the prefetch in use above twice its budget on /metrics",
+        "the prefetch in use above four times its budget on /metrics",
     );
     println!(
         "prefetch in use {:.1} MiB against a budget of {:.1} MiB",
@@ -226,10 +230,79 @@ fn prefetch_of_batches_larger_than_the_share_is_shown_and_explained() {
     wait_until(
         Duration::from_secs(10),
         Duration::from_millis(100),
-        || {
-            k.log()
-                .contains("librdkafka's prefetch holds more than twice its part of memory_limit")
-        },
+        || k.log().contains(PREFETCH_WARNING),
         "the warning that explains it",
+    );
+}
+
+/// Review of e0b8e8b: small messages in small producer batches (16 KiB, the Java producer's
+/// default: nothing a user can shrink further) overshoot a partition's prefetch by design (one
+/// fetch of 100-byte messages brings ~2.5× `queued.min.messages`); the warning must not blame
+/// the producer's batches for it.
+#[test]
+fn small_messages_in_small_batches_raise_no_prefetch_warning() {
+    const N: i32 = 32;
+    let broker = Broker::shared();
+    let topic = unique("mem-small-batches");
+    broker.create_topic_blocking(&topic, N);
+    let pad: Vec<u8> = (0..100).map(|i| b'a' + (i % 26) as u8).collect();
+    broker.produce_in_batches_of(
+        16_384,
+        &topic,
+        (0..1_000_000usize).map(|i| support::OutMsg {
+            partition: Some((i % N as usize) as i32),
+            key: Some(format!("k{}", i % 4096).into_bytes()),
+            payload: pad.clone(),
+            headers: Vec::new(),
+        }),
+    );
+    let address = format!("127.0.0.1:{}", free_port());
+    let group = unique("mem-small-batches-g");
+    let mut k = Keyflow::start_many(
+        &broker.bootstrap,
+        &[&pipeline(&topic, &group)],
+        &[
+            ("KEYFLOW_HTTP__ADDRESS", address.as_str()),
+            ("KEYFLOW_MEMORY_LIMIT", "128MiB"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            get_blocking(&address, "/metrics", Duration::from_secs(2)).is_ok_and(|(_, m)| {
+                prometheus_sample(&m, "keyflow_assigned_partitions", &[]) == Some(f64::from(N))
+            })
+        },
+        "every partition assigned",
+    );
+    // The queues fill within a second or two; statistics come every 2 s.
+    let started = Instant::now();
+    let (mut worst, mut budget) = (0f64, 0f64);
+    while started.elapsed() < Duration::from_secs(12) {
+        if let Ok((200, m)) = get_blocking(&address, "/metrics", Duration::from_secs(2)) {
+            budget = prometheus_sample(&m, "keyflow_memory_budget_bytes", &[("part", "prefetch")])
+                .unwrap_or(0.0);
+            let used = prometheus_sample(&m, "keyflow_memory_used_bytes", &[("part", "prefetch")])
+                .unwrap_or(0.0);
+            worst = worst.max(used);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let log = k.log();
+    k.sigterm();
+    k.wait_exit(Duration::from_secs(60));
+    println!(
+        "prefetch budget {:.1} MiB, in use at most {:.1} MiB ({:.2}×)",
+        budget / MIB as f64,
+        worst / MIB as f64,
+        worst / budget
+    );
+    assert!(worst > 0.0, "the prefetch in use was never reported");
+    let warned = log.lines().find(|l| l.contains(PREFETCH_WARNING));
+    assert!(
+        warned.is_none(),
+        "warned with 16 KiB producer batches: {warned:?}"
     );
 }

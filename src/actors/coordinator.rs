@@ -286,9 +286,10 @@ impl Actor for Coordinator {
                     .metrics
                     .memory_budget_prefetch
                     .set(prefetch_total as f64);
-                a.stats
-                    .prefetch_budget
-                    .store(prefetch_total, std::sync::atomic::Ordering::Relaxed);
+                a.stats.prefetch_per_partition.store(
+                    prefetch.bytes_per_partition,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 if prefetch_total > memory.prefetch_share {
                     warn!(pipeline = %a.spec.name, topic = %a.spec.topic, partitions = sized_for, prefetch = %bytesize::ByteSize(prefetch_total), share = %bytesize::ByteSize(memory.prefetch_share), "the smallest useful prefetch per partition over this many partitions exceeds the pipeline's prefetch share: raise memory_limit or run fewer pipelines per process");
                 }

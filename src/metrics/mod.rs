@@ -59,9 +59,9 @@ pub const MEMORY_LIMIT_BYTES: &str = "keyflow_memory_limit_bytes";
 pub const MEMORY_BUDGET_BYTES: &str = "keyflow_memory_budget_bytes";
 /// What a pipeline holds now, by `part` (as `keyflow_memory_budget_bytes`): `buffers` counts
 /// keyflow's accounting (payload, key, headers and a fixed per-message cost), `prefetch`
-/// librdkafka's queued messages (its statistics, every 2 s): payload bytes and
-/// `memory::QUEUED_MESSAGE_COST` a message. Above twice the `prefetch` budget, a warning says
-/// why (whole record batches larger than a partition's prefetch).
+/// librdkafka's queued messages (its statistics, every 2 s): payload bytes and 320 bytes a
+/// message (its op). Above four times what the settings allow the assigned partitions, a
+/// warning says why (whole record batches larger than a partition's prefetch).
 pub const MEMORY_USED_BYTES: &str = "keyflow_memory_used_bytes";
 /// Partitions currently assigned to this instance.
 pub const ASSIGNED_PARTITIONS: &str = "keyflow_assigned_partitions";
