@@ -10,7 +10,8 @@ use rdkafka::message::{BorrowedMessage, Headers, Message as _, OwnedHeaders};
 /// (~180 bytes) and the allocator's overhead of its two buffers, rounded up.
 pub const MESSAGE_COST: usize = 256;
 
-/// One consumed record. Key and payload are `Bytes` sharing one buffer, and headers are shared
+/// One consumed record. Key and payload are `Bytes`, each in a shared buffer of its own (a key
+/// kept longer, in state or a scheduler's map, does not keep the payload), and headers are shared
 /// too, so passing a message between actors, or starting an attempt from it, copies nothing and
 /// allocates nothing: the one copy is out of librdkafka's buffer on receipt. A processor that
 /// changes the headers takes them ([`Message::take_headers`]: copied only if shared) and sets
@@ -52,18 +53,40 @@ impl Message {
     /// (read once per fetch, not per message). `topic` is shared per partition so that no
     /// per-message string is allocated.
     pub fn from_borrowed(m: &BorrowedMessage<'_>, topic: &Arc<str>, received: Instant) -> Self {
-        let (key, payload) = key_and_payload(m.key(), m.payload());
+        Message::from_parts(
+            topic,
+            m.partition(),
+            m.offset(),
+            m.timestamp().to_millis(),
+            m.key(),
+            m.payload(),
+            m.headers().filter(|h| h.count() > 0).map(|h| h.detach()),
+            received,
+        )
+    }
+
+    /// Copies key and payload out of the consumer's memory (see [`Message::from_borrowed`];
+    /// [`crate::kafka::queue`] reads native messages with it).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        topic: &Arc<str>,
+        partition: i32,
+        offset: i64,
+        timestamp_ms: Option<i64>,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+        received: Instant,
+    ) -> Self {
+        let (key, payload) = key_and_payload(key, payload);
         Message {
             topic: topic.clone(),
-            partition: m.partition(),
-            offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
+            partition,
+            offset,
+            timestamp_ms,
             key,
             payload,
-            headers: m
-                .headers()
-                .filter(|h| h.count() > 0)
-                .map(|h| Arc::new(h.detach())),
+            headers: headers.map(Arc::new),
             received,
             outbox: Vec::new(),
         }

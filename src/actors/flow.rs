@@ -72,6 +72,16 @@ impl FlowControl {
         self.count < self.max_count && self.bytes < self.max_bytes
     }
 
+    /// How many messages may be taken at once: the room left in messages, and in bytes at
+    /// `size_hint` bytes a message; at least one while there is room, none without.
+    pub fn room(&self, size_hint: u64) -> usize {
+        if !self.has_room() {
+            return 0;
+        }
+        let by_bytes = (self.max_bytes - self.bytes) / size_hint.max(1);
+        (self.max_count - self.count).min(by_bytes.max(1).try_into().unwrap_or(usize::MAX))
+    }
+
     pub fn admit(&mut self, size: usize) {
         self.count += 1;
         self.bytes += size as u64;

@@ -5,6 +5,7 @@ pub mod client;
 pub mod committer;
 pub mod context;
 pub mod offsets;
+pub mod queue;
 pub mod transaction;
 
 pub use client::{Consumer, Producer};

@@ -46,6 +46,8 @@ use super::scheduler::KeyScheduler;
 use super::worker::{Job, WorkerMsg};
 use crate::config::PipelineSpec;
 use crate::introspect::PartitionDebug;
+use crate::kafka::queue::{QueueReader, READ_MAX};
+use path::READ_SIZE_HINT;
 use crate::kafka::offsets::SkipSet;
 use crate::kafka::transaction::{Ownership, TxnGuard};
 use crate::kafka::{Consumer, KeyflowContext, OffsetTracker};
@@ -166,7 +168,15 @@ struct Slot {
 pub struct PartitionState {
     topic: Arc<str>,
     partition: i32,
+    /// rust-rdkafka's handle on the partition queue: it holds the non-empty callback.
     queue: Option<PartitionQueue>,
+    /// A second handle on the same queue, that `path::fetch` reads in batches.
+    reader: Option<QueueReader>,
+    /// A batch just read, admitted one by one (kept for its capacity).
+    read: Vec<Message>,
+    /// The largest message of the last read (bytes counted against the budget): the next read
+    /// takes as many as fit the byte room at this size.
+    read_size_hint: u64,
     consumer: Arc<Consumer>,
     pipeline: Arc<Pipeline>,
     spec: Arc<PipelineSpec>,
@@ -267,6 +277,8 @@ impl Actor for PartitionSupervisor {
             None => None,
         };
         let mut queue = a.queue;
+        let reader = QueueReader::open(&a.consumer, &a.topic, a.partition)
+            .ok_or_else(|| format!("partition {}/{}: no queue to read", a.topic, a.partition))?;
         let flag = Arc::new(AtomicBool::new(false));
         arm_wakeup(&mut queue, &flag, &me);
         let spec = a.spec;
@@ -284,6 +296,9 @@ impl Actor for PartitionSupervisor {
             topic: a.topic,
             partition: a.partition,
             queue: Some(queue),
+            reader: Some(reader),
+            read: Vec::with_capacity(READ_MAX),
+            read_size_hint: READ_SIZE_HINT,
             consumer: a.consumer,
             pipeline: a.pipeline,
             fetch_scheduled: flag,
@@ -377,6 +392,7 @@ impl Actor for PartitionSupervisor {
         s.owner.close();
         me.stop_children(None);
         s.queue = None;
+        s.reader = None;
         // The partition is someone else's now (or will be restored again here): its state
         // leaves memory and the spill file.
         if let (Some(store), Some(generation)) = (&s.pipeline.state, s.state_generation) {

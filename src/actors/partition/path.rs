@@ -26,6 +26,7 @@ use super::{
 use crate::actors::worker::{self, Worker, WorkerArgs, WorkerMsg};
 use crate::config::EXACTLY_ONCE_MAX_PENDING;
 use crate::kafka::committer::Point;
+use crate::kafka::queue::READ_MAX;
 use crate::kafka::Consumer;
 use crate::memory::{PipelineMemory, WORKER_COST};
 use crate::message::Message;
@@ -67,10 +68,10 @@ pub(super) async fn fetch(
     let budget = s.grant.budget(s.pipeline.memory.partition_cap());
     let cap = PipelineMemory::message_cap(budget, s.live_workers);
     s.flow.set_max_bytes(cap, s.spec.resume_at);
-    // Taken out for the loop: a polled message borrows the queue while `s` is mutated.
-    let Some(queue) = s.queue.take() else {
+    let Some(mut reader) = s.reader.take() else {
         return Ok(());
     };
+    let mut read = std::mem::take(&mut s.read);
     s.tick_clock();
     s.overflow.retry();
     let mut taken = 0;
@@ -80,31 +81,38 @@ pub(super) async fn fetch(
     // (a `Fetch` is queued), so that a completion polls the queue only when the bound, not
     // the queue, stopped the last fetch.
     let mut left = true;
-    while s.flow.has_room() && !metadata_full(s) && !overflow_full(s, budget) {
-        if taken == FETCH_BATCH {
+    'fetch: while !metadata_full(s) && !overflow_full(s, budget) {
+        if taken >= FETCH_BATCH {
             let _ = me.cast(PartitionMsg::Fetch);
             left = false;
             break;
         }
-        let m = match queue.poll(Duration::ZERO) {
-            None => {
-                left = false;
-                break;
+        let want = read_size(s);
+        if want == 0 {
+            break;
+        }
+        // `clock` moves on with each inline attempt (see `start`): the batch is received now.
+        let (topic, partition, clock) = (s.topic.clone(), s.partition, s.clock);
+        let got = reader.read(want, &topic, clock, |m| match m {
+            Ok(m) => read.push(m),
+            Err(e) => warn!(%topic, partition, error = %e, "fetch error"),
+        });
+        s.read_size_hint = read.iter().map(|m| m.size() as u64).max().unwrap_or(s.read_size_hint);
+        taken += read.len();
+        for m in read.drain(..) {
+            if let Err(e) = admit(me, s, m).await {
+                result = Err(e);
+                break 'fetch;
             }
-            Some(Err(e)) => {
-                warn!(topic = %s.topic, partition = s.partition, error = %e, "fetch error");
-                continue;
-            }
-            // `clock` moves on with each inline attempt (see `start`).
-            Some(Ok(b)) => Message::from_borrowed(&b, &s.topic, s.clock),
-        };
-        taken += 1;
-        if let Err(e) = admit(me, s, m).await {
-            result = Err(e);
+        }
+        if got < want {
+            left = false;
             break;
         }
     }
-    s.queue = Some(queue);
+    read.clear();
+    s.read = read;
+    s.reader = Some(reader);
     s.fetch_left = left;
     if taken > 0 {
         tracing::trace!(topic = %s.topic, partition = s.partition, taken, in_flight = s.flow.count(), "fetched");
@@ -112,6 +120,22 @@ pub(super) async fn fetch(
     apply_flow(me, s);
     result
 }
+
+/// How many messages the next read may take: the room left under the partition's bounds, in
+/// messages and in bytes at the size of the last read's largest message (at least one while
+/// there is room), and under exactly-once the room left in the commit metadata. A read of
+/// larger messages than the last one may pass the byte bound by that read: messages
+/// librdkafka already held (counted as prefetch), moved into the partition's buffer.
+fn read_size(s: &PartitionState) -> usize {
+    let mut n = s.flow.room(s.read_size_hint).min(READ_MAX);
+    if s.pipeline.txn.is_some() {
+        n = n.min(EXACTLY_ONCE_MAX_PENDING.saturating_sub(s.tracker.pending()));
+    }
+    n
+}
+
+/// The first read's size hint, before any message of the partition was seen.
+pub(super) const READ_SIZE_HINT: u64 = 4096;
 
 /// Exactly-once: the offsets received above the commit point are at
 /// [`EXACTLY_ONCE_MAX_PENDING`], the most the commit metadata is sure to hold. Completions free
