@@ -36,7 +36,12 @@ pub struct QueueReader {
     /// the call returns.
     slots: Vec<*mut rdsys::rd_kafka_message_t>,
     /// The client must outlive the handle (`rd_kafka_queue_destroy` before `rd_kafka_destroy`).
-    _consumer: Arc<Consumer>,
+    consumer: Arc<Consumer>,
+    topic: String,
+    partition: i32,
+    /// The offset after the last message handed over: where the partition's application
+    /// position belongs (see [`QueueReader::read`]).
+    next: Option<i64>,
 }
 
 // SAFETY: librdkafka's queues are thread-safe (every access takes the queue's lock), `slots`
@@ -51,6 +56,7 @@ impl QueueReader {
     /// into the consumer's main queue (a forwarded queue would read the main queue).
     pub fn open(consumer: &Arc<Consumer>, topic: &str, partition: i32) -> Option<Self> {
         use rdkafka::consumer::Consumer as _;
+        let name = topic;
         let topic = CString::new(topic).ok()?;
         // SAFETY: a live client and a NUL-terminated topic; the result is null or a new
         // reference, destroyed in `drop`.
@@ -64,7 +70,10 @@ impl QueueReader {
         Some(QueueReader {
             queue: NonNull::new(queue)?,
             slots: vec![ptr::null_mut(); READ_MAX],
-            _consumer: consumer.clone(),
+            consumer: consumer.clone(),
+            topic: name.to_owned(),
+            partition,
+            next: None,
         })
     }
 
@@ -82,10 +91,16 @@ impl QueueReader {
         let max = max.clamp(1, READ_MAX);
         // SAFETY: `slots` has room for `max` pointers; timeout 0 returns at once.
         let n = unsafe {
-            rdsys::rd_kafka_consume_batch_queue(self.queue.as_ptr(), 0, self.slots.as_mut_ptr(), max)
+            rdsys::rd_kafka_consume_batch_queue(
+                self.queue.as_ptr(),
+                0,
+                self.slots.as_mut_ptr(),
+                max,
+            )
         };
         // -1: an error of the call itself (not of a message); nothing was handed over.
         let n = usize::try_from(n).unwrap_or(0).min(max);
+        self.keep_position(n);
         for slot in &mut self.slots[..n] {
             let raw = std::mem::replace(slot, ptr::null_mut());
             // SAFETY: librdkafka filled the first `n` slots with messages we now own; each is
@@ -96,6 +111,40 @@ impl QueueReader {
             each(result);
         }
         n
+    }
+
+    /// Puts the application position back after a read that ended on an error. A batch read
+    /// moves the partition's application position to `offset + 1` of every item it hands over,
+    /// errors included (`rd_kafka_q_serve_rkmessages`; the event API skips errors). A fetch
+    /// error carries the offset of the next message to fetch, so the position would be one
+    /// past a message never received, and the next pause (flow control, the gate), which
+    /// fetches again from the application position, would lose that message for good. A seek
+    /// to the offset after the last message handed over (or, before any, to the error's)
+    /// resets the position; it drops what was prefetched after the error, fetched again.
+    fn keep_position(&mut self, n: usize) {
+        let mut rewind = None;
+        for &raw in &self.slots[..n] {
+            // SAFETY: the first `n` slots hold messages librdkafka just handed over.
+            let m = unsafe { &*raw };
+            if m.err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+                self.next = Some(m.offset + 1);
+                rewind = None;
+            } else if let Some(to) = self.next.or((m.offset >= 0).then_some(m.offset)) {
+                rewind = Some(to);
+            }
+        }
+        if let Some(to) = rewind {
+            use rdkafka::consumer::Consumer as _;
+            // Asynchronous (timeout 0): the supervisor's handler does not wait for the broker.
+            if let Err(e) = self.consumer.seek(
+                &self.topic,
+                self.partition,
+                rdkafka::Offset::Offset(to),
+                std::time::Duration::ZERO,
+            ) {
+                tracing::error!(topic = %self.topic, partition = self.partition, offset = to, error = %e, "could not put the partition's position back after a fetch error: a pause may skip the message at this offset");
+            }
+        }
     }
 }
 
@@ -117,7 +166,9 @@ unsafe fn to_message(
 ) -> Result<Message, KafkaError> {
     if m.err != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
         return Err(match m.err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__PARTITION_EOF => KafkaError::PartitionEOF(m.partition),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__PARTITION_EOF => {
+                KafkaError::PartitionEOF(m.partition)
+            }
             e => KafkaError::MessageConsumption(RDKafkaErrorCode::from(e)),
         });
     }
@@ -125,9 +176,9 @@ unsafe fn to_message(
     let payload = bytes_at(m.payload, m.len);
     let mut ts_type = rdsys::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
     let ts = rdsys::rd_kafka_message_timestamp(m, &mut ts_type);
-    let timestamp_ms = (ts_type != rdsys::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE
-        && ts != -1)
-        .then_some(ts);
+    let timestamp_ms =
+        (ts_type != rdsys::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE && ts != -1)
+            .then_some(ts);
     Ok(Message::from_parts(
         topic,
         m.partition,
@@ -177,4 +228,170 @@ unsafe fn headers_of(m: &rdsys::rd_kafka_message_t) -> Option<OwnedHeaders> {
         });
     }
     Some(owned)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Fault tests of the batched read (review of 3bafaad, helper-31: the second failed on it).
+
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use rdkafka::consumer::Consumer as _;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+    use super::QueueReader;
+    use crate::kafka::{Consumer, KeyflowContext};
+    use crate::stats::PipelineStats;
+
+    type PartitionQueue = rdkafka::consumer::base_consumer::PartitionQueue<KeyflowContext>;
+
+    /// The batched read under review, or (control) rust-rdkafka's event poll keyflow used before.
+    enum Read<'a> {
+        Batch(&'a mut QueueReader),
+        Event(&'a PartitionQueue),
+    }
+
+    /// Reads for `d`, returning the offsets of the messages and the number of errors handed over.
+    fn read_for(
+        r: &mut Read<'_>,
+        topic: &Arc<str>,
+        d: Duration,
+        mut stop: impl FnMut(&[i64], usize) -> bool,
+    ) -> (Vec<i64>, usize) {
+        let (mut offsets, mut errors) = (Vec::new(), 0);
+        let end = Instant::now() + d;
+        while Instant::now() < end && !stop(&offsets, errors) {
+            match r {
+                Read::Batch(r) => {
+                    r.read(64, topic, Instant::now(), |m| match m {
+                        Ok(m) => offsets.push(m.offset),
+                        Err(_) => errors += 1,
+                    });
+                }
+                Read::Event(q) => {
+                    use rdkafka::Message as _;
+                    while let Some(m) = q.poll(Duration::ZERO) {
+                        match m {
+                            Ok(m) => offsets.push(m.offset()),
+                            Err(_) => errors += 1,
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (offsets, errors)
+    }
+
+    /// `rd_kafka_consume_batch_queue` (rd_kafka_q_serve_rkmessages, rdkafka_queue.c:828-839)
+    /// moves the partition's application position to `offset + 1` of *every* rkmessage it hands
+    /// over, error ops included; the event API keyflow used before (`rd_kafka_fetch_op_app_prepare`,
+    /// rdkafka_op.c:985) skips ops with an error. A fetch error carries the offset of the next
+    /// message to fetch (rdkafka_fetcher.c:300-340: TOPIC_AUTHORIZATION_FAILED,
+    /// MSG_SIZE_TOO_LARGE, any unlisted error), so after reading it the application position is
+    /// one past a message keyflow never received. A pause (flow control, the pipeline gate)
+    /// restarts fetching from the application position (rdkafka_partition.c:1968-1974): that
+    /// message is never delivered, and the commit point passes it.
+    #[test]
+    fn a_fetch_error_read_in_a_batch_does_not_skip_the_next_message() {
+        fetch_error_then_pause(true);
+    }
+
+    /// The same through rust-rdkafka's event API (keyflow's read before 3bafaad) delivers it.
+    #[test]
+    fn a_fetch_error_read_through_the_event_api_does_not_skip_the_next_message() {
+        fetch_error_then_pause(false);
+    }
+
+    fn fetch_error_then_pause(batch: bool) {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("t", 1, 1).expect("topic");
+        let bootstrap = mock.bootstrap_servers();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .expect("producer");
+        let produce = |payload: &str| {
+            producer
+                .send(BaseRecord::<(), _>::to("t").partition(0).payload(payload))
+                .expect("send");
+            producer.flush(Duration::from_secs(5)).expect("flush");
+        };
+        produce("m0");
+
+        let ctx = KeyflowContext::new(
+            "p",
+            "t",
+            Duration::from_secs(1),
+            PipelineStats::new("p"),
+            Vec::new(),
+        );
+        let consumer: Arc<Consumer> = Arc::new(
+            ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", "review-g")
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("enable.partition.eof", "false")
+                .set("fetch.wait.max.ms", "10")
+                .set("fetch.error.backoff.ms", "10")
+                .create_with_context(ctx)
+                .expect("consumer"),
+        );
+        // As keyflow does: split, then assign, then open the second handle.
+        let _queue = consumer
+            .split_partition_queue("t", 0)
+            .expect("partition queue");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 0, Offset::Beginning).unwrap();
+        consumer.assign(&tpl).expect("assign");
+        let mut reader_handle = QueueReader::open(&consumer, "t", 0).expect("reader");
+        let mut reader = if batch {
+            Read::Batch(&mut reader_handle)
+        } else {
+            Read::Event(&_queue)
+        };
+        let topic: Arc<str> = Arc::from("t");
+        let position = |c: &Consumer| c.position().unwrap().elements()[0].offset();
+
+        let (got, _) = read_for(&mut reader, &topic, Duration::from_secs(10), |o, _| {
+            !o.is_empty()
+        });
+        assert_eq!(got, vec![0], "m0 first");
+        assert_eq!(position(&consumer), Offset::Offset(1));
+
+        // One Fetch fails (as an ACL change or an oversized message would make it).
+        mock.request_errors(
+            RDKafkaApiKey::Fetch,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+        );
+        let (got, errors) = read_for(&mut reader, &topic, Duration::from_secs(10), |_, e| e > 0);
+        assert!(
+            got.is_empty() && errors == 1,
+            "the fetch error: {got:?} {errors}"
+        );
+        let after_error = position(&consumer);
+
+        // The next message arrives; the supervisor's flow control pauses and resumes the
+        // partition before it is read (apply_flow → sync_pause).
+        produce("m1");
+        consumer.pause(&tpl).expect("pause");
+        std::thread::sleep(Duration::from_millis(300));
+        consumer.resume(&tpl).expect("resume");
+        produce("m2");
+        let (got, _) = read_for(&mut reader, &topic, Duration::from_secs(5), |o, _| {
+            o.len() >= 2
+        });
+        assert_eq!(
+            got,
+            vec![1, 2],
+            "offset 1 was never delivered: the fetch error moved the application position to \
+             {after_error:?} (one past a message not received), and the pause restarted \
+             fetching there"
+        );
+    }
 }
