@@ -48,6 +48,10 @@ pub const MIN_PREFETCH: u64 = 64 << 10;
 /// partitions, queues of 16,384 messages each (derived with 256) peaked ~50 MiB higher than
 /// queues of 4,096, ~510 bytes per queued message (BENCHMARKS.md, "After the hot path").
 pub const QUEUED_MESSAGE_COST: u64 = 512;
+/// What one fetch of a partition is divided by, against the half of its prefetch share a fetch
+/// may add (see [`Prefetch::partition_fetch_bytes`]): small records cost librdkafka several
+/// times their wire size.
+pub const FETCH_EXPANSION: u64 = 2;
 /// What a worker actor costs while it exists (its task, mailboxes and ractor cell; ~10 KiB
 /// measured with massif, ~12 KiB per worker seen as RSS with 8,192 workers). A partition's
 /// workers share its buffer budget with its messages: the pool grows to at most half the
@@ -159,9 +163,16 @@ impl Prefetch {
         (self.bytes_per_partition / 2 / 1024).clamp(1, 2_097_151)
     }
 
-    /// `max.partition.fetch.bytes`: the other half.
+    /// `max.partition.fetch.bytes`: what one fetch may add to a queue at its threshold. A fetch
+    /// is counted in wire bytes, but librdkafka turns each record into an op of ~300 bytes that
+    /// points into the pinned response, so a fetch of ~100-byte records costs ~4× its size.
+    /// Measured (heaptrack, cpu8, 90-byte values) with the whole other half per fetch: queues of
+    /// ~24k messages each, 3× their `queued.min.messages`, 59 MB of ops and 34 MB of buffers
+    /// against a 32 MiB prefetch. A quarter of the half ([`FETCH_EXPANSION`] = 4) cost cpu64
+    /// ~40% more CPU per message in fetch requests; half of it (2) held cpu8's peak RSS at
+    /// 73 MiB (from ~110) at no CPU cost (BENCHMARKS.md, "Batched reads").
     pub fn partition_fetch_bytes(&self) -> u64 {
-        (self.bytes_per_partition / 2).clamp(1024, i32::MAX as u64)
+        (self.bytes_per_partition / 2 / FETCH_EXPANSION).clamp(1024, i32::MAX as u64)
     }
 }
 

@@ -46,15 +46,15 @@ use super::scheduler::KeyScheduler;
 use super::worker::{Job, WorkerMsg};
 use crate::config::PipelineSpec;
 use crate::introspect::PartitionDebug;
-use crate::kafka::queue::{QueueReader, READ_MAX};
-use path::READ_SIZE_HINT;
 use crate::kafka::offsets::SkipSet;
+use crate::kafka::queue::{QueueReader, READ_MAX};
 use crate::kafka::transaction::{Ownership, TxnGuard};
 use crate::kafka::{Consumer, KeyflowContext, OffsetTracker};
 use crate::memory::{Grant, WORKER_COST};
 use crate::message::Message;
 use crate::pipeline::{Outcome, Pipeline};
 use crate::stats::PartitionStats;
+use path::READ_SIZE_HINT;
 
 type PartitionQueue = rdkafka::consumer::base_consumer::PartitionQueue<KeyflowContext>;
 

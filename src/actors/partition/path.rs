@@ -97,7 +97,11 @@ pub(super) async fn fetch(
             Ok(m) => read.push(m),
             Err(e) => warn!(%topic, partition, error = %e, "fetch error"),
         });
-        s.read_size_hint = read.iter().map(|m| m.size() as u64).max().unwrap_or(s.read_size_hint);
+        s.read_size_hint = read
+            .iter()
+            .map(|m| m.size() as u64)
+            .max()
+            .unwrap_or(s.read_size_hint);
         taken += read.len();
         for m in read.drain(..) {
             if let Err(e) = admit(me, s, m).await {
