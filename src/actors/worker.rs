@@ -9,7 +9,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_util::sync::ReusableBoxFuture;
 use tracing::Instrument;
 
-use super::partition::PartitionMsg;
+use super::partition::{Completion, Inbox, PartitionMsg};
 use crate::kafka::transaction::{Ownership, TxnGuard};
 use crate::message::Message;
 use crate::pipeline::{Outcome, Pipeline};
@@ -26,6 +26,8 @@ pub struct WorkerArgs {
     pub progress: Arc<AtomicU32>,
     /// The partition's right to write in the pipeline's transaction (exactly-once).
     pub owner: Arc<Ownership>,
+    /// Where completions go in batches; `None` under exactly-once (one `Done` each).
+    pub inbox: Option<Arc<Inbox>>,
 }
 
 pub struct WorkerState {
@@ -34,6 +36,7 @@ pub struct WorkerState {
     parent: ActorRef<PartitionMsg>,
     progress: Arc<AtomicU32>,
     owner: Arc<Ownership>,
+    inbox: Option<Arc<Inbox>>,
 }
 
 pub enum WorkerMsg {
@@ -110,6 +113,7 @@ impl Actor for Worker {
             parent: a.parent,
             progress: a.progress,
             owner: a.owner,
+            inbox: a.inbox,
         })
     }
 
@@ -152,11 +156,23 @@ impl Actor for Worker {
         };
         // If the supervisor is gone (revoked, abandoned at the drain deadline) the completion is
         // dropped with it: a revoked partition's late completion is never committed here.
-        let _ = s.parent.cast(PartitionMsg::Done {
+        let done = Completion {
             worker: s.id,
             outcome,
             job: spare,
-        });
+        };
+        match &s.inbox {
+            // One `Completions` in the mailbox stands for every completion in the inbox: sent
+            // only by the push that found it empty.
+            Some(inbox) => {
+                if inbox.push(done) {
+                    let _ = s.parent.cast(PartitionMsg::Completions);
+                }
+            }
+            None => {
+                let _ = s.parent.cast(PartitionMsg::Done(done));
+            }
+        }
         // Exactly-once: the completion is in the supervisor's mailbox before a commit can start
         // (the commit asks the supervisor for its point after it).
         drop(txn);

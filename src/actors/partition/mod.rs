@@ -2,11 +2,12 @@
 //! messages, the per-key scheduler, the in-flight bound (flow control) and the offset tracker,
 //! and supervises an elastic pool of workers.
 //!
-//! Life of a message: the queue's non-empty callback sends `Fetch`; the supervisor takes
-//! messages off the queue while the flow budget has room, records each offset, and hands each
-//! message to the scheduler, which either starts it on an idle (or new) worker or parks it
-//! behind the running message of its key. `Done` completes the offset, frees the budget, and
-//! starts the next message of that key on the same worker. Every `commit_interval`, or as soon
+//! Life of a message: the queue's non-empty callback sends `Fetch`; the supervisor reads
+//! messages off the queue in batches ([`crate::kafka::queue`]) while the flow budget has room,
+//! records each offset, and hands each message to the scheduler, which either starts it on an
+//! idle (or new) worker or parks it behind the running message of its key. Its completion
+//! (inline, or a worker's, handed over in batches through the [`Inbox`]) completes the offset,
+//! frees the budget, and starts the next message of that key on the same worker. Every `commit_interval`, or as soon
 //! as `commit_every` messages completed, the commit point (all offsets below it complete) is
 //! committed with the offsets completed above it in the commit's metadata; a new owner skips
 //! those (`SkipSet`).
@@ -79,13 +80,10 @@ pub enum PartitionMsg {
     Fetch,
     /// A message of this partition that arrived on the consumer's main queue.
     Deliver(Message),
-    /// A worker finished its message.
-    Done {
-        worker: usize,
-        outcome: Outcome,
-        /// The finished job's box, when the attempt started inline: kept for the next one.
-        job: Option<Job>,
-    },
+    /// A worker finished its message (exactly-once: one each, see [`Inbox`]).
+    Done(Completion),
+    /// Workers finished messages: take them from the [`Inbox`].
+    Completions,
     /// `[batch]`: a worker finished its batch; one outcome per message, in batch order.
     BatchDone {
         worker: usize,
@@ -129,6 +127,44 @@ pub enum PartitionMsg {
     /// fetching it while the supervisor believes it is running (tests/stalls.rs).
     #[doc(hidden)]
     PauseBehindItsBack(RpcReplyPort<bool>),
+}
+
+/// A worker's finished attempt.
+pub struct Completion {
+    pub worker: usize,
+    pub outcome: Outcome,
+    /// The finished job's box, when the attempt started inline: kept for the next one.
+    pub job: Option<Job>,
+}
+
+/// Completions of attempts that ran on workers, handed to the supervisor in batches: a worker
+/// pushes its completion and sends `Completions` only when it found the inbox empty, and the
+/// supervisor takes everything there in one handler. Under load many completions cost one
+/// mailbox message, one clock read and one fetch. At most one completion per worker waits here
+/// (a worker runs its next message only after the supervisor completed the last), so it holds
+/// at most the pool. Not under exactly-once: a commit's `Point` is answered after the
+/// completions already in the mailbox, and a batch could bring one finished after the `Point`
+/// was asked, whose output belongs to the next transaction; there each completion is a `Done`.
+#[derive(Default)]
+pub struct Inbox {
+    done: std::sync::Mutex<Vec<Completion>>,
+}
+
+impl Inbox {
+    /// Adds a completion; whether the supervisor must be told (the inbox was empty).
+    pub fn push(&self, c: Completion) -> bool {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        done.push(c);
+        done.len() == 1
+    }
+
+    /// Swaps what waits into `into` (empty, kept for its capacity).
+    fn take(&self, into: &mut Vec<Completion>) {
+        std::mem::swap(
+            &mut *self.done.lock().unwrap_or_else(|e| e.into_inner()),
+            into,
+        );
+    }
 }
 
 /// An attempt that finished in the supervisor's own poll (see `path::start`), completed by
@@ -246,6 +282,10 @@ pub struct PartitionState {
     inline_done: VecDeque<InlineDone>,
     /// Boxes of finished jobs, for the next inline attempts (at most one per worker slot).
     spare_jobs: Vec<Job>,
+    /// Where workers put their completions (`None` under exactly-once), and the batch taken
+    /// from it (kept for its capacity).
+    inbox: Option<Arc<Inbox>>,
+    completions: Vec<Completion>,
     /// Inline starts are off until then (a first poll was slow, see `path::INLINE_MAX`).
     inline_off_until: Option<Instant>,
     /// The last 32 first polls, one bit each: slow (1) or not.
@@ -277,6 +317,7 @@ impl Actor for PartitionSupervisor {
             None => None,
         };
         let mut queue = a.queue;
+        let inbox = a.pipeline.txn.is_none().then(Arc::default);
         let reader = QueueReader::open(&a.consumer, &a.topic, a.partition)
             .ok_or_else(|| format!("partition {}/{}: no queue to read", a.topic, a.partition))?;
         let flag = Arc::new(AtomicBool::new(false));
@@ -341,6 +382,8 @@ impl Actor for PartitionSupervisor {
             key_share,
             inline_done: VecDeque::new(),
             spare_jobs: Vec::new(),
+            inbox,
+            completions: Vec::new(),
             inline_off_until: None,
             inline_slow: 0,
             inline_slice_end: Instant::now(),
@@ -421,13 +464,17 @@ impl Actor for PartitionSupervisor {
                     apply_flow(&me, s);
                 }
             }
-            PartitionMsg::Done {
-                worker,
-                outcome,
-                job,
-            } => {
-                s.spare_jobs.extend(job);
-                on_done(&me, s, worker, outcome).instrument(span).await?;
+            PartitionMsg::Done(done) => {
+                on_done(&me, s, [done]).instrument(span).await?;
+            }
+            PartitionMsg::Completions => {
+                let mut done = std::mem::take(&mut s.completions);
+                if let Some(inbox) = &s.inbox {
+                    inbox.take(&mut done);
+                }
+                let result = on_done(&me, s, done.drain(..)).instrument(span).await;
+                s.completions = done;
+                result?;
             }
             PartitionMsg::BatchDone { worker, outcomes } => {
                 batch::on_done(&me, s, worker, outcomes)
@@ -574,5 +621,37 @@ impl PartitionState {
     fn stats_restart(&self) {
         self.pipeline.stats.worker_restarts.fetch_add(1, Relaxed);
         self.stats.metrics.pipeline.worker_restarts.increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Completion, Inbox};
+    use crate::pipeline::Outcome;
+
+    fn done(worker: usize) -> Completion {
+        Completion {
+            worker,
+            outcome: Outcome::Processed,
+            job: None,
+        }
+    }
+
+    /// Only the push that finds the inbox empty tells the supervisor, and one take hands over
+    /// every completion in the order they were pushed; after it, the next push tells again.
+    #[test]
+    fn one_notice_stands_for_every_completion_until_taken() {
+        let inbox = Inbox::default();
+        assert!(inbox.push(done(3)));
+        assert!(!inbox.push(done(1)));
+        assert!(!inbox.push(done(2)));
+        let mut batch = Vec::new();
+        inbox.take(&mut batch);
+        assert_eq!(batch.iter().map(|c| c.worker).collect::<Vec<_>>(), [3, 1, 2]);
+        batch.clear();
+        let mut again = Vec::new();
+        inbox.take(&mut again);
+        assert!(again.is_empty(), "a take leaves the inbox empty");
+        assert!(inbox.push(done(4)), "the next completion tells the supervisor again");
     }
 }

@@ -1,11 +1,12 @@
-//! The per-message path of a partition, top to bottom: fetch (take messages off the partition
-//! queue while flow control has room) → admit (record the offset, skip what a previous owner
-//! completed, hand the message to the key scheduler) → start (on an idle or new worker, or park
-//! it until one is free; the supervisor polls the attempt once itself, inline, and only an
-//! attempt that awaits moves to the worker) → complete (inline, or the worker's `Done`: the
-//! offset completes, the budget is freed, the key's next message starts on the same worker) → commit (the commit point and the offsets completed
-//! above it, every `commit_every` completions or `commit_interval`). Flow control pauses the
-//! partition on the consumer when it stays congested.
+//! The per-message path of a partition, top to bottom: fetch (read messages off the partition
+//! queue in batches while flow control has room) → admit (record the offset, skip what a
+//! previous owner completed, hand the message to the key scheduler) → start (on an idle or new
+//! worker, or park it until one is free; the supervisor polls the attempt once itself, inline,
+//! and only an attempt that awaits moves to the worker) → complete (inline, or the workers'
+//! completions, in batches through the `Inbox`: the offset completes, the budget is freed, the
+//! key's next message starts on the same worker) → commit (the commit point and the offsets
+//! completed above it, every `commit_every` completions or `commit_interval`). Flow control
+//! pauses the partition on the consumer when it stays congested.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::AtomicBool;
@@ -21,7 +22,8 @@ use rdkafka::TopicPartitionList;
 use tracing::{debug, error, warn};
 
 use super::{
-    drain, InlineDone, PartitionMsg, PartitionQueue, PartitionState, Slot, WORKER_IDLE_STOP,
+    drain, Completion, InlineDone, PartitionMsg, PartitionQueue, PartitionState, Slot,
+    WORKER_IDLE_STOP,
 };
 use crate::actors::worker::{self, Worker, WorkerArgs, WorkerMsg};
 use crate::config::EXACTLY_ONCE_MAX_PENDING;
@@ -312,7 +314,7 @@ pub(super) fn park_idle(s: &mut PartitionState, id: usize, now: Instant) {
 /// and those idle for longer than [`WORKER_IDLE_STOP`], frees their slots, then drops the free
 /// slots at the end of `workers`, so the pool falls back after a burst. Only idle workers are
 /// stopped: an idle worker has reported its last message and has none queued (the supervisor
-/// sends `Run` only to a worker it takes off `idle`), so no `Done` of it can arrive later, and
+/// sends `Run` only to a worker it takes off `idle`), so no completion of it can arrive later, and
 /// its exit is not a crash (a stop is `ActorTerminated`, not `ActorFailed`). A slot reused later
 /// gets a new actor, whose cell id the crash handler matches. O(pool) per tick.
 pub(super) fn shrink_pool(s: &mut PartitionState, now: Instant) {
@@ -360,6 +362,7 @@ pub(super) async fn spawn_worker(
         parent: me.clone(),
         progress,
         owner: s.owner.clone(),
+        inbox: s.inbox.clone(),
     };
     let (actor, _) = Actor::spawn_linked(None, Worker, args, me.get_cell()).await?;
     Ok(actor)
@@ -550,16 +553,19 @@ pub(super) async fn settle(
     Ok(())
 }
 
-/// A worker reported its message (`Done`): complete it, then what finished inline behind it,
-/// then take more messages if that freed room.
+/// Workers reported their messages (one `Done`, or the inbox's batch): complete them in the
+/// order they finished, then what finished inline behind them, then take more messages if that
+/// freed room. One handler for a batch: one clock read, one settle and one fetch for all of it.
 pub(super) async fn on_done(
     me: &ActorRef<PartitionMsg>,
     s: &mut PartitionState,
-    worker: usize,
-    outcome: Outcome,
+    done: impl IntoIterator<Item = Completion>,
 ) -> Result<(), ActorProcessingErr> {
     let now = s.tick_clock();
-    complete(me, s, worker, outcome, now).await?;
+    for d in done {
+        s.spare_jobs.extend(d.job);
+        complete(me, s, d.worker, d.outcome, now).await?;
+    }
     settle_and_fetch(me, s).await
 }
 
