@@ -158,7 +158,8 @@ pub struct Prefetch {
 
 impl Prefetch {
     /// `queued.max.messages.kbytes`: half the partition's prefetch. librdkafka fetches while the
-    /// queue is below it, and a fetch adds up to `max.partition.fetch.bytes` (the other half).
+    /// queue is below it, and a fetch adds up to `max.partition.fetch.bytes` (within the other
+    /// half, see [`Prefetch::partition_fetch_bytes`]).
     pub fn kbytes(&self) -> u64 {
         (self.bytes_per_partition / 2 / 1024).clamp(1, 2_097_151)
     }

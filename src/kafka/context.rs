@@ -139,9 +139,10 @@ const QUEUED_OP_COST: u64 = 320;
 const PREFETCH_WARN_EVERY: Duration = Duration::from_secs(600);
 
 /// How far above its prefetch a partition's queue goes by design: librdkafka refills a queue
-/// while it is below `queued.min.messages`, and one fetch (`max.partition.fetch.bytes`, half the
-/// prefetch) of small messages brings ~2.5× that count (1.4× the prefetch measured with 100-byte
-/// messages, review of e0b8e8b). Four times it, something else holds the memory: record batches
+/// while it is below `queued.min.messages`, and one fetch (`max.partition.fetch.bytes`, a quarter
+/// of the prefetch since 7814ec2, half before) of small messages brings more than that count
+/// (1.4× the prefetch measured with 100-byte messages and half-prefetch fetches, review of
+/// e0b8e8b). Four times it, something else holds the memory: record batches
 /// larger than the prefetch (a partition always holds a whole one).
 const PREFETCH_OVERSHOOT: u64 = 4;
 

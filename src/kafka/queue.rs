@@ -19,9 +19,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rdkafka::bindings as rdsys;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::types::RDKafkaRespErr;
+use rdkafka::TopicPartitionList;
 
 use super::Consumer;
 use crate::message::Message;
@@ -40,8 +41,11 @@ pub struct QueueReader {
     topic: String,
     partition: i32,
     /// The offset after the last message handed over: where the partition's application
-    /// position belongs (see [`QueueReader::read`]).
+    /// position belongs (see [`QueueReader::keep_position`]).
     next: Option<i64>,
+    /// Where the application position must be put back before the partition is paused: a read
+    /// ended on an error, and no message was handed over since.
+    rewind: Option<i64>,
 }
 
 // SAFETY: librdkafka's queues are thread-safe (every access takes the queue's lock), `slots`
@@ -74,6 +78,7 @@ impl QueueReader {
             topic: name.to_owned(),
             partition,
             next: None,
+            rewind: None,
         })
     }
 
@@ -113,38 +118,48 @@ impl QueueReader {
         n
     }
 
-    /// Puts the application position back after a read that ended on an error. A batch read
-    /// moves the partition's application position to `offset + 1` of every item it hands over,
-    /// errors included (`rd_kafka_q_serve_rkmessages`; the event API skips errors). A fetch
-    /// error carries the offset of the next message to fetch, so the position would be one
-    /// past a message never received, and the next pause (flow control, the gate), which
-    /// fetches again from the application position, would lose that message for good. A seek
-    /// to the offset after the last message handed over (or, before any, to the error's)
-    /// resets the position; it drops what was prefetched after the error, fetched again.
+    /// Notes where the application position belongs after a read that ended on an error. A
+    /// batch read moves the partition's application position to `offset + 1` of every item it
+    /// hands over, errors included (`rd_kafka_q_serve_rkmessages`; the event API skips errors).
+    /// A fetch error carries the offset of the next message to fetch, so the position is then
+    /// one past a message never received. That position matters at a pause, which drops the
+    /// prefetch and fetches again from it on resume: the message would be lost for good (review
+    /// of 3bafaad). [`QueueReader::pause`] puts it back first. Not seeking here: a seek puts
+    /// the partition back in fetch state ACTIVE, which clears librdkafka's fetch-error backoff,
+    /// and a persistent error would be fetched again on every round trip (review of ee82e2d).
     fn keep_position(&mut self, n: usize) {
-        let mut rewind = None;
         for &raw in &self.slots[..n] {
             // SAFETY: the first `n` slots hold messages librdkafka just handed over.
             let m = unsafe { &*raw };
             if m.err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
                 self.next = Some(m.offset + 1);
-                rewind = None;
+                self.rewind = None;
             } else if let Some(to) = self.next.or((m.offset >= 0).then_some(m.offset)) {
-                rewind = Some(to);
+                self.rewind = Some(to);
             }
         }
-        if let Some(to) = rewind {
-            use rdkafka::consumer::Consumer as _;
-            // Asynchronous (timeout 0): the supervisor's handler does not wait for the broker.
+    }
+
+    /// Pauses the partition on the consumer (flow control, the pipeline gate), after putting
+    /// back an application position a fetch error moved (see [`QueueReader::keep_position`]):
+    /// a seek while paused sets where the fetch starts again on resume.
+    pub fn pause(&mut self) -> KafkaResult<()> {
+        use rdkafka::consumer::Consumer as _;
+        let mut tpl = TopicPartitionList::with_capacity(1);
+        tpl.add_partition(&self.topic, self.partition);
+        self.consumer.pause(&tpl)?;
+        if let Some(to) = self.rewind.take() {
+            // Asynchronous (timeout 0), queued behind the pause on the partition's op queue.
             if let Err(e) = self.consumer.seek(
                 &self.topic,
                 self.partition,
                 rdkafka::Offset::Offset(to),
                 std::time::Duration::ZERO,
             ) {
-                tracing::error!(topic = %self.topic, partition = self.partition, offset = to, error = %e, "could not put the partition's position back after a fetch error: a pause may skip the message at this offset");
+                tracing::error!(topic = %self.topic, partition = self.partition, offset = to, error = %e, "could not put the partition's position back after a fetch error: the message at this offset may be skipped");
             }
         }
+        Ok(())
     }
 }
 
@@ -379,7 +394,10 @@ mod tests {
         // The next message arrives; the supervisor's flow control pauses and resumes the
         // partition before it is read (apply_flow → sync_pause).
         produce("m1");
-        consumer.pause(&tpl).expect("pause");
+        match &mut reader {
+            Read::Batch(r) => r.pause().expect("pause"),
+            Read::Event(_) => consumer.pause(&tpl).expect("pause"),
+        }
         std::thread::sleep(Duration::from_millis(300));
         consumer.resume(&tpl).expect("resume");
         produce("m2");
@@ -393,5 +411,131 @@ mod tests {
              {after_error:?} (one past a message not received), and the pause restarted \
              fetching there"
         );
+    }
+}
+
+#[cfg(test)]
+mod error_backoff {
+    //! Review of ee82e2d (helper-32; the first test failed on it with 79 errors in 2 s): a seek on
+    //! every read that ended on an error puts the partition back in
+    //! fetch state ACTIVE (rd_kafka_toppar_seek → rd_kafka_offset_validate, epoch -1 →
+    //! set_fetch_state(ACTIVE)), which clears `rktp_ts_fetch_backoff`
+    //! (rdkafka_partition.c:380). A fetch error that persists (a broker answering every Fetch
+    //! of the partition with an error, an undecodable batch librdkafka cannot step over) is
+    //! then fetched again at once instead of after `fetch.error.backoff.ms`: a fetch, a seek
+    //! and a `fetch error` warning per broker round trip.
+
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use rdkafka::consumer::Consumer as _;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+    use super::QueueReader;
+    use crate::kafka::{Consumer, KeyflowContext};
+    use crate::stats::PipelineStats;
+
+    /// Errors handed over in `window` while the broker fails every Fetch, through the batched
+    /// read (`batch`) or rust-rdkafka's event poll (control, no seek).
+    fn errors_while_fetch_fails(batch: bool, window: Duration) -> usize {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("t", 1, 1).expect("topic");
+        let bootstrap = mock.bootstrap_servers();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .expect("producer");
+        producer
+            .send(BaseRecord::<(), _>::to("t").partition(0).payload("m0"))
+            .expect("send");
+        producer.flush(Duration::from_secs(5)).expect("flush");
+        let ctx = KeyflowContext::new(
+            "p",
+            "t",
+            Duration::from_secs(1),
+            PipelineStats::new("p"),
+            Vec::new(),
+        );
+        // keyflow leaves fetch.error.backoff.ms at librdkafka's default (500 ms).
+        let consumer: Arc<Consumer> = Arc::new(
+            ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", "error-backoff-g")
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("enable.partition.eof", "false")
+                .set("fetch.wait.max.ms", "10")
+                .set("fetch.error.backoff.ms", "500")
+                .create_with_context(ctx)
+                .expect("consumer"),
+        );
+        let queue = consumer.split_partition_queue("t", 0).expect("queue");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 0, Offset::Beginning).unwrap();
+        consumer.assign(&tpl).expect("assign");
+        let mut reader = QueueReader::open(&consumer, "t", 0).expect("reader");
+        let topic: Arc<str> = Arc::from("t");
+        let (mut offsets, mut errors) = (Vec::new(), 0usize);
+        let mut read = |offsets: &mut Vec<i64>, errors: &mut usize| {
+            if batch {
+                reader.read(64, &topic, Instant::now(), |m| match m {
+                    Ok(m) => offsets.push(m.offset),
+                    Err(_) => *errors += 1,
+                });
+            } else {
+                use rdkafka::Message as _;
+                while let Some(m) = queue.poll(Duration::ZERO) {
+                    match m {
+                        Ok(m) => offsets.push(m.offset()),
+                        Err(_) => *errors += 1,
+                    }
+                }
+            }
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while offsets.is_empty() && Instant::now() < end {
+            read(&mut offsets, &mut errors);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(offsets, vec![0], "m0 first");
+        // The broker fails the partition's Fetches (a persistent broker-side error).
+        mock.request_errors(
+            RDKafkaApiKey::Fetch,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_MSG; 1000],
+        );
+        errors = 0;
+        let end = Instant::now() + window;
+        while Instant::now() < end {
+            read(&mut offsets, &mut errors);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        mock.clear_request_errors(RDKafkaApiKey::Fetch);
+        errors
+    }
+
+    /// Failed on ee82e2d: 79 errors (one fetch per read loop) in 2 s, not ~4.
+    #[test]
+    fn a_persistent_fetch_error_is_fetched_again_after_the_error_backoff() {
+        let window = Duration::from_secs(2);
+        let errors = errors_while_fetch_fails(true, window);
+        println!("batched read: {errors} fetch errors in {window:?} (backoff 500 ms)");
+        assert!(
+            errors <= 8,
+            "{errors} fetch errors in {window:?} with fetch.error.backoff.ms = 500: each error's \
+             seek (keep_position) cleared librdkafka's fetch backoff, so the failing Fetch is \
+             sent again at once (a fetch, a seek and a warning per round trip)"
+        );
+    }
+
+    /// The event API (no seek) sees one error per backoff.
+    #[test]
+    fn the_event_api_respects_the_error_backoff() {
+        let window = Duration::from_secs(2);
+        let errors = errors_while_fetch_fails(false, window);
+        println!("event API: {errors} fetch errors in {window:?} (backoff 500 ms)");
+        assert!(errors <= 8, "{errors}");
     }
 }

@@ -647,11 +647,17 @@ mod tests {
         assert!(!inbox.push(done(2)));
         let mut batch = Vec::new();
         inbox.take(&mut batch);
-        assert_eq!(batch.iter().map(|c| c.worker).collect::<Vec<_>>(), [3, 1, 2]);
+        assert_eq!(
+            batch.iter().map(|c| c.worker).collect::<Vec<_>>(),
+            [3, 1, 2]
+        );
         batch.clear();
         let mut again = Vec::new();
         inbox.take(&mut again);
         assert!(again.is_empty(), "a take leaves the inbox empty");
-        assert!(inbox.push(done(4)), "the next completion tells the supervisor again");
+        assert!(
+            inbox.push(done(4)),
+            "the next completion tells the supervisor again"
+        );
     }
 }

@@ -755,7 +755,11 @@ pub(super) fn sync_pause(s: &mut PartitionState) {
     let r = if want {
         s.stats.pauses.fetch_add(1, Relaxed);
         s.stats.metrics.pauses.increment(1);
-        s.consumer.pause(&tpl)
+        match s.reader.as_mut() {
+            // Through the reader: it puts back a position a fetch error moved.
+            Some(reader) => reader.pause(),
+            None => s.consumer.pause(&tpl),
+        }
     } else {
         s.stats.resumes.fetch_add(1, Relaxed);
         s.consumer.resume(&tpl)
