@@ -122,11 +122,14 @@ impl QueueReader {
     /// batch read moves the partition's application position to `offset + 1` of every item it
     /// hands over, errors included (`rd_kafka_q_serve_rkmessages`; the event API skips errors).
     /// A fetch error carries the offset of the next message to fetch, so the position is then
-    /// one past a message never received. That position matters at a pause, which drops the
-    /// prefetch and fetches again from it on resume: the message would be lost for good (review
-    /// of 3bafaad). [`QueueReader::pause`] puts it back first. Not seeking here: a seek puts
-    /// the partition back in fetch state ACTIVE, which clears librdkafka's fetch-error backoff,
-    /// and a persistent error would be fetched again on every round trip (review of ee82e2d).
+    /// one past a message never received. That position matters at any pause, keyflow's or
+    /// librdkafka's own during a cooperative rebalance: a pause drops the prefetch and fetches
+    /// again from it on resume, and the message would be lost for good (review of 3bafaad, and
+    /// of f447476 for the rebalance). The supervisor pauses the partition in the handler that
+    /// read the error, and [`QueueReader::pause`] puts the position back. Not seeking on a
+    /// running partition: a seek puts it back in fetch state ACTIVE, which clears librdkafka's
+    /// fetch-error backoff, and a persistent error would be fetched again on every round trip
+    /// (review of ee82e2d); paused, it waits for the supervisor's backoff instead.
     fn keep_position(&mut self, n: usize) {
         for &raw in &self.slots[..n] {
             // SAFETY: the first `n` slots hold messages librdkafka just handed over.
@@ -140,26 +143,43 @@ impl QueueReader {
         }
     }
 
-    /// Pauses the partition on the consumer (flow control, the pipeline gate), after putting
-    /// back an application position a fetch error moved (see [`QueueReader::keep_position`]):
-    /// a seek while paused sets where the fetch starts again on resume.
+    /// Whether the last reads ended on a fetch error that moved the application position (see
+    /// [`QueueReader::keep_position`]): the supervisor pauses the partition at once, which puts
+    /// the position back, and fetches again after a backoff.
+    pub fn holds_error(&self) -> bool {
+        self.rewind.is_some()
+    }
+
+    /// Pauses the partition on the consumer (flow control, the pipeline gate, a fetch error),
+    /// then puts back an application position a fetch error moved ([`QueueReader::put_back`]).
     pub fn pause(&mut self) -> KafkaResult<()> {
         use rdkafka::consumer::Consumer as _;
         let mut tpl = TopicPartitionList::with_capacity(1);
         tpl.add_partition(&self.topic, self.partition);
         self.consumer.pause(&tpl)?;
-        if let Some(to) = self.rewind.take() {
-            // Asynchronous (timeout 0), queued behind the pause on the partition's op queue.
-            if let Err(e) = self.consumer.seek(
-                &self.topic,
-                self.partition,
-                rdkafka::Offset::Offset(to),
-                std::time::Duration::ZERO,
-            ) {
-                tracing::error!(topic = %self.topic, partition = self.partition, offset = to, error = %e, "could not put the partition's position back after a fetch error: the message at this offset may be skipped");
-            }
-        }
+        self.put_back();
         Ok(())
+    }
+
+    /// On a paused partition: seeks to the offset after the last message handed over, if a
+    /// fetch error moved the application position past it. A seek while paused sets where the
+    /// fetch starts on resume, and leaves the application position unset, so that no later
+    /// pause (librdkafka pauses every partition during a cooperative rebalance, and saves the
+    /// application position as the restart point) can take the moved one. Asynchronous
+    /// (timeout 0), queued behind the pause on the partition's op queue.
+    pub fn put_back(&mut self) {
+        use rdkafka::consumer::Consumer as _;
+        let Some(to) = self.rewind.take() else {
+            return;
+        };
+        if let Err(e) = self.consumer.seek(
+            &self.topic,
+            self.partition,
+            rdkafka::Offset::Offset(to),
+            std::time::Duration::ZERO,
+        ) {
+            tracing::error!(topic = %self.topic, partition = self.partition, offset = to, error = %e, "could not put the partition's position back after a fetch error: the message at this offset may be skipped");
+        }
     }
 }
 

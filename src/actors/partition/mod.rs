@@ -255,6 +255,8 @@ pub struct PartitionState {
     gate_held: bool,
     /// Whether the partition is paused on the consumer (for flow control or the gate).
     consumer_paused: bool,
+    /// Paused after a fetch error until then (see `path::ERROR_PAUSE`).
+    error_pause_until: Option<Instant>,
     gate_watch: Option<JoinHandle<()>>,
     /// When a message last completed, or when work became pending (stuck watchdog).
     last_progress: Instant,
@@ -372,6 +374,7 @@ impl Actor for PartitionSupervisor {
             backoffs: Vec::new(),
             gate_held: false,
             consumer_paused: false,
+            error_pause_until: None,
             gate_watch: None,
             broker_end: BrokerEnd::default(),
             owner: a.owner,
@@ -493,6 +496,10 @@ impl Actor for PartitionSupervisor {
             PartitionMsg::Tick => {
                 s.wall = (s.tick_clock(), path::now_ms());
                 if s.draining.is_none() {
+                    if s.error_pause_until.is_some_and(|t| s.clock >= t) {
+                        s.error_pause_until = None;
+                        sync_pause(s);
+                    }
                     // Heal a lost wake-up within one tick. The queue's non-empty callback lives
                     // on librdkafka's queue, shared by every handle of the partition: another
                     // handle dropped after ours was armed (an old supervisor of this partition

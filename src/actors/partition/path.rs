@@ -118,8 +118,16 @@ pub(super) async fn fetch(
     }
     read.clear();
     s.read = read;
+    let error = reader.holds_error();
     s.reader = Some(reader);
     s.fetch_left = left;
+    if error && s.error_pause_until.is_none() {
+        // Paused in this handler: the position the error moved is put back before anything
+        // else (a rebalance) can pause the partition and restart its fetch there.
+        s.error_pause_until = Some(s.clock + ERROR_PAUSE);
+        warn!(topic = %s.topic, partition = s.partition, pause = ?ERROR_PAUSE, "fetch error: the partition pauses and fetches again from the message after the last one received");
+        sync_pause(s);
+    }
     if taken > 0 {
         tracing::trace!(topic = %s.topic, partition = s.partition, taken, in_flight = s.flow.count(), "fetched");
     }
@@ -139,6 +147,10 @@ fn read_size(s: &PartitionState) -> usize {
     }
     n
 }
+
+/// How long a partition stays paused after a fetch error (librdkafka's `fetch.error.backoff.ms`
+/// default; resumed on the first tick after it).
+pub(super) const ERROR_PAUSE: Duration = Duration::from_millis(500);
 
 /// The first read's size hint, before any message of the partition was seen.
 pub(super) const READ_SIZE_HINT: u64 = 4096;
@@ -743,11 +755,17 @@ pub(super) fn apply_flow(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
     sync_pause(s);
 }
 
-/// Pauses the partition on the consumer while flow control or the pipeline gate wants it
-/// paused, and resumes it once neither does.
+/// Pauses the partition on the consumer while flow control, the pipeline gate or a fetch error
+/// wants it paused, and resumes it once none does.
 pub(super) fn sync_pause(s: &mut PartitionState) {
-    let want = s.flow.paused() || s.gate_held;
+    let want = s.flow.paused() || s.gate_held || s.error_pause_until.is_some();
     if want == s.consumer_paused {
+        if want {
+            // Already paused: a fetch error's position is put back all the same.
+            if let Some(reader) = s.reader.as_mut() {
+                reader.put_back();
+            }
+        }
         return;
     }
     let mut tpl = TopicPartitionList::with_capacity(1);
