@@ -46,7 +46,7 @@ pub const CONSUMER_LAG_SECONDS: &str = "keyflow_consumer_lag_seconds";
 pub const IN_FLIGHT_MESSAGES: &str = "keyflow_in_flight_messages";
 /// Key + payload bytes buffered or running, per partition.
 pub const BUFFERED_BYTES: &str = "keyflow_buffered_bytes";
-/// 1 while the partition is paused on the consumer (flow control).
+/// 1 while the partition is paused on the consumer (flow control, the gate, a fetch error).
 pub const PARTITION_PAUSED: &str = "keyflow_partition_paused";
 /// Times the partition was paused.
 pub const PARTITION_PAUSES_TOTAL: &str = "keyflow_partition_pauses_total";
@@ -256,7 +256,10 @@ fn describe() {
         Unit::Bytes,
         "Key and payload bytes buffered or running"
     );
-    describe_gauge!(PARTITION_PAUSED, "1 while paused by flow control");
+    describe_gauge!(
+        PARTITION_PAUSED,
+        "1 while paused: flow control, the pipeline gate, or a fetch error's backoff"
+    );
     describe_counter!(PARTITION_PAUSES_TOTAL, "Pauses by flow control");
     describe_gauge!(
         PARTITION_STUCK,
