@@ -26,6 +26,11 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+
+pub mod turns;
+pub use turns::{FetchTurns, Turn, TurnTicket, Wake};
 
 /// Without `memory_limit` and without a container limit.
 pub const DEFAULT_LIMIT: u64 = 256 << 20;
@@ -48,6 +53,10 @@ pub const MIN_PREFETCH: u64 = 64 << 10;
 /// partitions, queues of 16,384 messages each (derived with 256) peaked ~50 MiB higher than
 /// queues of 4,096, ~510 bytes per queued message (BENCHMARKS.md, "After the hot path").
 pub const QUEUED_MESSAGE_COST: u64 = 512;
+/// What a queued message costs librdkafka beyond its payload: its op (304 bytes, measured with
+/// heaptrack) and the allocator's overhead. The rest of its fetch buffer (record framing, the
+/// key) is not counted: [`QUEUED_MESSAGE_COST`], which sizes the queues, includes it.
+pub const QUEUED_OP_COST: u64 = 320;
 /// What one fetch of a partition is divided by, against the half of its prefetch share a fetch
 /// may add (see [`Prefetch::partition_fetch_bytes`]): small records cost librdkafka several
 /// times their wire size.
@@ -196,6 +205,8 @@ pub struct PipelineMemory {
     /// `[state]` pipelines: the part of `share` for per-key state in memory (0 otherwise);
     /// `prefetch_share` and `buffer_share` split the rest.
     pub state_share: u64,
+    /// Which partitions may fetch when one record batch each would overrun `prefetch_share`.
+    pub turns: Arc<FetchTurns>,
 }
 
 impl PipelineMemory {
@@ -212,6 +223,7 @@ impl PipelineMemory {
             prefetch: AtomicU64::new(0),
             free: AtomicU64::new(share - prefetch_share),
             state_share: 0,
+            turns: Arc::new(FetchTurns::new(prefetch_share)),
         }
     }
 
@@ -238,6 +250,7 @@ impl PipelineMemory {
             buffer_share: messages - prefetch_share,
             free: AtomicU64::new(messages - prefetch_share),
             state_share: state,
+            turns: Arc::new(FetchTurns::new(prefetch_share)),
             ..self
         })
     }
@@ -273,6 +286,7 @@ impl PipelineMemory {
 
     pub fn set_assigned(&self, n: usize) {
         self.assigned.store(n, Relaxed);
+        self.turns.set_assigned(n);
     }
 
     pub fn assigned(&self) -> usize {

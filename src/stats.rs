@@ -49,6 +49,8 @@ pub struct PipelineStats {
     /// librdkafka's prefetch per partition, as the consumer was made (bytes; 0 before it is
     /// sized), against which its statistics are checked (see `KeyflowContext::stats_raw`).
     pub prefetch_per_partition: AtomicU64,
+    /// The pipeline's fetch turns (`memory::turns`), for `/metrics`.
+    pub turns: OnceLock<Arc<crate::memory::FetchTurns>>,
     /// When the last "prefetch over its budget" warning was logged.
     pub prefetch_warned: Mutex<Option<std::time::Instant>>,
 }

@@ -174,12 +174,15 @@ fn a_1gib_backlog_on_32_partitions_stays_within_memory_limit() {
 /// The prefetch warning (its words before and after the review of e0b8e8b start alike).
 const PREFETCH_WARNING: &str = "librdkafka's prefetch holds";
 
-/// librdkafka fetches whole record batches: a partition holds at least one, whatever its
-/// prefetch share. Small messages in ~1 MB batches over 16 partitions hold far more than the
-/// prefetch budget of `memory_limit = "16MiB"`: `/metrics` shows it and keyflow says why.
+/// librdkafka fetches whole record batches: every partition that fetches holds at least one,
+/// whatever its prefetch share. 400,000 small messages in ~1 MB batches over 16 partitions held
+/// 53.8 MiB of prefetch against `memory_limit = "16MiB"` (prefetch share 8 MiB) before fetch
+/// turns (`memory::turns`). Now the partitions take turns: the prefetch stays within the share
+/// plus one batch, `/metrics` shows the turns, and every message is processed.
 #[test]
-fn prefetch_of_batches_larger_than_the_share_is_shown_and_explained() {
+fn batches_larger_than_a_partitions_share_take_turns_within_the_prefetch_share() {
     const N: i32 = 16;
+    const MESSAGES: usize = 400_000;
     let broker = Broker::shared();
     let topic = unique("mem-big-batches");
     broker.create_topic_blocking(&topic, N);
@@ -187,7 +190,7 @@ fn prefetch_of_batches_larger_than_the_share_is_shown_and_explained() {
     broker.produce_in_batches_of(
         1_000_000,
         &topic,
-        (0..400_000).map(|i| support::OutMsg {
+        (0..MESSAGES).map(|i| support::OutMsg {
             key: Some(format!("k{i}").into_bytes()),
             payload: payload.clone(),
             ..support::OutMsg::default()
@@ -195,44 +198,69 @@ fn prefetch_of_batches_larger_than_the_share_is_shown_and_explained() {
     );
     let address = format!("127.0.0.1:{}", free_port());
     let group = unique("mem-big-batches-g");
-    // A processor slow enough that the prefetch stays queued while it is looked at.
-    let k = Keyflow::start_many(
+    // I/O-like work (1 ms a message, up to 1,000 at once per partition): the partitions'
+    // buffers fill and empty while the backlog lasts.
+    let pipeline = format!(
+        "{}\n[[processors]]\ntype = \"simulate\"\nlatency = {{ distribution = \"fixed\", value = \"1ms\" }}\n",
+        pipeline_header(&topic, &group, "")
+    );
+    let mut k = Keyflow::start_many(
         &broker.bootstrap,
-        &[&pipeline(&topic, &group)],
+        &[&pipeline],
         &[
             ("KEYFLOW_HTTP__ADDRESS", address.as_str()),
             ("KEYFLOW_MEMORY_LIMIT", "16MiB"),
             ("RUST_LOG", "info"),
         ],
     );
-    let mut seen = (0.0, 0.0);
+    let (mut worst, mut turns, mut processed) = (0f64, 0f64, 0f64);
+    let mut samples = 0;
     wait_until(
-        Duration::from_secs(60),
+        Duration::from_secs(180),
         Duration::from_millis(200),
         || {
             let Ok((200, m)) = get_blocking(&address, "/metrics", Duration::from_secs(2)) else {
                 return false;
             };
-            let budget =
-                prometheus_sample(&m, "keyflow_memory_budget_bytes", &[("part", "prefetch")]);
             let used = prometheus_sample(&m, "keyflow_memory_used_bytes", &[("part", "prefetch")]);
-            seen = (used.unwrap_or(0.0), budget.unwrap_or(0.0));
-            // Every partition is this instance's: the budget is what the settings allow them.
-            seen.1 > 0.0 && seen.0 > 4.0 * seen.1
+            worst = worst.max(used.unwrap_or(0.0));
+            turns = turns.max(prometheus_sample(&m, "keyflow_fetch_turns", &[]).unwrap_or(0.0));
+            processed =
+                prometheus_sample(&m, "keyflow_messages_total", &[("outcome", "processed")])
+                    .unwrap_or(0.0);
+            samples += 1;
+            processed >= MESSAGES as f64
         },
-        "the prefetch in use above four times its budget on /metrics",
+        "every message processed",
     );
+    let log = k.log();
+    k.sigterm();
+    k.wait_exit(Duration::from_secs(60));
+    // The pipeline's prefetch share: half of its memory_limit.
+    let share = 8.0 * MIB as f64;
+    // One ~1 MB batch at librdkafka's cost: ~10,000 records of ~100 bytes, 320 bytes each beyond.
+    let batch = (1_000_000 / 100 * (100 + 320)) as f64;
     println!(
-        "prefetch in use {:.1} MiB against a budget of {:.1} MiB",
-        seen.0 / MIB as f64,
-        seen.1 / MIB as f64
+        "prefetch in use at most {:.1} MiB over {samples} samples (share {:.1} MiB + one batch {:.1} MiB); turns {turns}; processed {processed}",
+        worst / MIB as f64,
+        share / MIB as f64,
+        batch / MIB as f64,
     );
-    wait_until(
-        Duration::from_secs(10),
-        Duration::from_millis(100),
-        || k.log().contains(PREFETCH_WARNING),
-        "the warning that explains it",
+    assert_eq!(processed, MESSAGES as f64, "every message processed once");
+    assert!(worst > 0.0, "the prefetch in use was never reported");
+    assert!(
+        turns >= 1.0,
+        "the pipeline was never gated: keyflow_fetch_turns stayed 0"
     );
+    assert!(
+        worst <= share + batch,
+        "prefetch held {:.1} MiB: over the share {:.1} MiB + one batch {:.1} MiB",
+        worst / MIB as f64,
+        share / MIB as f64,
+        batch / MIB as f64
+    );
+    let warned = log.lines().find(|l| l.contains(PREFETCH_WARNING));
+    assert!(warned.is_none(), "warned although the turns bound the prefetch: {warned:?}");
 }
 
 /// Review of e0b8e8b: small messages in small producer batches (16 KiB, the Java producer's

@@ -275,6 +275,7 @@ impl Actor for Coordinator {
                 let prefetch = memory.prefetch_for(partitions);
                 info!(pipeline = %a.spec.name, topic = %a.spec.topic, partitions = ?partitions, prefetch_per_partition = %bytesize::ByteSize(prefetch.bytes_per_partition), prefetch_messages = prefetch.messages_per_partition, buffers = %bytesize::ByteSize(memory.buffer_share), "memory share");
                 memory.set_prefetch(prefetch);
+                let _ = a.stats.turns.set(memory.turns.clone());
                 // What librdkafka may hold: the per-partition prefetch over every partition it
                 // was sized for (an unknown topic is sized for `UNKNOWN_TOPIC_PARTITIONS`).
                 let sized_for = partitions

@@ -129,6 +129,13 @@ impl FlowControl {
         }
     }
 
+    /// How long the partition has been at its bound with nothing completing (as of the last
+    /// [`FlowControl::signal`]).
+    pub fn congested_for(&self, now: Instant) -> Duration {
+        self.congested_since
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+    }
+
     pub fn count(&self) -> usize {
         self.count
     }

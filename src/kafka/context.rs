@@ -130,10 +130,7 @@ impl BrokerStates {
     }
 }
 
-/// What a queued message costs librdkafka beyond its payload: its op (304 bytes, measured with
-/// heaptrack) and the allocator's overhead. The rest of its fetch buffer (record framing, the
-/// key) is not counted: `memory::QUEUED_MESSAGE_COST` (512), which sizes the queues, includes it.
-const QUEUED_OP_COST: u64 = 320;
+use crate::memory::QUEUED_OP_COST;
 
 /// How often, at most, the prefetch-over-budget warning repeats.
 const PREFETCH_WARN_EVERY: Duration = Duration::from_secs(600);
@@ -386,6 +383,11 @@ impl ClientContext for KeyflowContext {
         let m = &self.stats.metrics;
         let held = s.prefetched_bytes();
         m.memory_used_prefetch.set(held as f64);
+        if let Some(turns) = self.stats.turns.get() {
+            let (_, waiting) = turns.counts();
+            m.fetch_turns.set(turns.limit().unwrap_or(0) as f64);
+            m.fetch_turns_waiting.set(waiting as f64);
+        }
         let per_partition = self.stats.prefetch_per_partition.load(Ordering::Relaxed);
         // This instance's partitions, as assigned now (the topic may be shared, or have grown).
         let assigned = self.stats.partitions().len();

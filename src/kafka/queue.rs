@@ -143,6 +143,14 @@ impl QueueReader {
         }
     }
 
+    /// Messages waiting in the queue now (one lock of the queue): what the supervisor reads
+    /// before it gives its fetch turn back or takes one (see `memory::turns`), and what one
+    /// fetch left there.
+    pub fn queued(&self) -> usize {
+        // SAFETY: the handle lives as long as `self`.
+        unsafe { rdsys::rd_kafka_queue_length(self.queue.as_ptr()) }
+    }
+
     /// Whether the last reads ended on a fetch error that moved the application position (see
     /// [`QueueReader::keep_position`]): the supervisor pauses the partition at once, which puts
     /// the position back, and fetches again after a backoff.

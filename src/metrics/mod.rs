@@ -63,6 +63,11 @@ pub const MEMORY_BUDGET_BYTES: &str = "keyflow_memory_budget_bytes";
 /// message (its op). Above four times what the settings allow the assigned partitions, a
 /// warning says why (whole record batches larger than a partition's prefetch).
 pub const MEMORY_USED_BYTES: &str = "keyflow_memory_used_bytes";
+/// Partitions of a pipeline that may fetch at once because one record batch each would
+/// overrun its prefetch share (`memory::turns`); 0 while every partition fetches freely.
+pub const FETCH_TURNS: &str = "keyflow_fetch_turns";
+/// Partitions of a pipeline paused until a fetch turn is free.
+pub const FETCH_TURNS_WAITING: &str = "keyflow_fetch_turns_waiting";
 /// Partitions currently assigned to this instance.
 pub const ASSIGNED_PARTITIONS: &str = "keyflow_assigned_partitions";
 /// Rebalance events by `kind` (assign, revoke, lost).
@@ -281,6 +286,14 @@ fn describe() {
         Unit::Bytes,
         "Message bytes a pipeline holds now, by part (prefetch, buffers)"
     );
+    describe_gauge!(
+        FETCH_TURNS,
+        "Partitions that may fetch at once while one record batch each would overrun the prefetch share (0: all)"
+    );
+    describe_gauge!(
+        FETCH_TURNS_WAITING,
+        "Partitions paused until a fetch turn is free"
+    );
     describe_counter!(REBALANCES_TOTAL, "Rebalance events by kind");
     describe_counter!(COMMITS_TOTAL, "Offset commits by result");
     describe_counter!(
@@ -323,6 +336,8 @@ pub struct PipelineMetrics {
     pub memory_budget_buffers: Gauge,
     pub memory_used_prefetch: Gauge,
     pub memory_used_buffers: Gauge,
+    pub fetch_turns: Gauge,
+    pub fetch_turns_waiting: Gauge,
     pub rebalance_assign: Counter,
     pub rebalance_revoke: Counter,
     pub rebalance_lost: Counter,
@@ -358,6 +373,8 @@ impl Default for PipelineMetrics {
             memory_budget_buffers: Gauge::noop(),
             memory_used_prefetch: Gauge::noop(),
             memory_used_buffers: Gauge::noop(),
+            fetch_turns: Gauge::noop(),
+            fetch_turns_waiting: Gauge::noop(),
             rebalance_assign: Counter::noop(),
             rebalance_revoke: Counter::noop(),
             rebalance_lost: Counter::noop(),
@@ -401,6 +418,8 @@ impl PipelineMetrics {
             memory_budget_buffers: memory(MEMORY_BUDGET_BYTES, "buffers"),
             memory_used_prefetch: memory(MEMORY_USED_BYTES, "prefetch"),
             memory_used_buffers: memory(MEMORY_USED_BYTES, "buffers"),
+            fetch_turns: gauge!(FETCH_TURNS, "pipeline" => p.clone(), "topic" => t.clone()),
+            fetch_turns_waiting: gauge!(FETCH_TURNS_WAITING, "pipeline" => p.clone(), "topic" => t.clone()),
             rebalance_assign: rebalance("assign"),
             rebalance_revoke: rebalance("revoke"),
             rebalance_lost: rebalance("lost"),

@@ -49,6 +49,8 @@ pub(super) fn begin(
         s.flow.release(m.size());
     }
     s.draining = Some(reply);
+    // Takes no more messages: its fetch turn goes to the next partition waiting.
+    s.turn = None;
     if s.retrying > 0 {
         // Waiting out a backoff: abandoned like the messages not yet started.
         info!(topic = %s.topic, partition = s.partition, retrying = s.retrying, "draining: messages waiting to retry are left for the next owner");

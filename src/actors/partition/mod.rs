@@ -21,6 +21,7 @@ mod drain;
 mod overflow;
 mod path;
 mod report;
+mod turn;
 
 pub use drain::{Abandoned, DrainReport};
 use path::{
@@ -93,6 +94,11 @@ pub enum PartitionMsg {
     BatchFlush,
     /// Commit interval.
     Tick,
+    /// Look at the fetch turn again (see `memory::turns`): the pipeline was gated or ungated,
+    /// a turn was granted, or a turn's lease ran out.
+    Turn,
+    /// The lease of the `n`th turn granted ran out (see `turn::LEASE`).
+    TurnLease(u64),
     /// The partition has been congested since a while: pause it if it still is.
     FlowCheck,
     /// Revoke or shutdown: stop taking messages, finish running ones until `deadline`, report the
@@ -257,6 +263,18 @@ pub struct PartitionState {
     consumer_paused: bool,
     /// Paused after a fetch error until then (see `path::ERROR_PAUSE`).
     error_pause_until: Option<Instant>,
+    /// Membership of the pipeline's fetch turns (see `turn`), given up when the drain begins.
+    turn: Option<crate::memory::TurnTicket>,
+    /// What the turns last said, and whether the partition is paused for want of a turn.
+    turn_state: crate::memory::Turn,
+    turn_paused: bool,
+    /// When the turn held now was granted, and whether messages arrived on it since.
+    turn_since: Option<Instant>,
+    turn_received: bool,
+    /// Turns granted so far: a lease names the one it is for.
+    turn_grants: u64,
+    /// The largest queue this partition reported to the turns lately, and since when.
+    turn_seen: (u64, Instant),
     gate_watch: Option<JoinHandle<()>>,
     /// When a message last completed, or when work became pending (stuck watchdog).
     last_progress: Instant,
@@ -327,6 +345,7 @@ impl Actor for PartitionSupervisor {
         let spec = a.spec;
         let byte_cap = a.pipeline.memory.partition_cap();
         let grant = Grant::new(a.pipeline.memory.clone());
+        let turn = turn::join(&me, &a.pipeline.memory);
         let batching = spec.batch.map(batch::Batching::new);
         let key_share = overflow::key_share(spec.max_in_flight);
         let _ = a.stats.actor.set(me.clone());
@@ -375,6 +394,13 @@ impl Actor for PartitionSupervisor {
             gate_held: false,
             consumer_paused: false,
             error_pause_until: None,
+            turn_state: turn.turn(),
+            turn: Some(turn),
+            turn_paused: false,
+            turn_since: None,
+            turn_received: false,
+            turn_grants: 0,
+            turn_seen: (0, Instant::now()),
             gate_watch: None,
             broker_end: BrokerEnd::default(),
             owner: a.owner,
@@ -485,6 +511,8 @@ impl Actor for PartitionSupervisor {
                     .await?;
             }
             PartitionMsg::BatchFlush => batch::on_timer(&me, s).instrument(span).await?,
+            PartitionMsg::Turn => turn::decide(&me, s),
+            PartitionMsg::TurnLease(grant) => turn::lease(&me, s, grant),
             PartitionMsg::FlowCheck => {
                 s.flow_check_scheduled = false;
                 // A draining supervisor no longer owns the consumer's pause flag: the next

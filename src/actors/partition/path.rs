@@ -22,7 +22,7 @@ use rdkafka::TopicPartitionList;
 use tracing::{debug, error, warn};
 
 use super::{
-    drain, Completion, InlineDone, PartitionMsg, PartitionQueue, PartitionState, Slot,
+    drain, turn, Completion, InlineDone, PartitionMsg, PartitionQueue, PartitionState, Slot,
     WORKER_IDLE_STOP,
 };
 use crate::actors::worker::{self, Worker, WorkerArgs, WorkerMsg};
@@ -30,7 +30,7 @@ use crate::config::EXACTLY_ONCE_MAX_PENDING;
 use crate::kafka::committer::Point;
 use crate::kafka::queue::READ_MAX;
 use crate::kafka::Consumer;
-use crate::memory::{PipelineMemory, WORKER_COST};
+use crate::memory::{PipelineMemory, Turn, WORKER_COST};
 use crate::message::Message;
 use crate::pipeline::Outcome;
 use crate::processors::ProcessError;
@@ -83,6 +83,7 @@ pub(super) async fn fetch(
     // (a `Fetch` is queued), so that a completion polls the queue only when the bound, not
     // the queue, stopped the last fetch.
     let mut left = true;
+    let mut first = true;
     'fetch: while !metadata_full(s) && !overflow_full(s, budget) {
         if taken >= FETCH_BATCH {
             let _ = me.cast(PartitionMsg::Fetch);
@@ -99,11 +100,19 @@ pub(super) async fn fetch(
             Ok(m) => read.push(m),
             Err(e) => warn!(%topic, partition, error = %e, "fetch error"),
         });
-        s.read_size_hint = read
-            .iter()
-            .map(|m| m.size() as u64)
-            .max()
-            .unwrap_or(s.read_size_hint);
+        let (mut largest, mut bytes) = (0, 0);
+        for m in &read {
+            let size = m.size() as u64;
+            largest = largest.max(size);
+            bytes += size;
+        }
+        if largest > 0 {
+            s.read_size_hint = largest;
+        }
+        if first {
+            first = false;
+            turn::observe(s, read.len(), bytes, reader.queued());
+        }
         taken += read.len();
         for m in read.drain(..) {
             if let Err(e) = admit(me, s, m).await {
@@ -129,9 +138,13 @@ pub(super) async fn fetch(
         sync_pause(s);
     }
     if taken > 0 {
+        s.turn_received = true;
         tracing::trace!(topic = %s.topic, partition = s.partition, taken, in_flight = s.flow.count(), "fetched");
     }
     apply_flow(me, s);
+    if s.turn_state != Turn::Free {
+        turn::decide(me, s);
+    }
     result
 }
 
@@ -592,6 +605,9 @@ pub(super) async fn settle_and_fetch(
         return Ok(());
     }
     apply_flow(me, s);
+    if s.turn_state == Turn::Idle && s.flow.has_room() {
+        turn::decide(me, s);
+    }
     if s.flow.has_room() && s.fetch_left {
         fetch(me, s).await?;
     }
@@ -758,7 +774,7 @@ pub(super) fn apply_flow(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
 /// Pauses the partition on the consumer while flow control, the pipeline gate or a fetch error
 /// wants it paused, and resumes it once none does.
 pub(super) fn sync_pause(s: &mut PartitionState) {
-    let want = s.flow.paused() || s.gate_held || s.error_pause_until.is_some();
+    let want = s.flow.paused() || s.gate_held || s.error_pause_until.is_some() || s.turn_paused;
     if want == s.consumer_paused {
         if want {
             // Already paused: a fetch error's position is put back all the same.

@@ -1,0 +1,144 @@
+//! The partition's fetch turn (see [`crate::memory::turns`]): while its pipeline is gated
+//! (one record batch per partition would overrun the prefetch share), the partition fetches
+//! only while it holds a turn, and stays paused, with an empty librdkafka queue, otherwise.
+//!
+//! Looked at after each fetch, when a completion frees room while it is idle, when the turns
+//! wake it (gated, ungated, granted), and when a turn's lease runs out. One lock of the turns
+//! per look, and one of the queue while gated: per fetch, not per message.
+
+use std::time::{Duration, Instant};
+
+use ractor::ActorRef;
+
+use super::path::sync_pause;
+use super::{PartitionMsg, PartitionState};
+use crate::memory::turns::FLOOR_WINDOW;
+use crate::memory::{PipelineMemory, Turn, TurnTicket, QUEUED_OP_COST};
+
+/// A turn granted while nothing arrives (the partition caught up, or its fetch is slow) is
+/// given back after this when others wait, so that a partition at the end of its log cannot
+/// keep one.
+pub(super) const LEASE: Duration = Duration::from_millis(100);
+
+/// Joins the pipeline's turns; the turns wake the supervisor with [`PartitionMsg::Turn`].
+pub(super) fn join(me: &ActorRef<PartitionMsg>, memory: &PipelineMemory) -> TurnTicket {
+    let m = me.clone();
+    memory
+        .turns
+        .join(Box::new(move || m.cast(PartitionMsg::Turn).is_ok()))
+}
+
+/// A fetch's first read took `got` messages of `bytes` in all, and `left` more are queued: what
+/// one fetch leaves in a queue, at librdkafka's cost, for the pipeline's floor.
+/// Told only when it passes this partition's last reading of the window (one lock per fetch
+/// while a queue grows, none while it holds steady).
+pub(super) fn observe(s: &mut PartitionState, got: usize, bytes: u64, left: usize) {
+    if got == 0 {
+        return;
+    }
+    let queued = (got + left) as u64 * (bytes / got as u64 + QUEUED_OP_COST);
+    if s.clock.duration_since(s.turn_seen.1) >= FLOOR_WINDOW / 2 {
+        s.turn_seen = (0, s.clock);
+    }
+    if queued <= s.turn_seen.0 {
+        return;
+    }
+    s.turn_seen.0 = queued;
+    let Some(ticket) = &s.turn else {
+        return;
+    };
+    // Gated by this reading: decided at the end of the fetch.
+    s.turn_state = ticket.observe(queued, s.clock);
+}
+
+/// The membership `decide` found (kept until the drain takes it).
+fn ticket(s: &PartitionState) -> &TurnTicket {
+    s.turn.as_ref().expect("decide runs with a membership")
+}
+
+/// Whether the partition's librdkafka queue is empty (a pause then drops nothing).
+fn queue_empty(s: &PartitionState) -> bool {
+    s.reader.as_ref().is_none_or(|r| r.queued() == 0)
+}
+
+/// Looks at the partition's turn: takes one, gives it back, or pauses and waits (see the
+/// module). A draining supervisor no longer owns the consumer's pause flag (STYLE 15).
+pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
+    let Some(t) = s.turn.as_ref().filter(|_| s.draining.is_none()) else {
+        return;
+    };
+    let now = Instant::now();
+    let mut turn = t.turn();
+    if turn == Turn::Held && s.turn_since.is_none() {
+        granted(me, s, now);
+    }
+    turn = match turn {
+        Turn::Free => {
+            s.turn_since = None;
+            Turn::Free
+        }
+        Turn::Held => {
+            let since = s.turn_since.unwrap_or(now);
+            // Took a batch, or nothing came within the lease.
+            let spent = s.turn_received || now >= since + LEASE;
+            let full = !s.flow.has_room();
+            // Takes nothing for a while (slow processing): its queue is dropped with the pause
+            // and fetched again on its next turn, so that the turn serves a partition that can
+            // use it. A partition that completes messages is never congested.
+            let stalled = s.flow.paused() || s.flow.congested_for(now) >= LEASE;
+            let give_back = if queue_empty(s) {
+                full || (spent && ticket(s).contended())
+            } else {
+                stalled && ticket(s).contended()
+            };
+            if give_back {
+                s.turn_since = None;
+                let then = if full { Turn::Idle } else { Turn::Waiting };
+                ticket(s).give_back(then)
+            } else {
+                Turn::Held
+            }
+        }
+        Turn::Waiting => Turn::Waiting,
+        // Asks for a turn with room for more, or with messages already queued (fetched before
+        // the pipeline was gated: kept if a turn is free, dropped by the pause otherwise).
+        Turn::Idle if (s.flow.has_room() && !s.flow.paused()) || !queue_empty(s) => {
+            ticket(s).ask()
+        }
+        Turn::Idle => Turn::Idle,
+    };
+    if turn == Turn::Held && s.turn_since.is_none() {
+        granted(me, s, now);
+    }
+    s.turn_state = turn;
+    let paused = matches!(turn, Turn::Waiting | Turn::Idle);
+    if paused != s.turn_paused {
+        s.turn_paused = paused;
+        sync_pause(s);
+    }
+}
+
+/// A turn starts: nothing received on it yet, and its lease is looked at when it runs out.
+fn granted(me: &ActorRef<PartitionMsg>, s: &mut PartitionState, now: Instant) {
+    s.turn_since = Some(now);
+    s.turn_received = false;
+    s.turn_grants += 1;
+    arm_lease(me, s.turn_grants);
+}
+
+fn arm_lease(me: &ActorRef<PartitionMsg>, grant: u64) {
+    me.send_after(LEASE, move || PartitionMsg::TurnLease(grant));
+}
+
+/// The lease of turn `grant` ran out: looked at again, and every lease after it while the turn
+/// is held (a partition caught up gets no fetch that would look at it, and others may start
+/// waiting at any time). A lease of an earlier turn does nothing.
+pub(super) fn lease(me: &ActorRef<PartitionMsg>, s: &mut PartitionState, grant: u64) {
+    if grant != s.turn_grants || s.turn_since.is_none() {
+        return;
+    }
+    decide(me, s);
+    if grant == s.turn_grants && s.turn_since.is_some() {
+        arm_lease(me, grant);
+    }
+}
