@@ -495,3 +495,83 @@ async fn a_fetch_error_then_a_rebalance_loses_no_message() {
     assert!(rb[0].abandoned.is_empty() && ra[0].abandoned.is_empty());
     drop(mock);
 }
+
+/// The pause after a fetch error lasts its backoff (500 ms), not until the next commit tick: with
+/// `commit_interval = "60s"` a partition whose fetch failed takes the next message within about
+/// a second (1.0 s measured: the pause, then librdkafka's fetch; bound 2 s). It used to resume on
+/// the first `Tick` after the backoff, here a minute later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_error_pause_ends_after_its_backoff_not_at_the_next_commit_tick() {
+    let (topic, group) = ("fpause", "fpause-g");
+    let (bootstrap, mock) = mock_cluster(&[(topic, 1)]);
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    let produce = |payload: &'static str| {
+        let producer = producer.clone();
+        async move {
+            producer
+                .send(
+                    rdkafka::producer::FutureRecord::to(topic)
+                        .key("k")
+                        .payload(payload)
+                        .partition(0),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    produce("m0").await;
+    let counting = Arc::new(Counting::default());
+    let cfg = support::inline_config(
+        &bootstrap,
+        &format!(
+            "name = \"fpause\"\n{}\n[[processors]]\ntype = \"custom\"\nname = \"count\"\n",
+            support::pipeline_header(topic, group, "")
+                .replace("commit_interval = \"200ms\"", "commit_interval = \"60s\"")
+        ),
+    );
+    let running = Runtime::new(cfg)
+        .with_processor("count", counting.clone())
+        .start()
+        .await
+        .unwrap();
+    wait_for("m0 is processed", Duration::from_secs(30), || {
+        counting.calls("m0") > 0
+    })
+    .await;
+    // The next Fetch fails: the supervisor reads the error and pauses the partition.
+    mock.send(MockCmd::RequestErrors(
+        RDKafkaApiKey::Fetch,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        1,
+    ))
+    .unwrap();
+    let pauses = || running.stats[0].snapshot().partitions[0].pauses;
+    wait_for(
+        "the fetch error pauses the partition",
+        Duration::from_secs(10),
+        || pauses() > 0,
+    )
+    .await;
+    let paused = Instant::now();
+    produce("m1").await;
+    let bound = Duration::from_secs(5);
+    while counting.calls("m1") == 0 && paused.elapsed() < bound {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (took, seen) = (paused.elapsed(), counting.calls("m1") > 0);
+    println!(
+        "fetch error pause: m1 processed: {seen}, {took:.2?} after the pause began (commit_interval 60 s)"
+    );
+    assert!(
+        seen && took <= Duration::from_secs(2),
+        "m1 not processed within 2 s of the error pause (500 ms; processed: {seen} after \
+         {took:.2?}): the pause outlasts its backoff until the next commit tick (commit_interval \
+         60 s)"
+    );
+    assert!(running.shutdown().await[0].clean());
+    drop(mock);
+}

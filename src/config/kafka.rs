@@ -143,6 +143,13 @@ pub(super) fn refusal(key: &str, value: &str) -> Option<String> {
              key-hashing partitioner (consistent_random, murmur2_random, fnv1a_random, ...)"
                 .to_string()
         }),
+        "enable.partition.eof" => (parse_bool(value) == Some(true)).then(|| {
+            "true is not supported: keyflow hands no end-of-partition events to processors, \
+             and each one, taken in keyflow's batched read, moves the partition's position one \
+             past a message not yet received, which keyflow can only put back by pausing the \
+             partition: a pause at every catch-up; remove the setting"
+                .to_string()
+        }),
         "transactional.id" => Some(
             "is not supported: keyflow's producer is idempotent, not transactional, and with \
              a transactional id every forward and dead-letter write would be refused"
@@ -397,6 +404,7 @@ mod tests {
             ("max.partition.fetch.bytes", "1048576"),
             ("fetch.message.max.bytes", "1048576"),
             ("fetch.queue.backoff.ms", "1000"),
+            ("enable.partition.eof", "true"),
         ] {
             assert!(refusal(k, v).is_some(), "{k} = {v} accepted");
         }
@@ -417,6 +425,7 @@ mod tests {
             ("partitioner", "murmur2_random"),
             ("partitioner", "consistent_random"),
             ("topic.partitioner", "fnv1a"),
+            ("enable.partition.eof", "false"),
         ] {
             assert_eq!(refusal(k, v), None, "{k} = {v} refused");
         }

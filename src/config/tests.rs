@@ -229,6 +229,29 @@ fn safe_producer_settings_are_accepted() {
     assert_eq!(e, Vec::<String>::new());
 }
 
+/// Partition EOF events: keyflow hands none to processors, and each one, read in a batch, moves
+/// the partition's position one past a message not yet received (`rd_kafka_q_serve_rkmessages`),
+/// which keyflow undoes only by pausing the partition: a pause at every catch-up. Refused at
+/// load, naming the file, the field and why; `false` (what keyflow sets) is accepted.
+#[test]
+fn partition_eof_events_are_refused_with_the_reason() {
+    let e = errors(
+        &format!("{MINIMAL}\n[kafka]\n\"enable.partition.eof\" = true\n"),
+        &Env::default(),
+    );
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert!(
+        e[0].starts_with("FILE: field `kafka.\"enable.partition.eof\"`: true is not supported: keyflow hands no end-of-partition events to processors"),
+        "{e:#?}"
+    );
+    assert!(e[0].contains("remove the setting"), "{e:#?}");
+    let e = errors(
+        &format!("{MINIMAL}\n[kafka]\n\"enable.partition.eof\" = false\n"),
+        &Env::default(),
+    );
+    assert_eq!(e, Vec::<String>::new());
+}
+
 #[test]
 fn unsafe_settings_in_the_global_file_name_it() {
     let dir = tempfile::tempdir().unwrap();

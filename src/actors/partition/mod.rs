@@ -101,6 +101,9 @@ pub enum PartitionMsg {
     TurnLease(u64),
     /// The partition has been congested since a while: pause it if it still is.
     FlowCheck,
+    /// The backoff of fetch-error pause number `.0` is over: resume the partition, unless a
+    /// later error restarted it (see `path::ERROR_PAUSE`).
+    ErrorResume(u64),
     /// Revoke or shutdown: stop taking messages, finish running ones until `deadline`, report the
     /// commit point, stop.
     Drain {
@@ -261,8 +264,12 @@ pub struct PartitionState {
     gate_held: bool,
     /// Whether the partition is paused on the consumer (for flow control or the gate).
     consumer_paused: bool,
-    /// Paused after a fetch error until then (see `path::ERROR_PAUSE`).
-    error_pause_until: Option<Instant>,
+    /// Paused after a fetch error, until its `ErrorResume` (see `path::ERROR_PAUSE`).
+    error_paused: bool,
+    /// Fetch-error pauses begun: the generation of the latest, which only its own
+    /// `ErrorResume` ends (a later error restarts the backoff; the earlier timer then ends
+    /// nothing).
+    error_pauses: u64,
     /// Membership of the pipeline's fetch turns (see `turn`), given up when the drain begins.
     turn: Option<crate::memory::TurnTicket>,
     /// What the turns last said, and whether the partition is paused for want of a turn.
@@ -393,7 +400,8 @@ impl Actor for PartitionSupervisor {
             backoffs: Vec::new(),
             gate_held: false,
             consumer_paused: false,
-            error_pause_until: None,
+            error_paused: false,
+            error_pauses: 0,
             turn_state: turn.turn(),
             turn: Some(turn),
             turn_paused: false,
@@ -511,6 +519,17 @@ impl Actor for PartitionSupervisor {
                     .await?;
             }
             PartitionMsg::BatchFlush => batch::on_timer(&me, s).instrument(span).await?,
+            PartitionMsg::ErrorResume(generation) => {
+                // Once draining, the pause flag belongs to the next owner (as for the gate);
+                // the timer of an earlier pause, restarted by a later error, ends nothing.
+                if s.draining.is_none() && generation == s.error_pauses && s.error_paused {
+                    s.error_paused = false;
+                    sync_pause(s);
+                    // Takes what the pause left in the queue (outdated: dropped), so that its
+                    // wake-up fires on the next message; and what is already there.
+                    fetch(&me, s).instrument(span).await?;
+                }
+            }
             PartitionMsg::Turn => turn::decide(&me, s),
             PartitionMsg::TurnLease(grant) => turn::lease(&me, s, grant),
             PartitionMsg::FlowCheck => {
@@ -524,10 +543,6 @@ impl Actor for PartitionSupervisor {
             PartitionMsg::Tick => {
                 s.wall = (s.tick_clock(), path::now_ms());
                 if s.draining.is_none() {
-                    if s.error_pause_until.is_some_and(|t| s.clock >= t) {
-                        s.error_pause_until = None;
-                        sync_pause(s);
-                    }
                     // Heal a lost wake-up within one tick. The queue's non-empty callback lives
                     // on librdkafka's queue, shared by every handle of the partition: another
                     // handle dropped after ours was armed (an old supervisor of this partition

@@ -120,6 +120,11 @@ pub(super) async fn fetch(
                 break 'fetch;
             }
         }
+        if reader.holds_error() {
+            // The read ended on a fetch error: the partition pauses below, which makes what
+            // follows it in the queue outdated. Nothing more is read in this handler.
+            break;
+        }
         if got < want {
             left = false;
             break;
@@ -130,10 +135,16 @@ pub(super) async fn fetch(
     let error = reader.holds_error();
     s.reader = Some(reader);
     s.fetch_left = left;
-    if error && s.error_pause_until.is_none() {
+    if error {
         // Paused in this handler: the position the error moved is put back before anything
-        // else (a rebalance) can pause the partition and restart its fetch there.
-        s.error_pause_until = Some(s.clock + ERROR_PAUSE);
+        // else (a rebalance) can pause the partition and restart its fetch there. An error
+        // read while already paused (an item that was in the queue before the pause took
+        // effect) moved the position again: it is put back again (`sync_pause` does, on a
+        // paused partition) and the backoff starts over; the earlier timer ends nothing.
+        s.error_paused = true;
+        s.error_pauses += 1;
+        let generation = s.error_pauses;
+        me.send_after(ERROR_PAUSE, move || PartitionMsg::ErrorResume(generation));
         warn!(topic = %s.topic, partition = s.partition, pause = ?ERROR_PAUSE, "fetch error: the partition pauses and fetches again from the message after the last one received");
         sync_pause(s);
     }
@@ -162,7 +173,7 @@ fn read_size(s: &PartitionState) -> usize {
 }
 
 /// How long a partition stays paused after a fetch error (librdkafka's `fetch.error.backoff.ms`
-/// default; resumed on the first tick after it).
+/// default); `PartitionMsg::ErrorResume`, sent when the pause begins, ends it.
 pub(super) const ERROR_PAUSE: Duration = Duration::from_millis(500);
 
 /// The first read's size hint, before any message of the partition was seen.
@@ -771,10 +782,10 @@ pub(super) fn apply_flow(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
     sync_pause(s);
 }
 
-/// Pauses the partition on the consumer while flow control, the pipeline gate or a fetch error
-/// wants it paused, and resumes it once none does.
+/// Pauses the partition on the consumer while flow control, the pipeline gate, a fetch error or
+/// the want of a fetch turn wants it paused, and resumes it once none does.
 pub(super) fn sync_pause(s: &mut PartitionState) {
-    let want = s.flow.paused() || s.gate_held || s.error_pause_until.is_some() || s.turn_paused;
+    let want = s.flow.paused() || s.gate_held || s.error_paused || s.turn_paused;
     if want == s.consumer_paused {
         if want {
             // Already paused: a fetch error's position is put back all the same.
