@@ -22,7 +22,10 @@
 //! that much), and per fetch response by `fetch.max.bytes`; [`Prefetch`] derives all four from
 //! the share. Pausing a partition drops its
 //! prefetch, and the refetch after a resume costs ~0.5 s, so sizing the prefetch, not pausing,
-//! is what keeps memory bounded; a pause stays the last resort of flow control.
+//! is what keeps memory bounded; a pause stays the last resort of flow control. Except where
+//! sizing cannot reach: librdkafka reads whole record batches, so a partition that fetches holds
+//! at least one, and when one batch per partition would overrun the prefetch share, the
+//! partitions take turns to fetch ([`turns`]), paused between turns with an empty queue.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};

@@ -263,7 +263,7 @@ fn describe() {
     );
     describe_gauge!(
         PARTITION_PAUSED,
-        "1 while paused: flow control, the pipeline gate, or a fetch error's backoff"
+        "1 while paused: flow control, the pipeline gate, a fetch error's backoff, or waiting for a fetch turn"
     );
     describe_counter!(PARTITION_PAUSES_TOTAL, "Pauses by flow control");
     describe_gauge!(
