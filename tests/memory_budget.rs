@@ -334,3 +334,80 @@ fn small_messages_in_small_batches_raise_no_prefetch_warning() {
         "warned with 16 KiB producer batches: {warned:?}"
     );
 }
+
+/// Review of c62cae2 (helper-36): a partition holding a fetch turn gives it back only once its
+/// librdkafka queue is empty (or it stalls). librdkafka fetches the next batch as soon as the
+/// queue falls below `queued.min.messages`, long before it is empty, so a partition with a
+/// backlog that it processes steadily (never congested) keeps its turn until the backlog is
+/// gone, and every other partition of the pipeline stays paused meanwhile: with producers that
+/// keep up with the processing, for ever, and nothing says so but `keyflow_fetch_turns_waiting`.
+/// Here 16 partitions of 25,000 small messages in ~1 MB batches, 2 turns, 100 messages at once
+/// per partition for 100 ms each (at most ~1,000 a second per partition, whose share of the
+/// budget allows ~21 at once: minutes per backlog): every partition must move within a 30 s
+/// window once the pipeline is gated. On c62cae2 the one partition holding the turn moved and
+/// the 15 others committed nothing at all.
+#[test]
+fn a_partition_with_a_backlog_gives_its_fetch_turn_to_those_waiting() {
+    const N: i32 = 16;
+    const MESSAGES: usize = 400_000;
+    let broker = Broker::shared();
+    let topic = unique("mem-turn-fair");
+    broker.create_topic_blocking(&topic, N);
+    let payload = vec![b'x'; 90];
+    broker.produce_in_batches_of(
+        1_000_000,
+        &topic,
+        (0..MESSAGES).map(|i| support::OutMsg {
+            partition: Some((i % N as usize) as i32),
+            key: Some(format!("k{i}").into_bytes()),
+            payload: payload.clone(),
+            ..support::OutMsg::default()
+        }),
+    );
+    let address = format!("127.0.0.1:{}", free_port());
+    let group = unique("mem-turn-fair-g");
+    let pipeline = format!(
+        "{}\n[[processors]]\ntype = \"simulate\"\nlatency = {{ distribution = \"fixed\", value = \"100ms\" }}\n",
+        pipeline_header(&topic, &group, "max_in_flight = 100")
+    );
+    let mut k = Keyflow::start_many(
+        &broker.bootstrap,
+        &[&pipeline],
+        &[
+            ("KEYFLOW_HTTP__ADDRESS", address.as_str()),
+            ("KEYFLOW_MEMORY_LIMIT", "16MiB"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    // Gated: the first fetches found ~1 MB batches (every partition took its first messages
+    // before that, ungated).
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            get_blocking(&address, "/metrics", Duration::from_secs(2)).is_ok_and(|(_, m)| {
+                prometheus_sample(&m, "keyflow_fetch_turns", &[]).is_some_and(|t| t >= 1.0)
+                    && prometheus_sample(&m, "keyflow_fetch_turns_waiting", &[])
+                        .is_some_and(|w| w >= 1.0)
+            })
+        },
+        "the pipeline gated, partitions waiting for a turn",
+    );
+    // What the ungated start took is committed within a few commit intervals.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = broker.committed_offsets(&group, &topic, N);
+    std::thread::sleep(Duration::from_secs(30));
+    let after = broker.committed_offsets(&group, &topic, N);
+    let (_, m) = get_blocking(&address, "/metrics", Duration::from_secs(2)).unwrap();
+    let waiting = prometheus_sample(&m, "keyflow_fetch_turns_waiting", &[]).unwrap_or(-1.0);
+    k.sigterm();
+    k.wait_exit(Duration::from_secs(60));
+    let stuck: Vec<i32> = (0..N)
+        .filter(|&p| after[p as usize] <= before[p as usize])
+        .collect();
+    println!("committed before {before:?}\ncommitted after  {after:?}\nwaiting {waiting}");
+    assert!(
+        stuck.is_empty(),
+        "partitions {stuck:?} did not move in 30 s while others held the fetch turns (before {before:?}, after {after:?})"
+    );
+}

@@ -20,6 +20,14 @@ use crate::memory::{PipelineMemory, Turn, TurnTicket, QUEUED_OP_COST};
 /// keep one.
 pub(super) const LEASE: Duration = Duration::from_millis(100);
 
+/// The longest a turn lasts while others wait. librdkafka fetches a partition's next batch as
+/// soon as its queue falls below `queued.min.messages`, long before it is empty: a partition
+/// with a backlog that it works through steadily (never congested) would keep its turn until
+/// the backlog is gone, and the partitions waiting would not fetch at all meanwhile (for ever
+/// while producers keep up with the processing). After this it gives the turn back with its
+/// queue: the pause drops what is queued, fetched again on its next turn (review of c62cae2).
+pub(super) const TURN_MAX: Duration = Duration::from_secs(1);
+
 /// Joins the pipeline's turns; the turns wake the supervisor with [`PartitionMsg::Turn`].
 pub(super) fn join(me: &ActorRef<PartitionMsg>, memory: &PipelineMemory) -> TurnTicket {
     let m = me.clone();
@@ -86,10 +94,13 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
             // and fetched again on its next turn, so that the turn serves a partition that can
             // use it. A partition that completes messages is never congested.
             let stalled = s.flow.paused() || s.flow.congested_for(now) >= LEASE;
+            // Held long enough: a queue that never empties (a backlog), or one the partition
+            // does not read (exactly-once metadata or a hot key's overflow at their bound).
+            let long = now >= since + TURN_MAX;
             let give_back = if queue_empty(s) {
                 full || (spent && ticket(s).contended())
             } else {
-                stalled && ticket(s).contended()
+                (stalled || long) && ticket(s).contended()
             };
             if give_back {
                 s.turn_since = None;
