@@ -77,7 +77,11 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
     };
     let now = Instant::now();
     let mut turn = t.turn();
-    if turn == Turn::Held && s.turn_since.is_none() {
+    if turn != Turn::Held {
+        // A turn this supervisor held and the turns took back (ungated, then gated again
+        // before it looked): the next turn starts afresh.
+        s.turn_since = None;
+    } else if s.turn_since.is_none() {
         granted(me, s, now);
     }
     turn = match turn {
@@ -104,7 +108,12 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
             };
             if give_back {
                 s.turn_since = None;
-                let then = if full { Turn::Idle } else { Turn::Waiting };
+                // A partition that cannot take messages now asks again when it can.
+                let then = if full || s.flow.paused() {
+                    Turn::Idle
+                } else {
+                    Turn::Waiting
+                };
                 ticket(s).give_back(then)
             } else {
                 Turn::Held
@@ -118,7 +127,9 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
         }
         Turn::Idle => Turn::Idle,
     };
-    if turn == Turn::Held && s.turn_since.is_none() {
+    if turn != Turn::Held {
+        s.turn_since = None;
+    } else if s.turn_since.is_none() {
         granted(me, s, now);
     }
     s.turn_state = turn;
@@ -126,6 +137,11 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
     if paused != s.turn_paused {
         s.turn_paused = paused;
         sync_pause(s);
+        if !paused {
+            // Takes what the pause left in the queue (outdated: dropped), so that its wake-up
+            // fires on the first message of this turn.
+            let _ = me.cast(PartitionMsg::Fetch);
+        }
     }
 }
 
