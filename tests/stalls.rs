@@ -988,3 +988,184 @@ async fn a_partition_that_never_fetches_shows_its_lag_and_becomes_stuck() {
     );
     let _ = running.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// a supervisor the drain gave up on (its handler blocked its thread) reads nothing afterwards
+// ---------------------------------------------------------------------------------------------
+
+/// The first message of each partition blocks its thread (`std::thread::sleep`, polled inline by
+/// the supervisor) until `wake`; every later message waits (asynchronously) for `release`.
+/// Records the payloads it completed.
+struct BlocksFirst {
+    blocked: Mutex<HashSet<i32>>,
+    blocking: AtomicU64,
+    wake: AtomicBool,
+    release: tokio::sync::watch::Receiver<bool>,
+    /// Later messages started, per partition (0 and 1).
+    started: [AtomicU64; 2],
+    seen: Mutex<HashSet<String>>,
+}
+
+#[async_trait]
+impl Processor for BlocksFirst {
+    async fn process(&self, msg: &mut Message) -> Result<Flow, ProcessError> {
+        let first = self.blocked.lock().unwrap().insert(msg.partition);
+        if first {
+            self.blocking.fetch_add(1, Relaxed);
+            let t = Instant::now();
+            while !self.wake.load(Relaxed) && t.elapsed() < Duration::from_secs(120) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        } else {
+            self.started[msg.partition as usize].fetch_add(1, Relaxed);
+            let mut rx = self.release.clone();
+            let _ = rx.wait_for(|r| *r).await;
+        }
+        self.seen
+            .lock()
+            .unwrap()
+            .insert(msg.payload_str().unwrap_or_default().to_string());
+        Ok(Flow::Continue)
+    }
+}
+
+/// A processor blocks a supervisor's thread for longer than the drain timeout plus its margin
+/// while a member joins: the revoke gives up on that supervisor, which stays alive in its
+/// handler. The member leaves, the partition comes back, a new supervisor reads it. When the
+/// old handler wakes up it must read nothing more off the partition's librdkafka queue, which it
+/// shares with the new supervisor: messages it took would never reach the new owner, whose
+/// commit point then passes them (lost). Before the fix the old supervisor's queued ticks read
+/// the whole backlog (one key: into its hot-key overflow) and its drain dropped it: 200 of the
+/// partition's 200 messages were never processed while the group committed the partition's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_supervisor_the_drain_gave_up_on_takes_nothing_from_the_partitions_next_owner() {
+    const N: usize = 200;
+    let broker = Broker::shared();
+    let (topic, group) = (unique("late-sup"), unique("late-sup-g"));
+    broker.create_topic_blocking(&topic, 2);
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let p = Arc::new(BlocksFirst {
+        blocked: Mutex::new(HashSet::new()),
+        blocking: AtomicU64::new(0),
+        wake: AtomicBool::new(false),
+        release,
+        started: [AtomicU64::new(0), AtomicU64::new(0)],
+        seen: Mutex::new(HashSet::new()),
+    });
+    let extra = "max_in_flight = 16\nmax_workers = 4";
+    let a = Runtime::new(pipeline(
+        &broker.bootstrap,
+        &header_with(&topic, &group, "1s", "6s", extra),
+    ))
+    .with_processor("p", p.clone())
+    .start()
+    .await
+    .unwrap();
+    let stats = a.stats[0].clone();
+    broker.produce_to_partition(
+        &topic,
+        (0..2).map(|q| (q, Some(b"k".to_vec()), format!("first-{q}").into_bytes())),
+    );
+    wait_for(
+        "each partition's supervisor is blocked in its first message",
+        Duration::from_secs(60),
+        || p.blocking.load(Relaxed) == 2,
+    )
+    .await;
+    let supervisors: Vec<_> = stats
+        .partitions()
+        .into_iter()
+        .map(|(q, s)| (q, s.actor.get().unwrap().clone()))
+        .collect();
+    // A member joins: one partition is revoked; its supervisor does not answer the drain.
+    let member = join_plain_member(&broker.bootstrap, &group, &topic);
+    wait_for("one partition is revoked", Duration::from_secs(60), || {
+        assigned(&stats).len() == 1
+    })
+    .await;
+    let moved = (0..2).find(|q| !assigned(&stats).contains(q)).unwrap();
+    let old = supervisors
+        .iter()
+        .find(|(q, _)| *q == moved)
+        .unwrap()
+        .1
+        .clone();
+    // (The rendezvous mark is set just after the revoke is handed to the coordinator.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for(
+        "the revoke gives up on the blocked supervisor",
+        Duration::from_secs(30),
+        || stats.rendezvous_until_ms.load(Relaxed) == 0,
+    )
+    .await;
+    // The member leaves: the partition comes back to a new supervisor.
+    member.store(true, Relaxed);
+    wait_for("the partition comes back", Duration::from_secs(60), || {
+        stats
+            .partitions()
+            .iter()
+            .any(|(q, s)| *q == moved && s.actor.get().is_some_and(|a| a.get_id() != old.get_id()))
+    })
+    .await;
+    assert!(
+        !matches!(old.get_status(), ractor::ActorStatus::Stopped),
+        "the old supervisor stopped: the sequence was not tested"
+    );
+    broker.produce_to_partition(
+        &topic,
+        (0..2).flat_map(|q| {
+            (0..N).map(move |i| (q, Some(b"k".to_vec()), format!("m-{q}-{i}").into_bytes()))
+        }),
+    );
+    // Fetched into the partition's librdkafka queue, which both supervisors read. (The new one
+    // takes nothing yet: the old one still holds the partition's memory grant.)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started_before = p.started[moved as usize].load(Relaxed);
+    // The old handler wakes up, then its mailbox: ticks queued before the drain, the drain.
+    p.wake.store(true, Relaxed);
+    wait_for("the old supervisor stops", Duration::from_secs(30), || {
+        matches!(old.get_status(), ractor::ActorStatus::Stopped)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    release_tx.send(true).unwrap();
+    // Later messages: the new owner's commit point passes whatever the old one took.
+    const TAIL: usize = 10;
+    broker.produce_to_partition(
+        &topic,
+        (0..2).flat_map(|q| {
+            (0..TAIL).map(move |i| (q, Some(b"k".to_vec()), format!("t-{q}-{i}").into_bytes()))
+        }),
+    );
+    let end = (1 + N + TAIL) as i64;
+    let t = Instant::now();
+    let mut committed = Vec::new();
+    while t.elapsed() < Duration::from_secs(60) {
+        committed = tokio::task::block_in_place(|| broker.committed_offsets(&group, &topic, 2));
+        if committed.iter().all(|&c| c == end) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let missing: Vec<String> = (0..2)
+        .flat_map(|q| {
+            (0..N)
+                .map(move |i| format!("m-{q}-{i}"))
+                .chain((0..TAIL).map(move |i| format!("t-{q}-{i}")))
+        })
+        .filter(|m| !p.seen.lock().unwrap().contains(m))
+        .collect();
+    println!(
+        "partition {moved} revoked with its supervisor blocked, given back: the new supervisor started {started_before} messages before the old one woke; committed {committed:?} (end {end}), {} of {} messages never processed",
+        missing.len(),
+        2 * (N + TAIL)
+    );
+    assert!(
+        missing.is_empty(),
+        "lost: {} messages never processed while the group committed {committed:?} (end {end}); the old supervisor of partition {moved} took them off the queue it shares with the new one: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    assert_eq!(committed, vec![end, end]);
+    a.shutdown().await;
+}

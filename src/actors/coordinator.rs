@@ -103,7 +103,7 @@ pub struct CoordinatorState {
     consumer: Option<Arc<Consumer>>,
     poll_stop: Arc<AtomicBool>,
     poll_thread: Option<ThreadHandle<()>>,
-    partitions: HashMap<i32, ActorRef<PartitionMsg>>,
+    partitions: HashMap<i32, Supervised>,
     fatal: UnboundedSender<String>,
     shutting_down: bool,
     /// Revoke drains in progress (each bounded by the drain deadline): shutdown waits for them
@@ -111,6 +111,26 @@ pub struct CoordinatorState {
     revoking: Vec<tokio::task::JoinHandle<()>>,
     /// Exactly-once: the transaction commit cycle.
     txn_cycle: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A running partition supervisor, and the flag that tells it the partition is no longer its own.
+struct Supervised {
+    actor: ActorRef<PartitionMsg>,
+    released: Arc<AtomicBool>,
+}
+
+impl Supervised {
+    /// The partition is given up (revoked, lost, shut down, rewound or reassigned): from now on
+    /// the supervisor reads nothing more off the partition's librdkafka queue, leaves its pause
+    /// flag alone and commits nothing. A supervisor whose handler is still running (a processor
+    /// blocked its thread) when the drain gives up on it outlives the revoke; if the partition
+    /// comes back to this member, its next supervisor reads the same librdkafka queue, and
+    /// whatever the old one took there would be dropped by its drain while the new one's commit
+    /// point passes it. Set before the drain is asked for.
+    fn release(self) -> ActorRef<PartitionMsg> {
+        self.released.store(true, Ordering::Release);
+        self.actor
+    }
 }
 
 /// Sets the poll thread's stop flag when dropped (unless disarmed by taking the flag out).
@@ -369,6 +389,7 @@ impl Actor for Coordinator {
                 let sups: Vec<_> = partitions
                     .iter()
                     .filter_map(|(_, p)| s.partitions.remove(p))
+                    .map(Supervised::release)
                     .collect();
                 s.pipeline.memory.set_assigned(s.partitions.len());
                 let txn = s.pipeline.txn.clone();
@@ -427,7 +448,7 @@ impl Actor for Coordinator {
             CoordinatorMsg::Stray(m) => {
                 // Not ours (any more): not committed, so its owner receives it.
                 if let Some(sup) = s.partitions.get(&m.partition) {
-                    let _ = sup.cast(PartitionMsg::Deliver(m));
+                    let _ = sup.actor.cast(PartitionMsg::Deliver(m));
                 }
             }
             CoordinatorMsg::Shutdown(reply) => {
@@ -454,10 +475,12 @@ impl Actor for Coordinator {
             let partition = s
                 .partitions
                 .iter()
-                .find(|(_, a)| a.get_id() == cell.get_id())
+                .find(|(_, a)| a.actor.get_id() == cell.get_id())
                 .map(|(p, _)| *p);
             if let Some(p) = partition {
-                s.partitions.remove(&p);
+                if let Some(failed) = s.partitions.remove(&p) {
+                    failed.release();
+                }
                 s.pipeline.memory.set_assigned(s.partitions.len());
             }
             let msg = format!(
@@ -511,9 +534,10 @@ async fn start_supervisors(
     for a in list {
         let skip = skips.remove(&a.partition).unwrap_or_default();
         if let Some(old) = s.partitions.remove(&a.partition) {
-            old.stop(Some("reassigned".into()));
+            old.release().stop(Some("reassigned".into()));
         }
         let owner = Arc::new(Ownership::default());
+        let released = Arc::new(AtomicBool::new(false));
         let args = PartitionArgs {
             topic: a.topic,
             partition: a.partition,
@@ -524,12 +548,19 @@ async fn start_supervisors(
             stats: s.stats.partition(a.partition),
             skip,
             owner: owner.clone(),
+            released: released.clone(),
         };
         let (sup, _) = Actor::spawn_linked(None, PartitionSupervisor, args, me.get_cell()).await?;
         if let Some(t) = &s.pipeline.txn {
             t.register(a.partition, sup.clone(), owner);
         }
-        s.partitions.insert(a.partition, sup);
+        s.partitions.insert(
+            a.partition,
+            Supervised {
+                actor: sup,
+                released,
+            },
+        );
     }
     s.pipeline.memory.set_assigned(s.partitions.len());
     Ok(())
@@ -552,6 +583,7 @@ async fn rewind(
     }
     let mut firsts = HashMap::new();
     for (p, sup) in s.partitions.drain() {
+        let sup = sup.release();
         let first = match sup
             .call(PartitionMsg::Abandon, Some(Duration::from_secs(5)))
             .await
@@ -741,7 +773,7 @@ async fn shutdown(s: &mut CoordinatorState) -> ShutdownReport {
     if let Some(t) = &s.pipeline.txn {
         t.deregister(s.partitions.keys().copied(), false);
     }
-    let sups: Vec<_> = s.partitions.drain().map(|(_, a)| a).collect();
+    let sups: Vec<_> = s.partitions.drain().map(|(_, a)| a.release()).collect();
     let epoch = s.pipeline.txn.as_ref().map_or(0, |t| t.epoch());
     info!(pipeline = %s.spec.name, partitions = sups.len(), "shutting down: draining");
     let until = tokio::time::Instant::now() + s.spec.drain_timeout;

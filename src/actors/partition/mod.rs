@@ -32,7 +32,7 @@ use path::{
 use report::{inspect, observe, BrokerEnd};
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::{Relaxed, Release};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,6 +74,8 @@ pub struct PartitionArgs {
     pub skip: SkipSet,
     /// Exactly-once: the partition's right to write in the pipeline's transaction.
     pub owner: Arc<Ownership>,
+    /// Set by the coordinator when the partition is given up (see [`PartitionState::released`]).
+    pub released: Arc<AtomicBool>,
 }
 
 pub enum PartitionMsg {
@@ -291,6 +293,14 @@ pub struct PartitionState {
     /// Exactly-once: this partition's right to write in the transaction, closed when the
     /// partition is given up.
     owner: Arc<Ownership>,
+    /// Set by the coordinator when it gives the partition up (revoke, lost, shutdown, rewind),
+    /// before it asks for the drain. A handler still running then (a processor that blocked the
+    /// supervisor's thread) may outlive the drain's deadline and the revoke; the partition may
+    /// meanwhile come back to this member, whose new supervisor reads the same librdkafka queue.
+    /// From then on this one reads nothing more off it (`path::fetch`, before each read), leaves
+    /// the consumer's pause flag alone (`path::sync_pause`) and commits nothing: one atomic load
+    /// per read, pause or commit.
+    released: Arc<AtomicBool>,
     /// The first offset received (exactly-once rewind of a partition never committed).
     first_received: Option<i64>,
     /// The broker's end of the partition, for lag when librdkafka's cached watermark is unknown
@@ -412,6 +422,7 @@ impl Actor for PartitionSupervisor {
             gate_watch: None,
             broker_end: BrokerEnd::default(),
             owner: a.owner,
+            released: a.released,
             first_received: None,
             batch: batching,
             state_generation,
@@ -541,6 +552,11 @@ impl Actor for PartitionSupervisor {
                 }
             }
             PartitionMsg::Tick => {
+                if s.released() {
+                    // Not ours any more: the queue's wake-up, the commit and the partition's
+                    // gauges belong to its next owner (here or elsewhere).
+                    return Ok(());
+                }
                 s.wall = (s.tick_clock(), path::now_ms());
                 if s.draining.is_none() {
                     // Heal a lost wake-up within one tick. The queue's non-empty callback lives
@@ -656,6 +672,12 @@ impl Actor for PartitionSupervisor {
 }
 
 impl PartitionState {
+    /// The coordinator gave the partition up (see [`PartitionState::released`]).
+    #[inline]
+    fn released(&self) -> bool {
+        self.released.load(Acquire)
+    }
+
     /// Reads the clock for the handler that starts (see `clock`).
     fn tick_clock(&mut self) -> Instant {
         self.clock = Instant::now();

@@ -60,7 +60,7 @@ pub(super) async fn fetch(
     me: &ActorRef<PartitionMsg>,
     s: &mut PartitionState,
 ) -> Result<(), ActorProcessingErr> {
-    if s.draining.is_some() || s.gate_held {
+    if s.draining.is_some() || s.gate_held || s.released() {
         s.fetch_left = true;
         return Ok(());
     }
@@ -91,7 +91,9 @@ pub(super) async fn fetch(
             break;
         }
         let want = read_size(s);
-        if want == 0 {
+        // Given up while this handler ran (an inline attempt blocked it): the queue may be its
+        // next supervisor's already.
+        if want == 0 || s.released() {
             break;
         }
         // `clock` moves on with each inline attempt (see `start`): the batch is received now.
@@ -785,6 +787,11 @@ pub(super) fn apply_flow(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
 /// Pauses the partition on the consumer while flow control, the pipeline gate, a fetch error or
 /// the want of a fetch turn wants it paused, and resumes it once none does.
 pub(super) fn sync_pause(s: &mut PartitionState) {
+    if s.released() {
+        // The pause flag belongs to the partition's next owner (STYLE 15); nothing resumes a
+        // pause another supervisor set.
+        return;
+    }
     let want = s.flow.paused() || s.gate_held || s.error_paused || s.turn_paused;
     if want == s.consumer_paused {
         if want {
@@ -855,7 +862,8 @@ pub(super) fn commit_progress(s: &mut PartitionState) {
     let Some(next) = s.tracker.committable() else {
         return;
     };
-    if s.draining.is_some() || (s.commit_sent == Some(next) && s.uncommitted == 0) {
+    // Given up: the committer may already take points for the partition's next supervisor.
+    if s.draining.is_some() || s.released() || (s.commit_sent == Some(next) && s.uncommitted == 0) {
         return;
     }
     let metadata = commit_metadata(s);
