@@ -432,6 +432,41 @@ mod tests {
         assert_eq!(turns.counts(), (1, 0));
     }
 
+    /// Review of 91f3f0d (helper-38): the coordinator gives a partition up (revoke, lost,
+    /// shutdown, rewind) while its supervisor's thread is blocked (a processor blocking past the
+    /// drain): the supervisor cannot look at its turn until it wakes, so a turn it holds was never
+    /// given back, and with one turn every other partition of the pipeline stayed paused. Its
+    /// wake says it is gone once released; the assignment change that follows every release
+    /// takes the turn back.
+    #[test]
+    fn a_turn_held_by_a_partition_given_up_goes_to_the_next_at_the_assignment_change() {
+        let turns = Arc::new(FetchTurns::new(10));
+        turns.set_assigned(3);
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = released.clone();
+        // Its supervisor is blocked: its mailbox is open, but it handles nothing.
+        let given_up = turns.join(Box::new(move || !flag.load(Relaxed)));
+        let (b, _) = member(&turns);
+        let (_c, _) = member(&turns);
+        given_up.observe(10, Instant::now());
+        assert_eq!(turns.limit(), Some(1));
+        assert_eq!(given_up.ask(), Turn::Held);
+        assert_eq!(b.ask(), Turn::Waiting);
+        // The coordinator releases its partition, then sets the assignment without it.
+        released.store(true, Relaxed);
+        turns.set_assigned(2);
+        assert_eq!(
+            b.turn(),
+            Turn::Held,
+            "the turn of a partition given up waits for its blocked supervisor"
+        );
+        assert_eq!(turns.counts(), (1, 0));
+        // The supervisor wakes and drains later: it has nothing more to give back.
+        drop(given_up);
+        assert_eq!(turns.counts(), (1, 0));
+        assert_eq!(b.turn(), Turn::Held);
+    }
+
     #[test]
     fn smaller_batches_ungate_within_two_windows_and_wake_the_paused() {
         let turns = Arc::new(FetchTurns::new(10));
