@@ -176,9 +176,9 @@ impl Inner {
         }
     }
 
-    /// The gate or its number of turns changed: ungated, every member is free (and those
-    /// paused are woken to resume); gated, the free ones are woken to decide, and waiting ones
-    /// get the turns there are.
+    /// The gate, its number of turns or the assignment changed: ungated, every member is free
+    /// (and those paused are woken to resume); gated, the free ones and the holders are woken to
+    /// decide (a holder gone, or given up, leaves), and waiting ones get the turns there are.
     fn regate(&mut self, share: u64) {
         match self.turns(share) {
             None => {
@@ -190,13 +190,24 @@ impl Inner {
                 });
             }
             Some(_) => {
+                let mut gone = 0;
                 self.members.retain(|_, m| match m.turn {
                     Turn::Free => {
                         m.turn = Turn::Idle;
                         (m.wake)()
                     }
+                    // A holder whose partition was given up (its wake says so once the
+                    // coordinator released it) may be blocked past its drain and never give
+                    // its turn back: the assignment change that follows every release takes
+                    // it back. A live holder is told to look again.
+                    Turn::Held => {
+                        let alive = (m.wake)();
+                        gone += usize::from(!alive);
+                        alive
+                    }
                     _ => true,
                 });
+                self.held -= gone;
                 self.grant(share);
             }
         }

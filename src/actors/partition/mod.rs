@@ -272,7 +272,9 @@ pub struct PartitionState {
     /// `ErrorResume` ends (a later error restarts the backoff; the earlier timer then ends
     /// nothing).
     error_pauses: u64,
-    /// Membership of the pipeline's fetch turns (see `turn`), given up when the drain begins.
+    /// Membership of the pipeline's fetch turns (see `turn`), given up when the drain begins
+    /// (or when `decide` finds the partition released; a turn a blocked supervisor holds is
+    /// taken back by the turns themselves, see `turn::join`).
     turn: Option<crate::memory::TurnTicket>,
     /// What the turns last said, and whether the partition is paused for want of a turn.
     turn_state: crate::memory::Turn,
@@ -362,7 +364,7 @@ impl Actor for PartitionSupervisor {
         let spec = a.spec;
         let byte_cap = a.pipeline.memory.partition_cap();
         let grant = Grant::new(a.pipeline.memory.clone());
-        let turn = turn::join(&me, &a.pipeline.memory);
+        let turn = turn::join(&me, &a.pipeline.memory, a.released.clone());
         let batching = spec.batch.map(batch::Batching::new);
         let key_share = overflow::key_share(spec.max_in_flight);
         let _ = a.stats.actor.set(me.clone());

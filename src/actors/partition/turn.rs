@@ -6,6 +6,9 @@
 //! wake it (gated, ungated, granted), and when a turn's lease runs out. One lock of the turns
 //! per look, and one of the queue while gated: per fetch, not per message.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Acquire;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::ActorRef;
@@ -29,11 +32,19 @@ pub(super) const LEASE: Duration = Duration::from_millis(100);
 pub(super) const TURN_MAX: Duration = Duration::from_secs(1);
 
 /// Joins the pipeline's turns; the turns wake the supervisor with [`PartitionMsg::Turn`].
-pub(super) fn join(me: &ActorRef<PartitionMsg>, memory: &PipelineMemory) -> TurnTicket {
+/// Once the partition is given up (`released`) the wake says the member is gone: a turn is
+/// no longer granted to it, and one it holds is taken back at the assignment change that
+/// follows the release, even while a processor blocks its thread past the drain (the queue it
+/// was for is no longer its own).
+pub(super) fn join(
+    me: &ActorRef<PartitionMsg>,
+    memory: &PipelineMemory,
+    released: Arc<AtomicBool>,
+) -> TurnTicket {
     let m = me.clone();
-    memory
-        .turns
-        .join(Box::new(move || m.cast(PartitionMsg::Turn).is_ok()))
+    memory.turns.join(Box::new(move || {
+        !released.load(Acquire) && m.cast(PartitionMsg::Turn).is_ok()
+    }))
 }
 
 /// A fetch's first read took `got` messages of `bytes` in all, and `left` more are queued: what
@@ -72,6 +83,11 @@ fn queue_empty(s: &PartitionState) -> bool {
 /// Looks at the partition's turn: takes one, gives it back, or pauses and waits (see the
 /// module). A draining supervisor no longer owns the consumer's pause flag (STYLE 15).
 pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
+    if s.released() {
+        // Given up (a handler that ran past the release): the membership goes now, not at the
+        // drain, so that it takes no turn meanwhile.
+        s.turn = None;
+    }
     let Some(t) = s.turn.as_ref().filter(|_| s.draining.is_none()) else {
         return;
     };
