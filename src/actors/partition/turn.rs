@@ -138,7 +138,11 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
         Turn::Waiting => Turn::Waiting,
         // Asks for a turn with room for more, or with messages already queued (fetched before
         // the pipeline was gated: kept if a turn is free, dropped by the pause otherwise).
-        Turn::Idle if (s.flow.has_room() && !s.flow.paused()) || !queue_empty(s) => {
+        // (A partition paused for its turn may still count outdated messages, which the pause
+        // dropped: only a running partition's queue counts.)
+        Turn::Idle
+            if (s.flow.has_room() && !s.flow.paused()) || (!s.turn_paused && !queue_empty(s)) =>
+        {
             ticket(s).ask()
         }
         Turn::Idle => Turn::Idle,
