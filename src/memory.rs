@@ -31,7 +31,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-
 pub mod turns;
 pub use turns::{FetchTurns, Turn, TurnTicket, Wake};
 

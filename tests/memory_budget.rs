@@ -171,6 +171,28 @@ fn a_1gib_backlog_on_32_partitions_stays_within_memory_limit() {
     );
 }
 
+/// `messages` 90-byte messages, each with its own key, in producer batches of up to 1 MB (what a
+/// fast librdkafka producer with default settings writes); round-robin over `partitions` if
+/// given, else by key.
+fn produce_small_in_1mb_batches(
+    broker: &Broker,
+    topic: &str,
+    messages: usize,
+    partitions: Option<i32>,
+) {
+    let payload = vec![b'x'; 90];
+    broker.produce_in_batches_of(
+        1_000_000,
+        topic,
+        (0..messages).map(|i| support::OutMsg {
+            partition: partitions.map(|n| (i % n as usize) as i32),
+            key: Some(format!("k{i}").into_bytes()),
+            payload: payload.clone(),
+            ..support::OutMsg::default()
+        }),
+    );
+}
+
 /// The prefetch warning (its words before and after the review of e0b8e8b start alike).
 const PREFETCH_WARNING: &str = "librdkafka's prefetch holds";
 
@@ -186,16 +208,7 @@ fn batches_larger_than_a_partitions_share_take_turns_within_the_prefetch_share()
     let broker = Broker::shared();
     let topic = unique("mem-big-batches");
     broker.create_topic_blocking(&topic, N);
-    let payload = vec![b'x'; 90];
-    broker.produce_in_batches_of(
-        1_000_000,
-        &topic,
-        (0..MESSAGES).map(|i| support::OutMsg {
-            key: Some(format!("k{i}").into_bytes()),
-            payload: payload.clone(),
-            ..support::OutMsg::default()
-        }),
-    );
+    produce_small_in_1mb_batches(broker, &topic, MESSAGES, None);
     let address = format!("127.0.0.1:{}", free_port());
     let group = unique("mem-big-batches-g");
     // I/O-like work (1 ms a message, up to 1,000 at once per partition): the partitions'
@@ -260,7 +273,10 @@ fn batches_larger_than_a_partitions_share_take_turns_within_the_prefetch_share()
         batch / MIB as f64
     );
     let warned = log.lines().find(|l| l.contains(PREFETCH_WARNING));
-    assert!(warned.is_none(), "warned although the turns bound the prefetch: {warned:?}");
+    assert!(
+        warned.is_none(),
+        "warned although the turns bound the prefetch: {warned:?}"
+    );
 }
 
 /// Review of e0b8e8b: small messages in small producer batches (16 KiB, the Java producer's
@@ -353,17 +369,7 @@ fn a_partition_with_a_backlog_gives_its_fetch_turn_to_those_waiting() {
     let broker = Broker::shared();
     let topic = unique("mem-turn-fair");
     broker.create_topic_blocking(&topic, N);
-    let payload = vec![b'x'; 90];
-    broker.produce_in_batches_of(
-        1_000_000,
-        &topic,
-        (0..MESSAGES).map(|i| support::OutMsg {
-            partition: Some((i % N as usize) as i32),
-            key: Some(format!("k{i}").into_bytes()),
-            payload: payload.clone(),
-            ..support::OutMsg::default()
-        }),
-    );
+    produce_small_in_1mb_batches(broker, &topic, MESSAGES, Some(N));
     let address = format!("127.0.0.1:{}", free_port());
     let group = unique("mem-turn-fair-g");
     let pipeline = format!(
@@ -396,8 +402,15 @@ fn a_partition_with_a_backlog_gives_its_fetch_turn_to_those_waiting() {
     // What the ungated start took is committed within a few commit intervals.
     std::thread::sleep(Duration::from_secs(3));
     let before = broker.committed_offsets(&group, &topic, N);
-    std::thread::sleep(Duration::from_secs(30));
-    let after = broker.committed_offsets(&group, &topic, N);
+    // Every partition must move within 30 s: polled, so that the test ends as soon as they have.
+    let window = Instant::now();
+    let mut after = broker.committed_offsets(&group, &topic, N);
+    while window.elapsed() < Duration::from_secs(30)
+        && (0..N as usize).any(|p| after[p] <= before[p])
+    {
+        std::thread::sleep(Duration::from_millis(500));
+        after = broker.committed_offsets(&group, &topic, N);
+    }
     let (_, m) = get_blocking(&address, "/metrics", Duration::from_secs(2)).unwrap();
     let waiting = prometheus_sample(&m, "keyflow_fetch_turns_waiting", &[]).unwrap_or(-1.0);
     k.sigterm();

@@ -389,7 +389,10 @@ mod tests {
         assert!(members.iter().all(|(_, w)| w.load(Relaxed) == 1));
         let got: Vec<Turn> = members.iter().map(|(t, _)| t.ask()).collect();
         assert_eq!(got.iter().filter(|t| **t == Turn::Held).count(), limit);
-        assert_eq!(got.iter().filter(|t| **t == Turn::Waiting).count(), 64 - limit);
+        assert_eq!(
+            got.iter().filter(|t| **t == Turn::Waiting).count(),
+            64 - limit
+        );
         assert_eq!(turns.counts(), (limit, 64 - limit));
         // A holder gives its turn back: the longest waiting member gets it, and is woken.
         let first_waiting = got.iter().position(|t| *t == Turn::Waiting).unwrap();
