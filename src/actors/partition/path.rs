@@ -111,7 +111,8 @@ pub(super) async fn fetch(
         if largest > 0 {
             s.read_size_hint = largest;
         }
-        if first {
+        if first && !read.is_empty() {
+            // The queue's length (its lock) only when the read took something.
             first = false;
             turn::observe(s, read.len(), bytes, reader.queued());
         }
