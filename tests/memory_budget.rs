@@ -424,3 +424,93 @@ fn a_partition_with_a_backlog_gives_its_fetch_turn_to_those_waiting() {
         "partitions {stuck:?} did not move in 30 s while others held the fetch turns (before {before:?}, after {after:?})"
     );
 }
+
+/// A distant broker (300 ms a round trip, a cross-region link): a partition granted a turn
+/// receives its first batch a round trip or more after its resume, since one fetch response
+/// serves the fetching partitions in turn. Before this test, a turn that had received nothing
+/// for 100 ms (its lease) was given back while others waited, which dropped the fetch on its
+/// way: on a link slower than the lease, no partition received anything once the pipeline was
+/// gated, and nothing alarmed. Mock cluster (for its round-trip delay): 16 partitions of
+/// 20,000 small messages in ~1 MB batches, `memory_limit = "16MiB"` (one turn).
+#[test]
+fn a_gated_pipeline_fetches_over_a_link_slower_than_the_turn_lease() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+    use support::mock::{mock_cluster, MockCmd};
+    const N: i32 = 16;
+    const MESSAGES: usize = 320_000;
+    let topic = "mem-turn-rtt";
+    let (bootstrap, mock) = mock_cluster(&[(topic, N)]);
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("batch.size", "1000000")
+        .set("linger.ms", "100")
+        .create()
+        .expect("producer on the mock cluster");
+    let payload = [b'x'; 90];
+    for i in 0..MESSAGES {
+        let key = format!("k{i}");
+        let mut record = BaseRecord::<str, [u8]>::to(topic)
+            .key(&key)
+            .payload(&payload[..])
+            .partition((i % N as usize) as i32);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .expect("every message on the mock cluster");
+    mock.send(MockCmd::RoundTrip(Duration::from_millis(300)))
+        .unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    let pipeline = format!(
+        "{}\n[[processors]]\ntype = \"simulate\"\n",
+        pipeline_header(topic, "mem-turn-rtt-g", "")
+    );
+    let mut k = Keyflow::start_many(
+        &bootstrap,
+        &[&pipeline],
+        &[
+            ("KEYFLOW_HTTP__ADDRESS", address.as_str()),
+            ("KEYFLOW_MEMORY_LIMIT", "16MiB"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    let (mut processed, mut turns) = (0f64, 0f64);
+    let started = Instant::now();
+    let mut last_move = (0f64, Instant::now());
+    // Polled until every message is processed; fails when nothing moves for 30 s.
+    while processed < MESSAGES as f64 && last_move.1.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+        let Ok((200, m)) = get_blocking(&address, "/metrics", Duration::from_secs(2)) else {
+            continue;
+        };
+        turns = turns.max(prometheus_sample(&m, "keyflow_fetch_turns", &[]).unwrap_or(0.0));
+        processed = prometheus_sample(&m, "keyflow_messages_total", &[("outcome", "processed")])
+            .unwrap_or(0.0);
+        if processed > last_move.0 {
+            last_move = (processed, Instant::now());
+        }
+    }
+    k.sigterm();
+    k.wait_exit(Duration::from_secs(60));
+    drop(mock);
+    println!(
+        "processed {processed} of {MESSAGES} in {:.1?}; turns {turns}",
+        started.elapsed()
+    );
+    assert!(
+        turns >= 1.0,
+        "the pipeline was never gated: keyflow_fetch_turns stayed 0"
+    );
+    assert_eq!(
+        processed, MESSAGES as f64,
+        "the gated pipeline stopped: nothing processed for 30 s"
+    );
+}

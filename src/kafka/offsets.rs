@@ -87,6 +87,11 @@ impl OffsetTracker {
         true
     }
 
+    /// The offset after the last one received (`None` before anything was received).
+    pub fn next_to_receive(&self) -> Option<i64> {
+        self.next_after_last
+    }
+
     /// The offset to commit (the next one to consume): every received offset below it has
     /// completed. `None` before anything was received.
     pub fn committable(&self) -> Option<i64> {

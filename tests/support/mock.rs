@@ -12,6 +12,8 @@ pub enum MockCmd {
     RequestErrors(RDKafkaApiKey, RDKafkaRespErr, usize),
     BrokerDown,
     BrokerUp,
+    /// Every response of the broker is delayed this long (a distant broker).
+    RoundTrip(std::time::Duration),
 }
 
 /// Runs a one-broker mock cluster on its own thread (it is not Send) with `topics`; returns its
@@ -31,6 +33,7 @@ pub fn mock_cluster(topics: &[(&str, i32)]) -> (String, Sender<MockCmd>) {
                 MockCmd::RequestErrors(api, err, n) => c.request_errors(api, &vec![err; n]),
                 MockCmd::BrokerDown => c.broker_down(1).expect("broker down"),
                 MockCmd::BrokerUp => c.broker_up(1).expect("broker up"),
+                MockCmd::RoundTrip(rtt) => c.broker_round_trip_time(1, rtt).expect("rtt"),
             }
         }
     });

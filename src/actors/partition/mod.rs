@@ -279,9 +279,9 @@ pub struct PartitionState {
     /// What the turns last said, and whether the partition is paused for want of a turn.
     turn_state: crate::memory::Turn,
     turn_paused: bool,
-    /// When the turn held now was granted, and whether messages arrived on it since.
+    /// When the turn held now was granted, and when messages last arrived on it.
     turn_since: Option<Instant>,
-    turn_received: bool,
+    turn_received: Option<Instant>,
     /// Turns granted so far: a lease names the one it is for.
     turn_grants: u64,
     /// The largest queue this partition reported to the turns lately, and since when.
@@ -418,7 +418,7 @@ impl Actor for PartitionSupervisor {
             turn: Some(turn),
             turn_paused: false,
             turn_since: None,
-            turn_received: false,
+            turn_received: None,
             turn_grants: 0,
             turn_seen: (0, Instant::now()),
             gate_watch: None,

@@ -152,7 +152,7 @@ pub(super) async fn fetch(
         sync_pause(s);
     }
     if taken > 0 {
-        s.turn_received = true;
+        s.turn_received = Some(s.clock);
         tracing::trace!(topic = %s.topic, partition = s.partition, taken, in_flight = s.flow.count(), "fetched");
     }
     apply_flow(me, s);

@@ -80,6 +80,17 @@ fn queue_empty(s: &PartitionState) -> bool {
     s.reader.as_ref().is_none_or(|r| r.queued() == 0)
 }
 
+/// Whether the partition has received everything up to the high watermark librdkafka last
+/// saw (a local lookup; `false` when either is not known yet).
+fn caught_up(s: &PartitionState) -> bool {
+    let next = s.tracker.next_to_receive().or_else(|| {
+        let committed = s.stats.committed.load(std::sync::atomic::Ordering::Relaxed);
+        (committed >= 0).then_some(committed)
+    });
+    let high = crate::kafka::client::cached_high_watermark(&s.consumer, &s.topic, s.partition);
+    matches!((next, high), (Some(n), Some(h)) if n >= h)
+}
+
 /// Looks at the partition's turn: takes one, gives it back, or pauses and waits (see the
 /// module). A draining supervisor no longer owns the consumer's pause flag (STYLE 15).
 pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
@@ -107,8 +118,13 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
         }
         Turn::Held => {
             let since = s.turn_since.unwrap_or(now);
-            // Took a batch, or nothing came within the lease.
-            let spent = s.turn_received || now >= since + LEASE;
+            // Nothing came for a lease and the partition is at the end of its log, or nothing
+            // came for `TURN_MAX` (a fetch that does not come). A partition behind its log
+            // waits for its fetch: one response serves the fetching partitions in turn, so a
+            // fresh turn's first batch, or the next one, may take several round trips, and a
+            // turn given back meanwhile drops that fetch and pays the hand-over again.
+            let idle_for = now.saturating_duration_since(s.turn_received.unwrap_or(since));
+            let idle = idle_for >= TURN_MAX || (idle_for >= LEASE && caught_up(s));
             let full = !s.flow.has_room();
             // Takes nothing for a while (slow processing): its queue is dropped with the pause
             // and fetched again on its next turn, so that the turn serves a partition that can
@@ -118,7 +134,7 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
             // does not read (exactly-once metadata or a hot key's overflow at their bound).
             let long = now >= since + TURN_MAX;
             let give_back = if queue_empty(s) {
-                full || (spent && ticket(s).contended())
+                full || ((idle || long) && ticket(s).contended())
             } else {
                 (stalled || long) && ticket(s).contended()
             };
@@ -168,7 +184,7 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
 /// A turn starts: nothing received on it yet, and its lease is looked at when it runs out.
 fn granted(me: &ActorRef<PartitionMsg>, s: &mut PartitionState, now: Instant) {
     s.turn_since = Some(now);
-    s.turn_received = false;
+    s.turn_received = None;
     s.turn_grants += 1;
     arm_lease(me, s.turn_grants);
 }
