@@ -73,6 +73,16 @@ struct Args {
     /// Messages per second produced during the latency scenario.
     #[arg(long, default_value_t = 20_000)]
     latency_rate: usize,
+    /// Which sides run, of `keyflow` and `baseline`.
+    #[arg(long, default_value = "keyflow,baseline")]
+    sides: String,
+    /// Another build of this benchmark (an older commit's `target/release/deps/e2e-*`, built
+    /// into its own target directory): its keyflow side, `against`, runs in every run right
+    /// after this build's, on the same broker and topic, and the table gives this build's
+    /// rate, peak RSS and CPU against it. Machines here are shared: only runs interleaved like
+    /// this compare two commits.
+    #[arg(long)]
+    against: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 10)]
     latency_seconds: usize,
     // --- child mode ---
@@ -111,6 +121,7 @@ struct Args {
 
 /// What one side reports for one run.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
 struct RunResult {
     side: String,
     scenario: String,
@@ -687,14 +698,17 @@ fn messages(s: &Scenario) -> impl Iterator<Item = support::OutMsg> + '_ {
     })
 }
 
+/// Starts one side's child: `against` is the keyflow side of the build `exe` names (older
+/// builds know only the arguments they had: the ones left at their default are not passed).
 fn spawn_child(
     side: &str,
+    exe: &std::path::Path,
     s: &Scenario,
     bootstrap: &str,
     topic: &str,
     memory_limit: Option<u64>,
 ) -> std::process::Child {
-    let exe = std::env::current_exe().unwrap();
+    let side = if side == "against" { "keyflow" } else { side };
     // KEYFLOW_BENCH_WRAP="valgrind --tool=massif" profiles the keyflow side.
     let mut cmd = match std::env::var("KEYFLOW_BENCH_WRAP")
         .ok()
@@ -732,8 +746,10 @@ fn spawn_child(
         "--max-in-flight",
         &s.max_in_flight.to_string(),
     ])
-    .args(["--max-seconds", &s.max_seconds.to_string()])
-    .args(["--cap-seconds", &s.cap_seconds.to_string()]);
+    .args(["--max-seconds", &s.max_seconds.to_string()]);
+    if s.cap_seconds > 0 {
+        cmd.args(["--cap-seconds", &s.cap_seconds.to_string()]);
+    }
     if let Some(limit) = memory_limit.filter(|_| side == "keyflow") {
         cmd.args(["--memory-limit", &limit.to_string()]);
     }
@@ -855,6 +871,14 @@ fn main() {
         },
     ];
     let runs = if a.smoke { 1 } else { a.runs };
+    let mut sides: Vec<&str> = ["keyflow", "against", "baseline"]
+        .into_iter()
+        .filter(|s| match *s {
+            "against" => a.against.is_some(),
+            s => a.sides.split(',').any(|n| n == s),
+        })
+        .collect();
+    sides.dedup();
     let broker = support::Broker::start();
     let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
@@ -881,13 +905,17 @@ fn main() {
         });
         let mut results: Vec<RunResult> = Vec::new();
         for run in 1..=runs {
-            for side in ["keyflow", "baseline"] {
+            for &side in &sides {
                 let topic = loaded.clone().unwrap_or_else(|| {
                     let t = support::unique("bench-latency");
                     broker.create_topic_blocking(&t, s.partitions);
                     t
                 });
-                let child = spawn_child(side, s, &broker.bootstrap, &topic, a.memory_limit);
+                let exe = match side {
+                    "against" => a.against.clone().unwrap(),
+                    _ => std::env::current_exe().unwrap(),
+                };
+                let child = spawn_child(side, &exe, s, &broker.bootstrap, &topic, a.memory_limit);
                 let r = if s.latency {
                     // Produce at a fixed rate once the consumer is ready.
                     let (b, t, rate, n) = (&broker, topic.clone(), a.latency_rate / k, s.messages);
@@ -904,6 +932,10 @@ fn main() {
                     })
                 } else {
                     read_result(child, || {})
+                };
+                let r = RunResult {
+                    side: side.to_string(),
+                    ..r
                 };
                 eprintln!(
                     "   run {run} {side:8} {:>9} msgs {:>7.2} s {:>10.0} msg/s{} join {:.1} s peak {:.0} MiB cpu {:.2} s ({:.2} µs/msg, {:.2} s before the first) pauses {} resumes {}{} viol {} lost {} dup {}{}",
@@ -982,8 +1014,11 @@ fn print_table(table: &[(&str, Vec<RunResult>)]) {
     let mut peaks = std::collections::HashMap::new();
     for (name, results) in table {
         let mut med = std::collections::HashMap::new();
-        for side in ["keyflow", "baseline"] {
+        for side in ["keyflow", "against", "baseline"] {
             let rs: Vec<&RunResult> = results.iter().filter(|r| r.side == side).collect();
+            if rs.is_empty() {
+                continue;
+            }
             let of = |f: &dyn Fn(&RunResult) -> f64| median(rs.iter().map(|r| f(r)).collect());
             let (m, lo, hi) = of(&|r| r.rate());
             let (peak, _, _) = of(&|r| r.peak_rss_mib);
@@ -1026,14 +1061,17 @@ fn print_table(table: &[(&str, Vec<RunResult>)]) {
             med.insert(side, (m, peak, us));
             peaks.insert((*name, side), peak);
         }
-        let (k, b) = (med["keyflow"], med["baseline"]);
-        println!(
-            "{:<9} ratio     keyflow/baseline: msg/s {:.2}×, peak RSS {:.2}×, CPU s/msg {:.2}×",
-            name,
-            k.0 / b.0,
-            k.1 / b.1,
-            k.2 / b.2
-        );
+        for other in ["baseline", "against"] {
+            if let (Some(k), Some(b)) = (med.get("keyflow"), med.get(other)) {
+                println!(
+                    "{:<9} ratio     keyflow/{other}: msg/s {:.2}×, peak RSS {:.2}×, CPU s/msg {:.2}×",
+                    name,
+                    k.0 / b.0,
+                    k.1 / b.1,
+                    k.2 / b.2
+                );
+            }
+        }
     }
     for side in ["keyflow", "baseline"] {
         if let (Some(p64), Some(p8)) = (peaks.get(&("cpu64", side)), peaks.get(&("cpu8", side))) {

@@ -514,3 +514,80 @@ fn a_gated_pipeline_fetches_over_a_link_slower_than_the_turn_lease() {
         "the gated pipeline stopped: nothing processed for 30 s"
     );
 }
+
+/// Review of 5a87640 (helper-39): a partition at the end of its log gives its turn back after
+/// a lease only if it reads as caught up. A log that ends with a transaction's commit marker
+/// (the output of an exactly-once pipeline upstream) never did while the check compared the
+/// offset after the last message received with the high watermark (the marker is one past
+/// it): each such partition kept the one turn for `TURN_MAX` (1 s) per cycle, and the
+/// partition with a backlog got it every ~16 s instead of every ~2 s, with nothing to alarm.
+/// Here 15 partitions end with a marker, partition 0 holds 40,000 small messages in ~1 MB
+/// batches (1 ms each: several turns), `memory_limit = "16MiB"` (one turn). On 5a87640 it had
+/// done 20,602 after 45 s; after the fix, all 40,000 in 13.5 s.
+#[test]
+fn partitions_ending_with_a_transaction_marker_give_their_turn_back_at_once() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+    const N: i32 = 16;
+    const BACKLOG: usize = 40_000;
+    let broker = Broker::shared();
+    let topic = unique("mem-turn-marker");
+    broker.create_topic_blocking(&topic, N);
+    produce_small_in_1mb_batches(broker, &topic, BACKLOG, Some(1));
+    let tx: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("transactional.id", unique("mem-turn-marker-tx"))
+        .create()
+        .expect("transactional producer");
+    tx.init_transactions(Duration::from_secs(30))
+        .expect("init_transactions");
+    tx.begin_transaction().expect("begin_transaction");
+    for p in 1..N {
+        tx.send(
+            BaseRecord::<str, str>::to(&topic)
+                .key("m")
+                .payload("m")
+                .partition(p),
+        )
+        .map_err(|(e, _)| e)
+        .expect("send in the transaction");
+    }
+    tx.commit_transaction(Duration::from_secs(30))
+        .expect("commit_transaction");
+    let address = format!("127.0.0.1:{}", free_port());
+    let group = unique("mem-turn-marker-g");
+    let pipeline = format!(
+        "{}\n[[processors]]\ntype = \"simulate\"\nlatency = {{ distribution = \"fixed\", value = \"1ms\" }}\n",
+        pipeline_header(&topic, &group, "max_in_flight = 100")
+    );
+    let started = Instant::now();
+    let mut k = Keyflow::start_many(
+        &broker.bootstrap,
+        &[&pipeline],
+        &[
+            ("KEYFLOW_HTTP__ADDRESS", address.as_str()),
+            ("KEYFLOW_MEMORY_LIMIT", "16MiB"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    let mut turns = 0f64;
+    let mut committed = broker.committed_offsets(&group, &topic, N);
+    while committed[0] < BACKLOG as i64 && started.elapsed() < Duration::from_secs(45) {
+        std::thread::sleep(Duration::from_millis(500));
+        if let Ok((200, m)) = get_blocking(&address, "/metrics", Duration::from_secs(2)) {
+            turns = turns.max(prometheus_sample(&m, "keyflow_fetch_turns", &[]).unwrap_or(0.0));
+        }
+        committed = broker.committed_offsets(&group, &topic, N);
+    }
+    let took = started.elapsed();
+    k.sigterm();
+    k.wait_exit(Duration::from_secs(60));
+    println!("partition 0 committed {} of {BACKLOG} after {took:.1?}; turns {turns}; committed {committed:?}", committed[0]);
+    assert!(
+        turns >= 1.0,
+        "the pipeline was never gated: keyflow_fetch_turns stayed 0"
+    );
+    assert_eq!(
+        committed[0], BACKLOG as i64,
+        "the backlog was not done in 45 s: the partitions at their end kept the turn"
+    );
+}

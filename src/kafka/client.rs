@@ -151,6 +151,26 @@ pub fn create_producer(brokers: &str, spec: &PipelineSpec) -> KafkaResult<Produc
     producer_config(brokers, spec).create()
 }
 
+/// The offset librdkafka's consumer takes next from this partition (past the control records
+/// of transactions, which the application never sees): a local lookup. `None` until something
+/// was consumed from it since the assignment.
+pub fn position(consumer: &Consumer, topic: &str, partition: i32) -> Option<i64> {
+    use rdkafka::consumer::Consumer as _;
+    let mut tpl = rdkafka::TopicPartitionList::with_capacity(1);
+    tpl.add_partition(topic, partition);
+    // SAFETY: the client pointer is valid while `consumer` is borrowed; `tpl` is a valid list
+    // that librdkafka fills in place.
+    let err =
+        unsafe { rdkafka::bindings::rd_kafka_position(consumer.client().native_ptr(), tpl.ptr()) };
+    if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        return None;
+    }
+    tpl.find_partition(topic, partition)?
+        .offset()
+        .to_raw()
+        .filter(|o| *o >= 0)
+}
+
 /// The high watermark librdkafka last saw in a fetch response for this partition: a local
 /// lookup, no broker round trip (unlike `fetch_watermarks`), so metrics can read it every tick.
 /// `None` until a fetch response has arrived.

@@ -14,11 +14,11 @@
 //! least the number of partitions assigned, every partition fetches freely and nothing here
 //! costs anything. Below it, the pipeline is *gated*: `share / floor` partitions hold a turn
 //! and fetch, the others stay paused with an empty librdkafka queue (a pause then drops
-//! nothing), queued first come first served. A supervisor gives its turn back when its queue
-//! is empty again and others wait (it has taken at least one batch, or its lease ran out:
-//! nothing came), or when others wait and it has held the turn for a while (its queue, never
-//! empty with a backlog, is dropped by the pause and fetched again on its next turn), and asks
-//! again when it has room for more. Turns are counted here, under one
+//! nothing), queued first come first served. While others wait, a supervisor gives its turn
+//! back when its queue is empty and it has read to the end of its log (or nothing came for a
+//! long while), or when it has held the turn for a while (its queue, never empty with a
+//! backlog, is dropped by the pause and fetched again on its next turn); it keeps the turn
+//! while its next batch is on the way. It asks again when it has room for more. Turns are counted here, under one
 //! lock, taken per fetch decision, never per message.
 
 use std::collections::{HashMap, VecDeque};

@@ -279,7 +279,8 @@ pub struct PartitionState {
     /// What the turns last said, and whether the partition is paused for want of a turn.
     turn_state: crate::memory::Turn,
     turn_paused: bool,
-    /// When the turn held now was granted, and when messages last arrived on it.
+    /// When the turn held now began (its grant, then its first batch), and when messages last
+    /// arrived on it.
     turn_since: Option<Instant>,
     turn_received: Option<Instant>,
     /// Turns granted so far: a lease names the one it is for.

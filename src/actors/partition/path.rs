@@ -152,6 +152,11 @@ pub(super) async fn fetch(
         sync_pause(s);
     }
     if taken > 0 {
+        if s.turn_received.is_none() && s.turn_since.is_some() {
+            // A turn's time counts from its first batch, not from the grant: the fetch after
+            // the resume may wait for the one before it (a long poll of partitions caught up).
+            s.turn_since = Some(s.clock);
+        }
         s.turn_received = Some(s.clock);
         tracing::trace!(topic = %s.topic, partition = s.partition, taken, in_flight = s.flow.count(), "fetched");
     }

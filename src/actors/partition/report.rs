@@ -133,7 +133,7 @@ impl BrokerEnd {
         Some(self.answer.high.load(Relaxed)).filter(|h| *h >= 0)
     }
 
-    fn start(&self) -> Option<i64> {
+    pub(super) fn start(&self) -> Option<i64> {
         Some(self.answer.start.load(Relaxed)).filter(|o| *o >= 0)
     }
 }

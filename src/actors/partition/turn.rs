@@ -18,12 +18,13 @@ use super::{PartitionMsg, PartitionState};
 use crate::memory::turns::FLOOR_WINDOW;
 use crate::memory::{PipelineMemory, Turn, TurnTicket, QUEUED_OP_COST};
 
-/// A turn granted while nothing arrives (the partition caught up, or its fetch is slow) is
-/// given back after this when others wait, so that a partition at the end of its log cannot
-/// keep one.
+/// A turn on which nothing arrived for this long is given back when others wait if the
+/// partition is at the end of its log, so that a partition caught up cannot keep one (a
+/// partition behind it keeps its turn while its next batch is on the way, up to `TURN_MAX`).
 pub(super) const LEASE: Duration = Duration::from_millis(100);
 
-/// The longest a turn lasts while others wait. librdkafka fetches a partition's next batch as
+/// The longest a turn lasts while others wait, from its first batch (or from the grant while
+/// nothing came). librdkafka fetches a partition's next batch as
 /// soon as its queue falls below `queued.min.messages`, long before it is empty: a partition
 /// with a backlog that it works through steadily (never congested) would keep its turn until
 /// the backlog is gone, and the partitions waiting would not fetch at all meanwhile (for ever
@@ -80,15 +81,21 @@ fn queue_empty(s: &PartitionState) -> bool {
     s.reader.as_ref().is_none_or(|r| r.queued() == 0)
 }
 
-/// Whether the partition has received everything up to the high watermark librdkafka last
-/// saw (a local lookup; `false` when either is not known yet).
+/// Whether the partition is at the end of its log: where the consumer takes next (librdkafka's
+/// position, past the control records of transactions; the offset after the last message
+/// received; or, before anything since the assignment, where the group resumes it) is at the
+/// high watermark librdkafka last saw. Local lookups, looked at only when a turn idles while
+/// others wait; `false` when either end is not known yet (the turn is then given back after
+/// `TURN_MAX`). A `read_committed` consumer behind an open transaction reads as behind.
 fn caught_up(s: &PartitionState) -> bool {
-    let next = s.tracker.next_to_receive().or_else(|| {
-        let committed = s.stats.committed.load(std::sync::atomic::Ordering::Relaxed);
-        (committed >= 0).then_some(committed)
-    });
-    let high = crate::kafka::client::cached_high_watermark(&s.consumer, &s.topic, s.partition);
-    matches!((next, high), (Some(n), Some(h)) if n >= h)
+    use crate::kafka::client::{cached_high_watermark, position};
+    let Some(high) = cached_high_watermark(&s.consumer, &s.topic, s.partition) else {
+        return false;
+    };
+    let next = position(&s.consumer, &s.topic, s.partition)
+        .max(s.tracker.next_to_receive())
+        .or_else(|| s.broker_end.start());
+    next.is_some_and(|n| n >= high)
 }
 
 /// Looks at the partition's turn: takes one, gives it back, or pauses and waits (see the
@@ -118,14 +125,14 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
         }
         Turn::Held => {
             let since = s.turn_since.unwrap_or(now);
-            // Nothing came for a lease and the partition is at the end of its log, or nothing
-            // came for `TURN_MAX` (a fetch that does not come). A partition behind its log
-            // waits for its fetch: one response serves the fetching partitions in turn, so a
-            // fresh turn's first batch, or the next one, may take several round trips, and a
-            // turn given back meanwhile drops that fetch and pays the hand-over again.
-            let idle_for = now.saturating_duration_since(s.turn_received.unwrap_or(since));
-            let idle = idle_for >= TURN_MAX || (idle_for >= LEASE && caught_up(s));
-            let full = !s.flow.has_room();
+            // Nothing came for a lease. Given back only at the end of the partition's log: a
+            // partition behind it waits for its fetch (one response serves the fetching
+            // partitions in turn, so a fresh turn's first batch, or the next one, may take
+            // several round trips, and a turn given back meanwhile drops that fetch and pays
+            // the hand-over again), up to `TURN_MAX` (`long`).
+            let idle = now.saturating_duration_since(s.turn_received.unwrap_or(since)) >= LEASE;
+            // No room, or paused for a fetch error (its backoff): a turn it cannot use.
+            let full = !s.flow.has_room() || s.error_paused;
             // Takes nothing for a while (slow processing): its queue is dropped with the pause
             // and fetched again on its next turn, so that the turn serves a partition that can
             // use it. A partition that completes messages is never congested.
@@ -134,9 +141,10 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
             // does not read (exactly-once metadata or a hot key's overflow at their bound).
             let long = now >= since + TURN_MAX;
             let give_back = if queue_empty(s) {
-                full || ((idle || long) && ticket(s).contended())
+                full || ((idle || long) && ticket(s).contended() && (long || caught_up(s)))
             } else {
-                (stalled || long) && ticket(s).contended()
+                // (A fetch error's pause made what is queued outdated.)
+                s.error_paused || ((stalled || long) && ticket(s).contended())
             };
             if give_back {
                 s.turn_since = None;
@@ -157,7 +165,8 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
         // (A partition paused for its turn may still count outdated messages, which the pause
         // dropped: only a running partition's queue counts.)
         Turn::Idle
-            if (s.flow.has_room() && !s.flow.paused()) || (!s.turn_paused && !queue_empty(s)) =>
+            if (s.flow.has_room() && !s.flow.paused() && !s.error_paused)
+                || (!s.turn_paused && !queue_empty(s)) =>
         {
             ticket(s).ask()
         }
