@@ -43,17 +43,28 @@ fn gauge(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .unwrap_or_else(|| panic!("{name}{labels:?} missing from /metrics:\n{text}"))
 }
 
+/// keyflow running `pipeline` on `bootstrap`, its HTTP server at `address`, `memory_limit`
+/// set to `limit` (with info logs, for the prefetch warning).
+fn start_limited(bootstrap: &str, pipeline: &str, address: &str, limit: &str) -> Keyflow {
+    Keyflow::start_many(
+        bootstrap,
+        &[pipeline],
+        &[
+            ("KEYFLOW_HTTP__ADDRESS", address),
+            ("KEYFLOW_MEMORY_LIMIT", limit),
+            ("RUST_LOG", "info"),
+        ],
+    )
+}
+
 /// Starts keyflow on `topic` with the memory limit and waits until every partition is assigned.
 fn start(broker: &Broker, topic: &str, address: &str) -> Keyflow {
     let group = unique("mem-budget-g");
-    let k = Keyflow::start_many(
+    let k = start_limited(
         &broker.bootstrap,
-        &[&pipeline(topic, &group)],
-        &[
-            ("KEYFLOW_HTTP__ADDRESS", address),
-            ("KEYFLOW_MEMORY_LIMIT", "128MiB"),
-            ("RUST_LOG", "info"),
-        ],
+        &pipeline(topic, &group),
+        address,
+        "128MiB",
     );
     wait_until(
         Duration::from_secs(60),
@@ -217,15 +228,7 @@ fn batches_larger_than_a_partitions_share_take_turns_within_the_prefetch_share()
         "{}\n[[processors]]\ntype = \"simulate\"\nlatency = {{ distribution = \"fixed\", value = \"1ms\" }}\n",
         pipeline_header(&topic, &group, "")
     );
-    let mut k = Keyflow::start_many(
-        &broker.bootstrap,
-        &[&pipeline],
-        &[
-            ("KEYFLOW_HTTP__ADDRESS", address.as_str()),
-            ("KEYFLOW_MEMORY_LIMIT", "16MiB"),
-            ("RUST_LOG", "info"),
-        ],
-    );
+    let mut k = start_limited(&broker.bootstrap, &pipeline, &address, "16MiB");
     let (mut worst, mut turns, mut processed) = (0f64, 0f64, 0f64);
     let mut samples = 0;
     wait_until(
@@ -302,14 +305,11 @@ fn small_messages_in_small_batches_raise_no_prefetch_warning() {
     );
     let address = format!("127.0.0.1:{}", free_port());
     let group = unique("mem-small-batches-g");
-    let mut k = Keyflow::start_many(
+    let mut k = start_limited(
         &broker.bootstrap,
-        &[&pipeline(&topic, &group)],
-        &[
-            ("KEYFLOW_HTTP__ADDRESS", address.as_str()),
-            ("KEYFLOW_MEMORY_LIMIT", "128MiB"),
-            ("RUST_LOG", "info"),
-        ],
+        &pipeline(&topic, &group),
+        &address,
+        "128MiB",
     );
     wait_until(
         Duration::from_secs(60),
@@ -376,15 +376,7 @@ fn a_partition_with_a_backlog_gives_its_fetch_turn_to_those_waiting() {
         "{}\n[[processors]]\ntype = \"simulate\"\nlatency = {{ distribution = \"fixed\", value = \"100ms\" }}\n",
         pipeline_header(&topic, &group, "max_in_flight = 100")
     );
-    let mut k = Keyflow::start_many(
-        &broker.bootstrap,
-        &[&pipeline],
-        &[
-            ("KEYFLOW_HTTP__ADDRESS", address.as_str()),
-            ("KEYFLOW_MEMORY_LIMIT", "16MiB"),
-            ("RUST_LOG", "info"),
-        ],
-    );
+    let mut k = start_limited(&broker.bootstrap, &pipeline, &address, "16MiB");
     // Gated: the first fetches found ~1 MB batches (every partition took its first messages
     // before that, ungated).
     wait_until(
@@ -473,15 +465,7 @@ fn a_gated_pipeline_fetches_over_a_link_slower_than_the_turn_lease() {
         "{}\n[[processors]]\ntype = \"simulate\"\n",
         pipeline_header(topic, "mem-turn-rtt-g", "")
     );
-    let mut k = Keyflow::start_many(
-        &bootstrap,
-        &[&pipeline],
-        &[
-            ("KEYFLOW_HTTP__ADDRESS", address.as_str()),
-            ("KEYFLOW_MEMORY_LIMIT", "16MiB"),
-            ("RUST_LOG", "info"),
-        ],
-    );
+    let mut k = start_limited(&bootstrap, &pipeline, &address, "16MiB");
     let (mut processed, mut turns) = (0f64, 0f64);
     let started = Instant::now();
     let mut last_move = (0f64, Instant::now());
@@ -560,15 +544,7 @@ fn partitions_ending_with_a_transaction_marker_give_their_turn_back_at_once() {
         pipeline_header(&topic, &group, "max_in_flight = 100")
     );
     let started = Instant::now();
-    let mut k = Keyflow::start_many(
-        &broker.bootstrap,
-        &[&pipeline],
-        &[
-            ("KEYFLOW_HTTP__ADDRESS", address.as_str()),
-            ("KEYFLOW_MEMORY_LIMIT", "16MiB"),
-            ("RUST_LOG", "info"),
-        ],
-    );
+    let mut k = start_limited(&broker.bootstrap, &pipeline, &address, "16MiB");
     let mut turns = 0f64;
     let mut committed = broker.committed_offsets(&group, &topic, N);
     while committed[0] < BACKLOG as i64 && started.elapsed() < Duration::from_secs(45) {

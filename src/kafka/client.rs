@@ -173,7 +173,8 @@ pub fn position(consumer: &Consumer, topic: &str, partition: i32) -> Option<i64>
 
 /// The high watermark librdkafka last saw in a fetch response for this partition: a local
 /// lookup, no broker round trip (unlike `fetch_watermarks`), so metrics can read it every tick.
-/// `None` until a fetch response has arrived.
+/// `None` until a fetch response has arrived; kept while the partition is paused and across a
+/// reassignment (it moves only with fetch responses).
 pub fn cached_high_watermark(consumer: &Consumer, topic: &str, partition: i32) -> Option<i64> {
     use rdkafka::consumer::Consumer as _;
     let topic = std::ffi::CString::new(topic).ok()?;

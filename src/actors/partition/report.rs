@@ -129,7 +129,7 @@ impl BrokerEnd {
         }));
     }
 
-    fn high(&self) -> Option<i64> {
+    pub(super) fn high(&self) -> Option<i64> {
         Some(self.answer.high.load(Relaxed)).filter(|h| *h >= 0)
     }
 

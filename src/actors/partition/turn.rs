@@ -24,7 +24,7 @@ use crate::memory::{PipelineMemory, Turn, TurnTicket, QUEUED_OP_COST};
 pub(super) const LEASE: Duration = Duration::from_millis(100);
 
 /// The longest a turn lasts while others wait, from its first batch (or from the grant while
-/// nothing came). librdkafka fetches a partition's next batch as
+/// nothing came): at most about 2 × `TURN_MAX` + `LEASE` from the grant in all. librdkafka fetches a partition's next batch as
 /// soon as its queue falls below `queued.min.messages`, long before it is empty: a partition
 /// with a backlog that it works through steadily (never congested) would keep its turn until
 /// the backlog is gone, and the partitions waiting would not fetch at all meanwhile (for ever
@@ -84,12 +84,19 @@ fn queue_empty(s: &PartitionState) -> bool {
 /// Whether the partition is at the end of its log: where the consumer takes next (librdkafka's
 /// position, past the control records of transactions; the offset after the last message
 /// received; or, before anything since the assignment, where the group resumes it) is at the
-/// high watermark librdkafka last saw. Local lookups, looked at only when a turn idles while
-/// others wait; `false` when either end is not known yet (the turn is then given back after
-/// `TURN_MAX`). A `read_committed` consumer behind an open transaction reads as behind.
+/// partition's end (the later of librdkafka's high watermark and the broker's last answer).
+/// Local lookups, looked at only when a turn idles while others wait; `false` when either end
+/// is not known yet (the turn is then given back after `TURN_MAX`). A `read_committed`
+/// consumer behind an open transaction reads as behind. Left (review of d132d89): an end a
+/// few seconds old reads a partition that producers appended to meanwhile as caught up, and
+/// its turn may be given back before the fetch that would bring the new messages.
 fn caught_up(s: &PartitionState) -> bool {
     use crate::kafka::client::{cached_high_watermark, position};
-    let Some(high) = cached_high_watermark(&s.consumer, &s.topic, s.partition) else {
+    // librdkafka's watermark moves only with fetch responses, so a partition paused while
+    // producers appended still shows the old end; the broker's own answer, asked on ticks
+    // while that value stands still (`report::BrokerEnd`), is at most a few seconds old.
+    let cached = cached_high_watermark(&s.consumer, &s.topic, s.partition);
+    let Some(high) = cached.max(s.broker_end.high()) else {
         return false;
     };
     let next = position(&s.consumer, &s.topic, s.partition)
@@ -166,7 +173,7 @@ pub(super) fn decide(me: &ActorRef<PartitionMsg>, s: &mut PartitionState) {
         // dropped: only a running partition's queue counts.)
         Turn::Idle
             if (s.flow.has_room() && !s.flow.paused() && !s.error_paused)
-                || (!s.turn_paused && !queue_empty(s)) =>
+                || (!s.turn_paused && !s.error_paused && !queue_empty(s)) =>
         {
             ticket(s).ask()
         }
