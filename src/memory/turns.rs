@@ -18,8 +18,8 @@
 //! back when its queue is empty and it has read to the end of its log (or nothing came for a
 //! long while), or when it has held the turn for a while (its queue, never empty with a
 //! backlog, is dropped by the pause and fetched again on its next turn); it keeps the turn
-//! while its next batch is on the way. It asks again when it has room for more. Turns are counted here, under one
-//! lock, taken per fetch decision, never per message.
+//! while its next batch is on the way. It asks again when it has room for more. Turns are
+//! counted here, under one lock, taken per fetch decision, never per message.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
