@@ -26,11 +26,11 @@ pub(super) const LEASE: Duration = Duration::from_millis(100);
 /// The longest a turn lasts while others wait, from its first batch (or from the grant while
 /// nothing came): at most about 2 × `TURN_MAX` + `LEASE` from the grant in all. librdkafka
 /// fetches a partition's next batch as soon as its queue falls below `queued.min.messages`,
-/// long before it is empty: a partition
-/// with a backlog that it works through steadily (never congested) would keep its turn until
-/// the backlog is gone, and the partitions waiting would not fetch at all meanwhile (for ever
-/// while producers keep up with the processing). After this it gives the turn back with its
-/// queue: the pause drops what is queued, fetched again on its next turn (review of c62cae2).
+/// long before it is empty: a partition with a backlog that it works through steadily (never
+/// congested) would keep its turn until the backlog is gone, and the partitions waiting would
+/// not fetch at all meanwhile (for ever while producers keep up with the processing). After
+/// this it gives the turn back with its queue: the pause drops what is queued, fetched again
+/// on its next turn (review of c62cae2).
 pub(super) const TURN_MAX: Duration = Duration::from_secs(1);
 
 /// Joins the pipeline's turns; the turns wake the supervisor with [`PartitionMsg::Turn`].
