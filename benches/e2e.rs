@@ -871,14 +871,13 @@ fn main() {
         },
     ];
     let runs = if a.smoke { 1 } else { a.runs };
-    let mut sides: Vec<&str> = ["keyflow", "against", "baseline"]
+    let sides: Vec<&str> = ["keyflow", "against", "baseline"]
         .into_iter()
         .filter(|s| match *s {
             "against" => a.against.is_some(),
             s => a.sides.split(',').any(|n| n == s),
         })
         .collect();
-    sides.dedup();
     let broker = support::Broker::start();
     let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
